@@ -1,0 +1,154 @@
+"""Model surgery: find the target linear layers of a model, read their weights, swap modules.
+
+Weights are always returned in ``nn.Linear`` orientation, ``W`` of shape (out, in) with
+``y = x W^T + b``; GPT-2's ``Conv1D`` stores ``W^T`` and is transposed here.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import NoTargetLayersError
+
+try:  # transformers' GPT-2 style layer
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()  # type: ignore[assignment]
+
+#: Default target suffixes: Llama/Gemma/Mistral/Qwen projections and GPT-2's Conv1D layers.
+DEFAULT_TARGETS: tuple[str, ...] = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "c_attn", "c_proj", "c_fc",
+)
+_NEVER = ("lm_head", "embed", "wte", "wpe")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    """A pattern matches a module name when it equals its last component or is a regex found in it."""
+    last = name.rsplit(".", 1)[-1]
+    for p in patterns:
+        if p == last or re.search(p, name):
+            return True
+    return False
+
+
+def find_linears(
+    model: nn.Module, targets: Sequence[str] | str | None = None, *, required: bool = True
+) -> dict[str, nn.Module]:
+    """Return ``{qualified_name: module}`` for the target linear layers, in model order.
+
+    ``targets``: names or regexes (comma-separated string accepted); default DEFAULT_TARGETS.
+    The LM head and embeddings are never targeted.
+    """
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    patterns = tuple(targets) if targets else DEFAULT_TARGETS
+    found = {
+        name: mod
+        for name, mod in model.named_modules()
+        if name and is_linear(mod) and not any(n in name for n in _NEVER) and _matches(name, patterns)
+    }
+    if required and not found:
+        kinds = sorted({type(m).__name__ for _, m in model.named_modules() if is_linear(m)})
+        raise NoTargetLayersError(
+            f"no linear layer of {type(model).__name__} matches targets {list(patterns)}"
+            + (f" (linear layer types present: {kinds})" if kinds else " (the model has no linear layers)")
+            + "; pass --targets with names like q_proj,down_proj or a regex"
+        )
+    return found
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The layer's weight as (out, in), a view (no copy) where possible."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.t()
+    raise TypeError(f"{type(module).__name__} is not a supported linear layer")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    w = linear_weight(module)
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def linear_bias(module: nn.Module) -> torch.Tensor | None:
+    return getattr(module, "bias", None)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule at dotted ``name`` with ``new``; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+def to_linear(module: nn.Module) -> nn.Linear:
+    """An ``nn.Linear`` equal to ``module`` (converts GPT-2 Conv1D)."""
+    if isinstance(module, nn.Linear):
+        return module
+    w = linear_weight(module)
+    b = linear_bias(module)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    return lin
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The list of transformer blocks (Llama/Gemma ``model.layers``, GPT-2 ``transformer.h``)."""
+    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
+                 "model.language_model.layers"):
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList):
+            return mod
+    best = None
+    for _, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > len(best)):
+            best = mod
+    if best is None:
+        raise NoTargetLayersError(f"could not find the decoder blocks of {type(model).__name__}")
+    return best
+
+
+def block_prefix(model: nn.Module) -> str:
+    """Qualified name of the decoder block list, e.g. ``model.layers``."""
+    blocks = decoder_blocks(model)
+    for name, mod in model.named_modules():
+        if mod is blocks:
+            return name
+    raise NoTargetLayersError("decoder blocks not found by name")  # pragma: no cover
+
+
+def layer_index(name: str) -> int | None:
+    """Block index parsed from a qualified name like ``model.layers.7.mlp.up_proj``."""
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def module_type(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def count_parameters(modules: Iterable[nn.Module] | nn.Module) -> int:
+    if isinstance(modules, nn.Module):
+        return sum(p.numel() for p in modules.parameters())
+    return sum(p.numel() for m in modules for p in m.parameters())
