@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random models (fast) and the real bundled model (integration)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from rankwise.models.tiny import save_tiny, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(params=["llama", "gpt2", "gemma3"])
+def tiny_any(request):
+    """Each tiny architecture in turn (Llama, GPT-2 with Conv1D, Gemma3)."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return tiny_model("gpt2")
+
+
+@pytest.fixture
+def tiny_gemma3():
+    return tiny_model("gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny Llama + tokenizer directory (read-only by convention: copy before changing)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "tiny-llama", "llama")
+
+
+@pytest.fixture
+def random_ids():
+    """Deterministic random token ids for the tiny models' vocabulary (320)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 320, (4000,), generator=g)
+
+
+# ---- real model (integration) -------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The bundled SmolLM2-135M-Instruct: (model, tokenizer, path). Loaded once per session."""
+    from rankwise.models.loading import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def real_test_ids(real_model):
+    from rankwise.calibration import load_corpus, tokenize
+
+    return tokenize(real_model[1], load_corpus("test"))
+
+
+@pytest.fixture(scope="session")
+def real_calib_ids(real_model):
+    from rankwise.calibration import load_corpus, tokenize
+
+    return tokenize(real_model[1], load_corpus("calib"))
