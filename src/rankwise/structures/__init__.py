@@ -1,1 +1,7 @@
-"""rankwise.structures"""
+"""Structured-matrix layers: parameter count, ``dense()``, forward, state dict.
+
+* :mod:`.lowrank` — :class:`LowRankLinear` (``y = B(Ax) + b``), :func:`lowrank_saves`.
+"""
+from .lowrank import LowRankLinear, lowrank_saves, max_saving_rank
+
+__all__ = ["LowRankLinear", "lowrank_saves", "max_saving_rank"]

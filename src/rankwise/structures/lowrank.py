@@ -1,0 +1,110 @@
+"""Low-rank linear layer: ``y = B (A x) + b`` with ``W' = B.weight @ A.weight`` of rank <= k.
+
+Parameters: ``k (m + n)`` (+ ``m`` for the bias) instead of ``m n``; it saves parameters iff
+``k (m + n) < m n`` (:func:`lowrank_saves`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+def lowrank_saves(m: int, n: int, k: int) -> bool:
+    """True when a rank-``k`` factorization of an ``m x n`` matrix has fewer parameters: ``k(m+n) < mn``."""
+    return k * (m + n) < m * n
+
+
+def max_saving_rank(m: int, n: int) -> int:
+    """Largest rank ``k`` with ``k (m + n) < m n`` (0 if none)."""
+    return max(0, (m * n - 1) // (m + n))
+
+
+class LowRankLinear(nn.Module):
+    """``y = B(A x) + bias``: ``A: in -> rank`` (no bias), ``B: rank -> out`` (with bias).
+
+    State-dict keys: ``A.weight (rank, in)``, ``B.weight (out, rank)``, ``B.bias (out,)``.
+    The dense equivalent is ``W' = B.weight @ A.weight`` (:meth:`dense`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if rank < 1:
+            raise ConfigError(f"LowRankLinear rank must be >= 1, got {rank}")
+        if in_features < 1 or out_features < 1:
+            raise ConfigError(f"LowRankLinear needs positive sizes, got in={in_features}, out={out_features}")
+        self.A = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
+        self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
+
+    # -- shape -----------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return self.A.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.B.out_features
+
+    @property
+    def rank(self) -> int:
+        return self.A.out_features
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.B.bias
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_factors(cls, L: torch.Tensor, R: torch.Tensor, bias: torch.Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> "LowRankLinear":
+        """Layer with ``W' = L @ R``: ``L (out, k)`` becomes ``B.weight``, ``R (k, in)`` becomes ``A.weight``.
+
+        ``dtype`` defaults to ``L``'s dtype; the factors are copied.
+        """
+        if L.ndim != 2 or R.ndim != 2 or L.shape[1] != R.shape[0]:
+            raise ConfigError(f"factors must be L (out, k) and R (k, in); got {tuple(L.shape)} and {tuple(R.shape)}")
+        out, k = L.shape
+        n = R.shape[1]
+        if bias is not None and bias.shape != (out,):
+            raise ConfigError(f"bias must have shape ({out},), got {tuple(bias.shape)}")
+        dtype = dtype or L.dtype
+        layer = cls(n, out, k, bias=bias is not None, dtype=dtype, device=L.device)
+        with torch.no_grad():
+            layer.A.weight.copy_(R.to(dtype))
+            layer.B.weight.copy_(L.to(dtype))
+            if bias is not None:
+                layer.B.bias.copy_(bias.to(dtype))
+        return layer
+
+    # -- math ------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.B(self.A(x))
+
+    def dense(self) -> torch.Tensor:
+        """The dense weight ``B.weight @ A.weight`` of shape (out, in) (a new tensor)."""
+        return self.B.weight @ self.A.weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Read-only dense weight (out, in), computed on access (for code that inspects ``.weight``)."""
+        with torch.no_grad():
+            return self.dense()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with weight ``dense()`` and the same bias."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.B.bias is not None,
+                        dtype=self.A.weight.dtype, device=self.A.weight.device)
+        with torch.no_grad():
+            lin.weight.copy_(self.dense())
+            if self.B.bias is not None:
+                lin.bias.copy_(self.B.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.B.bias is not None}")
