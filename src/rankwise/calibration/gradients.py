@@ -1,0 +1,82 @@
+"""Weight gradients of the LM loss summed over calibration batches (LoRA-GA, FWSVD).
+
+For batches ``b`` of windows, with ``loss_b`` the mean next-token cross-entropy over the batch's
+scored tokens, return per named layer (weights in (out, in) orientation, float64):
+
+* ``squared=False``: ``G = sum_b d loss_b / d W``        (LoRA-GA's gradient)
+* ``squared=True``:  ``F = sum_b (d loss_b / d W)^2``    (empirical Fisher diagonal, FWSVD)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, NumericalError
+from ..models.surgery import Conv1D, linear_weight
+from .stats import _check_windows, run_model
+
+
+def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``ids`` (b, L) over the b (L-1) scored tokens."""
+    out = run_model(model, ids)
+    logits = out.logits if hasattr(out, "logits") else out
+    logits = logits[:, :-1].flatten(0, 1)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits, ids[:, 1:].flatten())
+
+
+def _weight_param(module: nn.Module) -> torch.nn.Parameter:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.nn.Parameter):
+        raise ConfigError(f"{type(module).__name__} has no weight parameter to differentiate")
+    return w
+
+
+def accumulate_gradients(model: nn.Module, windows: torch.Tensor, names: Sequence[str], batch_size: int = 1,
+                         squared: bool = False, progress: bool = False) -> dict[str, torch.Tensor]:
+    """``{name: sum_b grad_b}`` (or ``sum_b grad_b**2``) of the named layers' weights, (out, in) float64.
+
+    Only the named weights require grad during the passes; every parameter's ``requires_grad`` and
+    ``.grad`` are left as they were, and the model runs in eval mode (restored afterwards).
+    """
+    _check_windows(windows, batch_size)
+    modules = {}
+    for name in names:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError as e:
+            raise ConfigError(f"model has no module named {name!r}") from e
+    params = [_weight_param(m) for m in modules.values()]
+    conv = [bool(Conv1D) and isinstance(m, Conv1D) for m in modules.values()]
+    acc = {n: torch.zeros(tuple(linear_weight(m).shape), dtype=torch.float64, device=p.device)
+           for (n, m), p in zip(modules.items(), params)}
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    device = params[0].device if params else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for i in tqdm(range(0, windows.shape[0], batch_size), desc="gradients", disable=not progress, leave=False):
+            loss = lm_loss(model, windows[i: i + batch_size].to(device))
+            if not bool(torch.isfinite(loss)):
+                raise NumericalError(f"non-finite LM loss on calibration batch {i // batch_size}; "
+                                     "check the model weights or run in float32")
+            grads = torch.autograd.grad(loss, params)
+            for (name, g), is_conv in zip(zip(acc, grads), conv):
+                g = (g.t() if is_conv else g).to(torch.float64)
+                if not bool(torch.isfinite(g).all()):
+                    raise NumericalError(f"non-finite gradient for layer {name!r}")
+                acc[name].add_(g * g if squared else g)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        model.train(was_training)
+    return acc

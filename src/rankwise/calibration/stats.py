@@ -1,0 +1,190 @@
+"""Per-layer input statistics accumulated with forward pre-hooks, in float64.
+
+For the inputs ``x_t`` (rows of the layer input flattened to (tokens, in); GPT-2 ``Conv1D`` takes
+(..., in) too) a layer sees over the calibration windows:
+
+* ``cov     = sum_t x_t x_t^T``   (in, in)  -- ``C = X X^T`` of the whitening objective ``||(W-W')X||_F``
+* ``abs_sum = sum_t |x_t|``       (in,)     -- ASVD's activation scale ``mean |x_j|``
+* ``sq_sum  = sum_t x_t * x_t``   (in,)     -- equals ``diag(cov)``; kept when ``cov`` is skipped
+* ``n``                                      -- number of tokens
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, NumericalError
+
+
+@dataclass
+class InputStats:
+    """Sums over the ``n`` input vectors a layer saw; see the module docstring.
+
+    ``cov`` is ``None`` when the accumulator was asked not to collect it.
+    """
+
+    cov: torch.Tensor | None
+    abs_sum: torch.Tensor
+    sq_sum: torch.Tensor
+    n: int = 0
+
+    @classmethod
+    def zeros(cls, in_features: int, device: torch.device | str | None = None, cov: bool = True) -> "InputStats":
+        z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=device)  # noqa: E731
+        return cls(z(in_features, in_features) if cov else None, z(in_features), z(in_features), 0)
+
+    @property
+    def in_features(self) -> int:
+        return int(self.abs_sum.shape[0])
+
+    def add_(self, x: torch.Tensor) -> "InputStats":
+        """Accumulate a batch of inputs ``x`` of shape (..., in) (in place; returns self)."""
+        if x.shape[-1] != self.in_features:
+            raise ConfigError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.abs_sum.device, dtype=torch.float64)
+        if self.cov is not None:
+            self.cov.addmm_(x.T, x)
+        self.abs_sum.add_(x.abs().sum(0))
+        self.sq_sum.add_((x * x).sum(0))
+        self.n += int(x.shape[0])
+        return self
+
+    def merge(self, other: "InputStats") -> "InputStats":
+        """New statistics over the union of both token sets."""
+        if other.in_features != self.in_features:
+            raise ConfigError(f"cannot merge statistics of {self.in_features} and {other.in_features} features")
+        cov = None
+        if self.cov is not None and other.cov is not None:
+            cov = self.cov + other.cov.to(self.cov.device)
+        return InputStats(cov, self.abs_sum + other.abs_sum.to(self.abs_sum.device),
+                          self.sq_sum + other.sq_sum.to(self.sq_sum.device), self.n + other.n)
+
+    def _need_tokens(self) -> None:
+        if self.n == 0:
+            raise NumericalError("no calibration tokens reached this layer; statistics are empty")
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """``mean_t |x_t|`` per input feature (in,), float64."""
+        self._need_tokens()
+        return self.abs_sum / self.n
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        """``mean_t x_t^2`` per input feature (in,), float64."""
+        self._need_tokens()
+        return self.sq_sum / self.n
+
+    @property
+    def covariance_mean(self) -> torch.Tensor:
+        """``(1/n) sum_t x_t x_t^T`` (uncentered second moment), float64."""
+        self._need_tokens()
+        if self.cov is None:
+            raise ConfigError("these statistics were collected without the covariance (cov=False)")
+        return self.cov / self.n
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args and isinstance(args[0], torch.Tensor):
+        return args[0]
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError("linear layer called without a tensor input")
+
+
+class StatsAccumulator:
+    """Context manager: forward pre-hooks on ``modules`` that add each input to ``self.stats[name]``.
+
+    >>> with StatsAccumulator({"l": layer}) as acc:
+    ...     model(ids)
+    >>> acc.stats["l"].cov
+
+    Hooks are removed on exit (also on error). Non-finite inputs raise :class:`NumericalError`
+    naming the layer. ``cov=False`` skips the (in, in) covariance (ASVD needs only ``abs_sum``).
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], cov: bool = True,
+                 device: torch.device | str | None = None) -> None:
+        self.modules = dict(modules)
+        self.cov = cov
+        self.device = device
+        self.stats: dict[str, InputStats] = {}
+        self._handles: list = []
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs):
+            x = _first_tensor(args, kwargs)
+            if not bool(torch.isfinite(x).all()):
+                raise NumericalError(
+                    f"non-finite activations (nan/inf) entering layer {name!r} during calibration; "
+                    "check the model weights or run in float32"
+                )
+            st = self.stats.get(name)
+            if st is None:
+                st = InputStats.zeros(x.shape[-1], device=self.device or x.device, cov=self.cov)
+                self.stats[name] = st
+            st.add_(x)
+        return hook
+
+    def __enter__(self) -> "StatsAccumulator":
+        for name, mod in self.modules.items():
+            self._handles.append(mod.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        return self
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def run_model(model: nn.Module, ids: torch.Tensor):
+    """One forward pass on token ids: HF models get ``use_cache=False``, plain modules ``model(ids)``."""
+    if hasattr(model, "config"):
+        return model(input_ids=ids, use_cache=False)
+    return model(ids)
+
+
+def _check_windows(windows: torch.Tensor, batch_size: int) -> None:
+    if windows.ndim != 2 or windows.shape[0] < 1:
+        raise ConfigError(f"calibration windows must be a (n, L) LongTensor with n >= 1, got {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+
+
+@torch.no_grad()
+def collect_input_stats(model: nn.Module, windows: torch.Tensor, names: Sequence[str], batch_size: int = 4,
+                        progress: bool = False, cov: bool = True) -> dict[str, InputStats]:
+    """Run the calibration ``windows`` (n, L) through ``model`` and return ``{name: InputStats}``.
+
+    ``names`` are qualified module names (as from ``rankwise.models.surgery.find_linears``).
+    The model runs in eval mode (restored afterwards).
+    """
+    _check_windows(windows, batch_size)
+    modules = {}
+    for name in names:
+        try:
+            modules[name] = model.get_submodule(name)
+        except AttributeError as e:
+            raise ConfigError(f"model has no module named {name!r}") from e
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with StatsAccumulator(modules, cov=cov) as acc:
+            for i in tqdm(range(0, windows.shape[0], batch_size), desc="calibration", disable=not progress,
+                          leave=False):
+                run_model(model, windows[i: i + batch_size].to(device))
+    finally:
+        model.train(was_training)
+    missing = [n for n in names if n not in acc.stats]
+    if missing:
+        raise NumericalError(f"layers never called during calibration: {missing[:5]}")
+    return {n: acc.stats[n] for n in names}

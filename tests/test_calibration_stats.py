@@ -1,0 +1,160 @@
+import numpy as np
+import pytest
+import torch
+
+from rankwise.calibration.gradients import accumulate_gradients
+from rankwise.calibration.stats import InputStats, StatsAccumulator, collect_input_stats
+from rankwise.errors import ConfigError, NumericalError
+from rankwise.models.surgery import Conv1D, find_linears, linear_weight
+from rankwise.models.tiny import tiny_model
+
+
+def _windows(n=3, L=16, seed=0):
+    return torch.randint(0, 320, (n, L), generator=torch.Generator().manual_seed(seed))
+
+
+def _captured_inputs(model, names, windows, batch_size):
+    """Brute force: keep every input tensor each layer sees."""
+    seen = {n: [] for n in names}
+    hs = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen[n].append(a[0].detach().reshape(-1, a[0].shape[-1]).double().numpy()))
+        for n in names]
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch_size):
+            model(input_ids=windows[i:i + batch_size], use_cache=False)
+    for h in hs:
+        h.remove()
+    return {n: np.concatenate(v) for n, v in seen.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_input_stats_match_brute_force(arch):
+    model = tiny_model(arch)
+    names = list(find_linears(model))
+    win = _windows()
+    stats = collect_input_stats(model, win, names, batch_size=2)
+    ref = _captured_inputs(model, names, win, 2)
+    assert list(stats) == names
+    for n in names:
+        X = ref[n]
+        s = stats[n]
+        assert s.n == X.shape[0] == 3 * 16
+        assert s.in_features == linear_weight(model.get_submodule(n)).shape[1]
+        np.testing.assert_allclose(s.cov.numpy(), X.T @ X, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(s.abs_sum.numpy(), np.abs(X).sum(0), rtol=1e-9)
+        np.testing.assert_allclose(s.sq_sum.numpy(), (X ** 2).sum(0), rtol=1e-9)
+        np.testing.assert_allclose(s.mean_abs.numpy(), np.abs(X).mean(0), rtol=1e-9)
+        np.testing.assert_allclose(s.covariance_mean.numpy(), X.T @ X / X.shape[0], rtol=1e-9, atol=1e-12)
+        assert s.cov.dtype == torch.float64
+    # hooks are gone afterwards
+    assert all(not model.get_submodule(n)._forward_pre_hooks for n in names)
+
+
+def test_merge_equals_single_pass():
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(5, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    a = InputStats.zeros(4).add_(x1)
+    b = InputStats.zeros(4).add_(x2)
+    both = InputStats.zeros(4).add_(x1).add_(x2)
+    m = a.merge(b)
+    assert m.n == both.n == 11
+    for f in ("cov", "abs_sum", "sq_sum"):
+        torch.testing.assert_close(getattr(m, f), getattr(both, f))
+    with pytest.raises(ConfigError):
+        a.add_(torch.randn(3, 5))
+    with pytest.raises(NumericalError):
+        InputStats.zeros(4).mean_abs
+
+
+def test_accumulator_without_cov_and_removal_on_error():
+    model = tiny_model("llama")
+    names = list(find_linears(model))[:2]
+    mods = {n: model.get_submodule(n) for n in names}
+    with pytest.raises(RuntimeError):
+        with StatsAccumulator(mods, cov=False) as acc:
+            with torch.no_grad():
+                model(input_ids=_windows(1, 8), use_cache=False)
+            raise RuntimeError("boom")
+    assert acc.stats[names[0]].cov is None and acc.stats[names[0]].n == 8
+    assert all(not m._forward_pre_hooks for m in mods.values())
+
+
+def test_nonfinite_activation_names_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight[0] = float("nan")
+    names = list(find_linears(model))
+    with pytest.raises(NumericalError, match=r"model\.layers\.1\.self_attn\.q_proj"):
+        collect_input_stats(model, _windows(1, 8), names)
+    assert all(not model.get_submodule(n)._forward_pre_hooks for n in names)
+
+
+def test_bad_names_and_windows():
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="no module"):
+        collect_input_stats(model, _windows(1, 8), ["model.nope"])
+    with pytest.raises(ConfigError):
+        collect_input_stats(model, torch.zeros(8, dtype=torch.long), ["model.layers.0.mlp.up_proj"])
+
+
+# ---- gradients ------------------------------------------------------------------------------
+
+def _brute_force_grads(model, names, win, batch_size, squared):
+    """Reference: HF's own loss (labels=ids), .backward() with every parameter trainable."""
+    out = {n: 0.0 for n in names}
+    for i in range(0, win.shape[0], batch_size):
+        model.zero_grad()
+        ids = win[i:i + batch_size]
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        for n in names:
+            mod = model.get_submodule(n)
+            g = mod.weight.grad.double().numpy()
+            if isinstance(mod, Conv1D):  # stores W^T
+                g = g.T
+            out[n] = out[n] + (g * g if squared else g)
+    model.zero_grad()
+    return out
+
+
+@pytest.mark.parametrize("arch,squared", [("llama", False), ("gpt2", True)])
+def test_gradients_match_brute_force(arch, squared):
+    model = tiny_model(arch)
+    names = list(find_linears(model))
+    win = _windows(4, 12)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    got = accumulate_gradients(model, win, names, batch_size=2, squared=squared)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    ref = _brute_force_grads(model, names, win, 2, squared)
+    for n in names:
+        assert got[n].dtype == torch.float64
+        assert got[n].shape == linear_weight(model.get_submodule(n)).shape
+        np.testing.assert_allclose(got[n].numpy(), ref[n], rtol=1e-4, atol=1e-7)
+        assert np.abs(ref[n]).max() > 0
+
+
+def test_gradient_finite_difference():
+    # GPT-2 (LayerNorm computes in the model dtype, unlike Llama's float32 RMSNorm) in float64;
+    # its Conv1D stores W^T, so this also checks the (out, in) orientation.
+    model = tiny_model("gpt2").double()
+    name = "transformer.h.0.mlp.c_proj"
+    win = _windows(2, 10)
+    g = accumulate_gradients(model, win, [name], batch_size=2)[name]
+    i, j = np.unravel_index(int(g.abs().argmax()), tuple(g.shape))
+    W = model.get_submodule(name).weight.T  # view in (out, in)
+    eps = 1e-6
+
+    def loss():
+        with torch.no_grad():
+            logits = model(input_ids=win, use_cache=False).logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), win[:, 1:].flatten()).item()
+
+    with torch.no_grad():
+        W[i, j] += eps
+    lp = loss()
+    with torch.no_grad():
+        W[i, j] -= 2 * eps
+    lm = loss()
+    with torch.no_grad():
+        W[i, j] += eps
+    assert abs((lp - lm) / (2 * eps) - g[i, j].item()) < 1e-5 * abs(g[i, j].item())
