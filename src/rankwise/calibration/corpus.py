@@ -23,6 +23,8 @@ MIN_CHARS = 2000
 _CACHE_VERSION = "1"
 _REF = re.compile(r"<ref[^>/]*?/>|<ref[^>]*?>.*?</ref>", re.S | re.I)
 _BLANKS = re.compile(r"\n{3,}")
+_NON_PROSE_LINKS = ("file:", "image:", "category:", "media:")
+_NON_PROSE_TAGS = ("table", "gallery", "ref", "math", "timeline")
 
 
 def wiki_dump_path() -> Path:
@@ -39,8 +41,17 @@ def wiki_dump_path() -> Path:
 def _clean(wikitext: str) -> str:
     import mwparserfromhell
 
-    wikitext = _REF.sub("", wikitext)
-    text = mwparserfromhell.parse(wikitext).strip_code(normalize=True, collapse=True)
+    code = mwparserfromhell.parse(_REF.sub("", wikitext))
+    # images, files, categories, tables and galleries are not prose: drop them whole
+    drop = [t for t in code.filter_tags() if str(t.tag).strip().lower() in _NON_PROSE_TAGS]
+    drop += [w for w in code.filter_wikilinks()
+             if str(w.title).strip().lower().startswith(_NON_PROSE_LINKS)]
+    for node in drop:
+        try:
+            code.remove(node)
+        except ValueError:  # already removed with an enclosing node
+            pass
+    text = code.strip_code(normalize=True, collapse=True)
     lines = [ln.strip() for ln in text.splitlines()]
     return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
 
