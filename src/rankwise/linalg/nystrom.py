@@ -1,0 +1,39 @@
+"""Generalized Nystrom approximation of a rectangular matrix (NLoRA's initialization).
+
+With seeded Gaussian sketches ``Omega (n, r)`` and ``Psi (m, r)``::
+
+    C = W Omega          (m, r)    columns of the range of W
+    R = Psi^T W          (r, n)    rows of the co-range of W
+    M = (Psi^T W Omega)^+ (r, r)   pseudo-inverse of the core
+
+    W ~= C M R
+
+Guarantee: if ``rank(W) <= r`` the approximation is exact (``C M R = W``) with probability 1,
+because ``C M R`` is the oblique projection of ``W`` onto its own range and co-range.
+In general the error is within a small factor of the best rank-r error (Nakatsukasa 2020).
+``rcond`` truncates tiny singular values of the core to keep ``M`` stable.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+
+
+def nystrom(W: torch.Tensor, rank: int, seed: int = 0, rcond: float = 1e-6,
+            dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(C, M, R)`` with ``W ~= C @ M @ R``; see the module docstring. Computed in ``dtype``."""
+    if W.ndim != 2:
+        raise ConfigError(f"nystrom expects a matrix, got shape {tuple(W.shape)}")
+    m, n = W.shape
+    if not 1 <= rank <= min(m, n):
+        raise ConfigError(f"Nystrom rank must be in [1, min(m, n) = {min(m, n)}], got {rank}")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    Wd = W.detach().to(dtype)
+    omega = torch.randn(n, rank, generator=g, dtype=dtype).to(W.device)
+    psi = torch.randn(m, rank, generator=g, dtype=dtype).to(W.device)
+    C = Wd @ omega
+    R = psi.T @ Wd
+    core = psi.T @ C
+    M = torch.linalg.pinv(core, rtol=rcond)
+    return C, M, R
