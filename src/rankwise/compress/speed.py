@@ -79,7 +79,7 @@ def module_latency(device: torch.device | str = "cpu", dtype: torch.dtype = torc
                    repeats: dict[str, int] | None = None, seed: int = 0) -> LatencyFn:
     """The real timer: median seconds of ``nn.Linear`` vs ``LowRankLinear`` on random input.
 
-    ``repeats`` per token count (default: 25 for 1 token, 5 for more), one warm-up call each.
+    ``repeats`` per token count (default: 101 for 1 token, 15 for more), two warm-up calls each.
     """
     from ..evaluate.latency import median_seconds
 
@@ -91,7 +91,7 @@ def module_latency(device: torch.device | str = "cpu", dtype: torch.dtype = torc
         layer: nn.Module = (nn.Linear(n, m, bias=False) if rank is None else LowRankLinear(n, m, rank, bias=False))
         layer = layer.to(device=device, dtype=dtype).eval()
         x = torch.randn(tokens, n, generator=g).to(device=device, dtype=dtype)
-        reps = (repeats or {}).get(str(tokens), 25 if tokens == 1 else 5)
+        reps = (repeats or {}).get(str(tokens), 101 if tokens == 1 else 15)
         return median_seconds(lambda: layer(x), repeats=reps, warmup=2, device=device)
 
     return latency
