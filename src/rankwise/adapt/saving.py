@@ -1,0 +1,241 @@
+"""Save and load adapters: PEFT's LoRA format, rankwise's own format, or a merged dense checkpoint.
+
+PEFT format (``adapter_config.json`` + ``adapter_model.safetensors``, keys
+``base_model.model.<module>.lora_A.weight`` (r, in) and ``.lora_B.weight`` (out, r)) for plain-LoRA
+results: lora, eva (``Delta W_0 = 0``) and the residual inits pissa, milora, olora, lora-ga. A residual
+init trained to ``(A, B)`` from ``(A0, B0)`` on ``W_res = W - s B0 A0`` equals, on the ORIGINAL ``W``,
+the plain LoRA of doubled rank (PEFT's conversion)::
+
+    W_res + s B A = W + s [B | -B0] [A ; A0],   r' = 2r,  alpha' = 2 alpha  (rslora: sqrt(2) alpha)
+
+which is the default export (``form="original"``). ``form="residual"`` writes the rank-r adapter plus
+the residual base model under ``residual_base/``.
+
+rankwise format (every init): ``adapt.json`` + ``adapter.safetensors`` with the trained tensors
+``<module>.<tensor>`` and, for residual inits, the initial ones ``init.<module>.<tensor>``; loading onto
+the original model subtracts ``Delta W_0`` again.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._io import atomic_dir
+from ..errors import ArtifactError, ConfigError
+from ..models.surgery import set_module
+from ..structures.lowrank import LowRankLinear
+from .attach import META_ATTR, merge_and_unload
+from .layers import (
+    BMAAdapter, LDUAdapter, LoraAdapter, SaltAdapter, SBAdapter, SingAdapter, AdapterLayer, adapter_layers,
+    add_to_base, is_conv1d,
+)
+
+FORMAT = "rankwise-adapter"
+PEFT_INITS = ("lora", "eva", "pissa", "milora", "olora", "lora-ga")
+
+
+def _meta(model: nn.Module) -> dict:
+    meta = getattr(model, META_ATTR, None)
+    if meta is None or not adapter_layers(model):
+        raise ConfigError("the model has no rankwise adapters; call rankwise.adapt(model, ...) first")
+    return meta
+
+
+def _check_peft(model: nn.Module, meta: dict) -> dict[str, LoraAdapter]:
+    layers = adapter_layers(model)
+    bad = [n for n, a in layers.items() if not isinstance(a, LoraAdapter)]
+    if meta["init"] not in PEFT_INITS or bad:
+        raise ConfigError(
+            f"init {meta['init']!r} is not a plain LoRA (B A) and PEFT's format cannot represent it; "
+            f"save it in rankwise's format (format='rankwise', CLI default for it) or merge it into a dense "
+            f"checkpoint (--merge). PEFT-exportable inits: {', '.join(PEFT_INITS)}")
+    low = [n for n, a in layers.items() if isinstance(a.base, LowRankLinear)]
+    if low:
+        raise ConfigError(
+            f"adapters on factorized (LowRankLinear) layers such as {low[0]} cannot be loaded by PEFT; "
+            "save in rankwise's format (format='rankwise') or merge (--merge)")
+    return layers  # type: ignore[return-value]
+
+
+def peft_state(model: nn.Module, form: str = "original") -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, adapter_config)`` of the PEFT export; see the module docstring for ``form``."""
+    meta = _meta(model)
+    layers = _check_peft(model, meta)
+    if form not in ("original", "residual"):
+        raise ConfigError(f"unknown PEFT export form {form!r}; use 'original' or 'residual'")
+    convert = meta["residual"] and form == "original"
+    rslora = bool(meta["rslora"])
+    tensors, ranks, alphas = {}, {}, {}
+    for name, a in layers.items():
+        A, B = a.lora_A.detach().float(), a.lora_B.detach().float()
+        r = a.rank
+        alpha = a.scaling * (math.sqrt(r) if rslora else r)
+        if convert:
+            A = torch.cat([A, a.init_state["lora_A"].float()], 0)
+            B = torch.cat([B, -a.init_state["lora_B"].float()], 1)
+            r, alpha = 2 * r, alpha * (math.sqrt(2) if rslora else 2)
+        key = f"base_model.model.{name}"
+        tensors[f"{key}.lora_A.weight"] = A.contiguous().cpu()
+        tensors[f"{key}.lora_B.weight"] = B.contiguous().cpu()
+        ranks[name], alphas[name] = r, alpha
+    r0, a0 = next(iter(ranks.values())), next(iter(alphas.values()))
+    uniform = all(v == r0 for v in ranks.values()) and all(abs(v - a0) < 1e-9 for v in alphas.values())
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r0, "lora_alpha": a0,
+        "target_modules": sorted(layers), "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": any(is_conv1d(a.base) for a in layers.values()),
+        "use_rslora": rslora, "init_lora_weights": True, "inference_mode": True,
+        "rank_pattern": {} if uniform else ranks, "alpha_pattern": {} if uniform else alphas,
+        "base_model_name_or_path": meta.get("base_model"),
+        "rankwise": {"init": meta["init"], "form": form if meta["residual"] else "plain", "rank": meta["rank"]},
+    }
+    return tensors, config
+
+
+def _model_without_adapters(model: nn.Module) -> nn.Module:
+    """A deep copy with each adapter replaced by its (possibly residual) base: the residual base model."""
+    m = copy.deepcopy(model)
+    for name, a in adapter_layers(m).items():
+        if a.merged:
+            a.unmerge()
+        set_module(m, name, a.base)
+    if hasattr(m, META_ATTR):
+        delattr(m, META_ATTR)
+    return m
+
+
+def save_peft(model: nn.Module, out: str | os.PathLike, form: str = "original", tokenizer=None,
+              overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter directory that ``PeftModel.from_pretrained(base, out)`` loads."""
+    from safetensors.torch import save_file
+
+    tensors, config = peft_state(model, form)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        if form == "residual" and _meta(model)["residual"]:
+            res = _model_without_adapters(model)
+            res.save_pretrained(tmp / "residual_base", safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / "residual_base")
+    return Path(out)
+
+
+# ---- rankwise's own format --------------------------------------------------------------------
+
+def _layer_meta(a: AdapterLayer) -> dict:
+    d = {"kind": a.kind, "scaling": a.scaling, "shape": [a.out_features, a.in_features]}
+    if isinstance(a, BMAAdapter):
+        d["train_outer"] = bool(a.A.requires_grad)
+    if isinstance(a, SingAdapter):
+        d["ramp_steps"] = a.ramp_steps
+    return d
+
+
+def save_rankwise(model: nn.Module, out: str | os.PathLike, overwrite: bool = False,
+                  extra: dict | None = None) -> Path:
+    """Write ``adapt.json`` + ``adapter.safetensors`` (any init); :func:`load_rankwise` reverses it."""
+    from safetensors.torch import save_file
+
+    meta = _meta(model)
+    layers = adapter_layers(model)
+    tensors = {}
+    for name, a in layers.items():
+        for k, v in a.adapter_state().items():
+            tensors[f"{name}.{k}"] = v.float().contiguous().cpu()
+        if meta["residual"]:
+            for k, v in a.init_state.items():
+                tensors[f"init.{name}.{k}"] = v.float().contiguous().cpu()
+    config = {"format": FORMAT, "version": 1, **meta, "layers": {n: _layer_meta(a) for n, a in layers.items()},
+              **(extra or {})}
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapt.json").write_text(json.dumps(config, indent=2, default=str))
+    return Path(out)
+
+
+def _build(kind: str, base: nn.Module, t: dict[str, torch.Tensor], lm: dict) -> AdapterLayer:
+    s = lm["scaling"]
+    if kind == "lora":
+        return LoraAdapter(base, t["lora_A"], t["lora_B"], s)
+    if kind == "sb":
+        return SBAdapter(base, t["A"], t["B"], t["R"], s)
+    if kind == "bma":
+        return BMAAdapter(base, t["A"], t["M"], t["B"], s, train_outer=lm.get("train_outer", True))
+    if kind == "ldu":
+        return LDUAdapter(base, t["L"], t["d"], t["U"])
+    if kind == "salt":
+        a = SaltAdapter(base, t["Ur"], t["sigma"], t["Vh"], t["lora_A"], t["lora_B"], s)
+        with torch.no_grad():
+            a.scale.copy_(t["scale"])
+            a.shift.copy_(t["shift"])
+        return a
+    if kind == "sing":
+        a = SingAdapter(base, t["A"], s, lm.get("ramp_steps", 0))
+        a.ramp.fill_(float(t["ramp"]))
+        return a
+    raise ArtifactError(f"unknown adapter kind {kind!r} in adapt.json")
+
+
+def load_rankwise(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Attach the adapters saved by :func:`save_rankwise` to the ORIGINAL base ``model`` (in place)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, st_file = path / "adapt.json", path / "adapter.safetensors"
+    if not cfg_file.is_file() or not st_file.is_file():
+        raise ArtifactError(f"{path} is not a rankwise adapter directory (needs adapt.json and adapter.safetensors)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("format") != FORMAT:
+        raise ArtifactError(f"{cfg_file} is not a rankwise adapter config (format={cfg.get('format')!r})")
+    tensors = load_file(str(st_file))
+    for name, lm in cfg["layers"].items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError as e:
+            raise ArtifactError(f"the model has no layer {name!r} that the adapter in {path} targets") from e
+        trained = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        if cfg.get("residual"):
+            init = {k[len(name) + 6:]: v for k, v in tensors.items() if k.startswith(f"init.{name}.")}
+            a = _build(lm["kind"], base, init, lm)
+            if [a.out_features, a.in_features] != lm["shape"]:
+                raise ArtifactError(f"layer {name} has shape {[a.out_features, a.in_features]}, adapter expects {lm['shape']}")
+            add_to_base(base, a.delta(), -1.0)
+            with torch.no_grad():
+                for k, v in trained.items():
+                    getattr(a, k).copy_(v) if k != "ramp" else a.ramp.fill_(float(v))
+        else:
+            a = _build(lm["kind"], base, trained, lm)
+        a.init_state = {k[len(name) + 6:]: v for k, v in tensors.items() if k.startswith(f"init.{name}.")} or \
+            {k: v.clone() for k, v in a.adapter_state().items()}
+        w = next(base.parameters())
+        set_module(model, name, a.to(w.device))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for a in adapter_layers(model).values():
+        for p in a.trainable_parameters():
+            p.requires_grad_(True)
+    setattr(model, META_ATTR, {k: cfg[k] for k in ("init", "rank", "alpha", "rslora", "seed", "svd", "targets",
+                                                  "ranks", "residual", "options") if k in cfg})
+    return model
+
+
+def save_merged(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """Fold the adapters into the weights of a copy of ``model`` and save a plain transformers checkpoint."""
+    if any(isinstance(a.base, LowRankLinear) for a in adapter_layers(model).values()):
+        raise ConfigError("merging adapters into a compressed (LowRankLinear) model does not give a plain "
+                          "transformers checkpoint; save the adapter in rankwise's format instead")
+    merged = merge_and_unload(copy.deepcopy(model))
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out)
