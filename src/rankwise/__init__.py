@@ -21,6 +21,9 @@ _LAZY = {
     "evaluate": ("rankwise.evaluate.perplexity", "perplexity"),
     "perplexity": ("rankwise.evaluate.perplexity", "perplexity"),
     "load_corpus": ("rankwise.calibration.corpus", "load_corpus"),
+    "compress": ("rankwise.compress.api", "compress"),
+    "load": ("rankwise.compress.api", "load"),
+    "analyze": ("rankwise.analyze.run", "analyze"),
 }
 
 

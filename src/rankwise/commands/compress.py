@@ -1,0 +1,107 @@
+"""``rankwise compress``: low-rank factorize a model's linear layers and save it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..calibration.sampling import DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_WINDOWS, DEFAULT_SEED, DEFAULT_SEQLEN
+from ._common import ModelArg, QuietOpt, TextFileOpt, console, setup, table
+
+
+def print_report(report, max_layers: int = 12) -> None:
+    """Rich tables: the summary and the per-layer ranks."""
+    table("compression", ["method", "refit", "mode", "ratio asked", "removed", "targeted params",
+                          "model params", "damped layers", "seconds"],
+          [[report.method, "lstsq" if report.refit else "no", report.mode, report.ratio,
+            f"{report.achieved_ratio:.3f}",
+            f"{report.targeted_params_before:,} -> {report.targeted_params_after:,}",
+            f"{report.model_params_before:,} -> {report.model_params_after:,}",
+            len(report.damped_layers), report.seconds]])
+    rows = [[lr.name, f"{lr.shape[0]} x {lr.shape[1]}", "dense" if lr.rank is None else lr.rank,
+             lr.params_before, lr.params_after] for lr in report.layers]
+    if len(rows) > max_layers:
+        rows = rows[:max_layers] + [[f"... {len(rows) - max_layers} more (see rankwise.json)", "", "", "", ""]]
+    table("per-layer ranks", ["layer", "shape", "rank", "params before", "params after"], rows)
+    if report.perplexity:
+        p = report.perplexity
+        table("perplexity", ["dense", "compressed", "windows x seqlen"],
+              [[p.get("dense", "-"), p["compressed"], f"{p['windows']} x {p['seqlen']}"]])
+
+
+def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_seqlen, seed, text_file,
+                 sequential, allocate, out, overwrite, export_dense_dir, do_eval, eval_windows, quiet,
+                 eval_seqlen=DEFAULT_SEQLEN):
+    """The command's body (also used by ``rankwise demo``): returns ``(model, tokenizer, path, report)``."""
+    from ..calibration.corpus import load_corpus
+    from ..compress.pipeline import compress
+    from ..compress.saving import export_dense, save_compressed
+    from ..errors import OutputExistsError
+    from ..evaluate.perplexity import perplexity
+    from ..compress.allocate import get_allocator
+    from ..compress.budget import check_ratio
+    from ..compress.methods import get_method
+    from ..models.loading import load_model
+
+    get_method(method), check_ratio(ratio), get_allocator(allocate)  # fail before loading the model
+    for d, flag in ((out, "--out"), (export_dense_dir, "--export-dense")):
+        if d is not None and Path(d).exists() and not overwrite:
+            raise OutputExistsError(f"output directory {d} already exists; choose another {flag} or pass --overwrite")
+    model, tok, path = load_model(model_arg)
+    calib = load_corpus("calib", text_file) if text_file else None
+    model, report = compress(model, method, ratio, calib=calib, tokenizer=tok, targets=targets, refit=refit,
+                             allocate=allocate, calib_windows=calib_windows, calib_seqlen=calib_seqlen, seed=seed,
+                             sequential=sequential, progress=not quiet)
+    if do_eval:
+        res = perplexity(model, tok, text=load_corpus("test", text_file), seqlen=eval_seqlen,
+                         windows=eval_windows, progress=not quiet)
+        report.perplexity = {"compressed": res.ppl, "windows": res.windows, "seqlen": res.seqlen,
+                             "corpus": str(text_file) if text_file else "wiki test"}
+    if out is not None:
+        save_compressed(model, tok, out, report, overwrite=overwrite,
+                        extra={"source_model": str(path)})
+    if export_dense_dir is not None:
+        export_dense(model, tok, export_dense_dir, overwrite=overwrite)
+    return model, tok, path, report
+
+
+def register(app: typer.Typer) -> None:
+    from ..compress.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, DEFAULT_SEQUENTIAL
+
+    @app.command("compress")
+    def compress_cmd(
+        model: Optional[str] = ModelArg,
+        method: str = typer.Option(DEFAULT_METHOD, "--method", "-m",
+                                   help="svd | asvd | fwsvd | svd-llm | svd-llm-v2."),
+        ratio: float = typer.Option(0.4, "--ratio", "-r", help="Fraction of targeted linear parameters REMOVED, in (0, 1)."),
+        refit: bool = typer.Option(DEFAULT_REFIT, "--refit/--no-refit",
+                                   help="Closed-form least-squares refit of the left factor (lstsq)."),
+        targets: Optional[str] = typer.Option(None, "--targets", help="Comma-separated layer names or regexes (default: q,k,v,o,gate,up,down; GPT-2 c_attn,c_proj,c_fc)."),
+        calib_windows: int = typer.Option(DEFAULT_CALIB_WINDOWS, help="Calibration windows."),
+        calib_seqlen: int = typer.Option(DEFAULT_SEQLEN, help="Tokens per calibration window."),
+        seed: int = typer.Option(DEFAULT_SEED, help="Seed of the calibration window starts."),
+        text_file: Optional[Path] = TextFileOpt,
+        sequential: bool = typer.Option(DEFAULT_SEQUENTIAL, "--sequential/--one-shot",
+                                        help="Calibrate block by block on the compressed prefix, or all at once on the dense model."),
+        allocate: str = typer.Option("uniform", "--allocate", help="Rank allocator (see rankwise.compress.allocate.ALLOCATORS)."),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory to write the compressed model to."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (still atomic)."),
+        export_dense_dir: Optional[Path] = typer.Option(None, "--export-dense",
+                                                        help="Also write a plain transformers checkpoint (factors multiplied back)."),
+        do_eval: bool = typer.Option(False, "--eval/--no-eval", help="Measure the compressed model's perplexity."),
+        eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="Windows for --eval."),
+        eval_seqlen: int = typer.Option(DEFAULT_SEQLEN, help="Tokens per window for --eval."),
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Replace the linear layers by low-rank factors fitted on calibration activations."""
+        setup(quiet)
+        _, _, _, report = run_compress(model, method, ratio, refit, targets, calib_windows, calib_seqlen, seed,
+                                       text_file, sequential, allocate, out, overwrite, export_dense_dir,
+                                       do_eval, eval_windows, quiet, eval_seqlen)
+        if not quiet:
+            print_report(report)
+        if out is not None:
+            console.print(f"wrote {out}  (evaluate it with: rankwise eval {out})")
+        if export_dense_dir is not None:
+            console.print(f"wrote dense checkpoint {export_dense_dir}")
