@@ -83,9 +83,9 @@ def kaiming_uniform(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
 
 
 def svd(W: torch.Tensor, k: int, method: str, niter: int, g: torch.Generator):
-    """``(U_k, S_k, Vh_k)``: exact (LAPACK, float64) or randomized (Halko et al., ``niter`` power iterations)."""
+    """``(U_k, S_k, Vh_k)``: exact (LAPACK, float32) or randomized (Halko et al., ``niter`` power iterations)."""
     if method == "exact":
-        U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
         return U[:, :k].float(), S[:k].float(), Vh[:k].float()
     if method == "randomized":
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
@@ -112,7 +112,7 @@ def init_lora(base, W, r, ctx, name):
 def _svd_init(base, W, r, ctx, name, smallest: bool):
     s = ctx.scaling(r)
     if smallest:
-        U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
         U, S, Vh = U[:, -r:].float(), S[-r:].float(), Vh[-r:].float()
     else:
         U, S, Vh = svd(W, r, ctx.svd, ctx.svd_niter, ctx.generator(name))

@@ -1,0 +1,132 @@
+"""Convergence of adapter initializations on the default model (rankwise adapt benchmark).
+
+Same model, corpus, seed, rank, targets, batch order and learning rate for every init; records the
+training-loss curve, the step at which each init's smoothed loss first reaches LoRA's final smoothed
+loss, final test perplexity, trainable parameters and seconds per step. Optionally: compress the model
+(40% of the targeted parameters removed) and heal it with PiSSA / LoRA adapters, perplexity before/after.
+
+    python benchmarks/adapt_convergence.py [--quick] [--steps 40] [--batch-size 2] [--seqlen 64]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rankwise.adapt.attach import adapt, count_trainable
+from rankwise.adapt.train import TrainConfig, plot_losses, train
+from rankwise.calibration.corpus import load_corpus
+from rankwise.calibration.sampling import calib_windows, tokenize
+from rankwise.evaluate.perplexity import perplexity
+from rankwise.models.loading import load_model
+
+RESULTS = Path(__file__).parent / "results"
+ALL = ["lora", "pissa", "milora", "olora", "eva", "lora-ga", "lora-sb", "nlora", "loldu", "salt", "singlora"]
+QUICK = ["lora", "pissa", "eva", "loldu"]
+
+
+def smooth(xs: list[float], k: int = 10) -> list[float]:
+    """Trailing moving average over ``k`` steps (the per-step loss is a 2-window mini-batch: noisy)."""
+    return [sum(xs[max(0, i - k + 1): i + 1]) / (i + 1 - max(0, i - k + 1)) for i in range(len(xs))]
+
+
+def steps_to(target: float, curve: list[float]) -> int | None:
+    for i, v in enumerate(curve):
+        if v <= target:
+            return i + 1
+    return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help=f"only {QUICK}, 30 steps, no compression")
+    ap.add_argument("--inits", default=None, help="comma-separated subset")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--seqlen", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=8, help="test windows for perplexity")
+    ap.add_argument("--eval-seqlen", type=int, default=256)
+    ap.add_argument("--calib", type=int, default=8, help="calibration windows for eva / lora-ga / lora-sb")
+    ap.add_argument("--no-compress", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    inits = args.inits.split(",") if args.inits else (QUICK if args.quick else ALL)
+    steps = 30 if args.quick else args.steps
+    base, tok, path = load_model()
+    train_ids = tokenize(tok, load_corpus("calib"))
+    test_ids = tokenize(tok, load_corpus("test"))
+    n_train = steps * args.batch_size
+    train_win = calib_windows(train_ids, n=n_train, seqlen=args.seqlen, seed=args.seed + 1)
+    calib = calib_windows(train_ids, n=args.calib, seqlen=args.seqlen, seed=args.seed + 2)
+    cfg = TrainConfig(steps=steps, lr=args.lr, batch_size=args.batch_size, warmup=args.warmup,
+                      eval_windows=args.windows, eval_seqlen=args.eval_seqlen, seed=args.seed)
+    t0 = time.perf_counter()
+    base_ppl = perplexity(base, ids=test_ids, seqlen=args.eval_seqlen, windows=args.windows).ppl
+    print(f"base ppl {base_ppl:.3f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    out = {"model": str(path), "protocol": {**vars(args), "steps": steps, "inits": inits,
+                                            "train_tokens_per_step": args.batch_size * args.seqlen,
+                                            "targets": "q,k,v,o,gate,up,down (all 30 blocks)"},
+           "base_ppl": base_ppl, "runs": {}}
+    for init in inits:
+        model = copy.deepcopy(base)
+        t1 = time.perf_counter()
+        adapt(model, init, rank=args.rank, calib=calib, seed=args.seed)
+        init_s = time.perf_counter() - t1
+        res = train(model, train_win, cfg, eval_ids=test_ids, progress=False)
+        out["runs"][init] = {"losses": res.losses, "final_ppl": res.evals[-1]["ppl"], "init_seconds": init_s,
+                             "seconds_per_step": res.seconds_per_step, "trainable_params": count_trainable(model),
+                             "stopped_on_nan": res.stopped_on_nan}
+        print(f"{init:10s} loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}  ppl {res.evals[-1]['ppl']:.3f}  "
+              f"{res.seconds_per_step:.2f}s/step  init {init_s:.1f}s", flush=True)
+        del model
+    if "lora" in out["runs"]:
+        target = smooth(out["runs"]["lora"]["losses"])[-1]
+        lora_steps = steps_to(target, smooth(out["runs"]["lora"]["losses"]))
+        out["lora_final_smoothed_loss"] = target
+        for init, r in out["runs"].items():
+            s = steps_to(target, smooth(r["losses"]))
+            r["steps_to_lora_final"] = s
+            r["ratio_vs_lora"] = None if s is None or not lora_steps else s / lora_steps
+    if not args.quick and not args.no_compress:
+        out["compress_heal"] = compress_heal(base, tok, train_win, test_ids, cfg, args)
+    tag = "quick" if args.quick else "full"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"adapt_convergence_{tag}.json").write_text(json.dumps(out, indent=1))
+    plot_losses({k: smooth(v["losses"]) for k, v in out["runs"].items()},
+                RESULTS / f"adapt_convergence_{tag}.png",
+                title=f"rank {args.rank}, {args.batch_size}x{args.seqlen} tokens/step, lr {args.lr} (10-step avg)")
+    print(f"wrote {RESULTS}/adapt_convergence_{tag}.json/.png ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def compress_heal(base, tok, train_win, test_ids, cfg, args) -> dict:
+    """Compress 40% with the default method, then heal with PiSSA and with LoRA adapters."""
+    from rankwise.compress.api import compress
+
+    t0 = time.perf_counter()
+    small, report = compress(base, ratio=0.4, tokenizer=tok, calib_windows=16, calib_seqlen=256, progress=False)
+    before = perplexity(small, ids=test_ids, seqlen=args.eval_seqlen, windows=args.windows).ppl
+    out = {"ratio": 0.4, "method": getattr(report, "method", None), "compress_seconds": time.perf_counter() - t0,
+           "ppl_compressed": before, "healed": {}}
+    print(f"compressed 40%: ppl {before:.3f}", flush=True)
+    for init in ("lora", "pissa"):
+        m = copy.deepcopy(small)
+        adapt(m, init, rank=args.rank, seed=args.seed)
+        res = train(m, train_win, cfg, eval_ids=test_ids, progress=False)
+        out["healed"][init] = {"ppl": res.evals[-1]["ppl"], "losses": res.losses,
+                               "trainable_params": count_trainable(m)}
+        print(f"healed with {init}: ppl {res.evals[-1]['ppl']:.3f}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
