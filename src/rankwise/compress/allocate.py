@@ -3,6 +3,17 @@
 ``ALLOCATORS[name].fn(request) -> plan``. An allocator that sets ``needs_factorizations`` gets the
 full factorization of every targeted layer (with ``.spectrum``) under the compression method's
 objective, computed once; the pipeline then truncates each factorization to the planned rank.
+
+Allocators (see :mod:`.allocators_global` for the math):
+
+* ``uniform``      every layer keeps ``k = floor(m n (1 - R) / (m + n))``;
+* ``spectrum``     one global greedy over the relative whitened truncation errors (no extra passes);
+* ``sensitivity``  measured LM-loss increase per layer at a few ranks, then the same budgeted choice.
+
+``context`` keys read here: ``min_rank`` (int, default 1), ``speed_aware`` (bool), ``speed_profile``
+(path or None), ``model`` and ``windows`` (for speed measurement and sensitivity),
+``sensitivity_windows`` / ``sensitivity_seqlen`` / ``sensitivity_points``. What an allocator decided
+beyond the ranks (speed caps, dense reasons, measured tables, seconds) goes into ``request.info``.
 """
 from __future__ import annotations
 
@@ -10,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..errors import UnknownMethodError
+from .allocators_global import allocate_spectrum, uniform_speed_aware
+from .allocate_context import _record_dense, allocate_sensitivity_request, speed_caps_for
 from .budget import RankPlan, uniform_rank
 
 
@@ -27,6 +40,7 @@ class AllocationRequest:
     shapes: Mapping[str, tuple[int, int]]
     factorizations: Mapping[str, Any] = field(default_factory=dict)
     context: Mapping[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -38,12 +52,39 @@ class Allocator:
 
 
 def uniform(req: AllocationRequest) -> RankPlan:
-    """Every layer ``m x n`` keeps ``k = floor(m n (1 - R) / (m + n))``; ``None`` (dense) if that saves nothing."""
-    return {name: uniform_rank(m, n, req.ratio) for name, (m, n) in req.shapes.items()}
+    """Every layer ``m x n`` keeps ``k = floor(m n (1 - R) / (m + n))``; ``None`` (dense) if that saves nothing.
+
+    Speed-aware: a layer whose uniform rank exceeds its break-even rank stays dense, and the other
+    layers share its budget at one common raised ratio (see :func:`.allocators_global.uniform_speed_aware`).
+    """
+    caps = speed_caps_for(req)
+    if caps is None:
+        return {name: uniform_rank(m, n, req.ratio) for name, (m, n) in req.shapes.items()}
+    return uniform_speed_aware(req.ratio, req.shapes, caps, info=req.info)
+
+
+def spectrum(req: AllocationRequest) -> RankPlan:
+    """Global greedy on relative whitened truncation errors ``tail_l(k) / sum sigma_l^2``."""
+    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    plan = allocate_spectrum(req.ratio, req.shapes, spectra, int(req.context.get("min_rank", 1)),
+                             speed_caps_for(req))
+    _record_dense(req, plan)
+    return plan
+
+
+def sensitivity(req: AllocationRequest) -> RankPlan:
+    """Measured loss increase when each layer alone is truncated (few windows), then the budgeted choice."""
+    plan = allocate_sensitivity_request(req, speed_caps_for(req))
+    _record_dense(req, plan)
+    return plan
 
 
 ALLOCATORS: dict[str, Allocator] = {
     "uniform": Allocator("uniform", uniform, False, "same parameter fraction removed from every layer"),
+    "spectrum": Allocator("spectrum", spectrum, True,
+                          "global greedy over relative whitened truncation error per parameter saved"),
+    "sensitivity": Allocator("sensitivity", sensitivity, True,
+                             "measured LM-loss increase per layer at a few ranks + budgeted choice (slower)"),
 }
 
 

@@ -162,3 +162,40 @@ def allocate_sensitivity(ratio: float, shapes: Mapping[str, tuple[int, int]],
 def _check_min_rank(min_rank: int) -> None:
     if not isinstance(min_rank, int) or min_rank < 1:
         raise ConfigError(f"--min-rank must be an integer >= 1, got {min_rank!r}")
+
+
+def uniform_speed_aware(ratio: float, shapes: Mapping[str, tuple[int, int]], speed_caps: Mapping[str, int],
+                        info: dict | None = None) -> dict[str, int | None]:
+    """Uniform ranks at one common ratio ``R'`` over the layers that stay factorized.
+
+    Layers whose rank at ``R'`` exceeds their break-even rank stay dense; ``R'`` is then raised so that
+    ``sum_{factorized} (m n - k (m + n)) >= R sum_all m n``, repeated until no layer changes side.
+    """
+    total = sum(m * n for m, n in shapes.values())
+    need = ratio * total
+    dense: set[str] = set()
+    r = ratio
+    for _ in range(len(shapes) + 1):
+        rest = sum(m * n for k, (m, n) in shapes.items() if k not in dense)
+        if rest <= 0:
+            break
+        r = need / rest
+        # smallest r' >= r whose floor-rounded ranks remove enough
+        plan = {}
+        while r < 1:
+            plan = {k: max(1, math.floor(m * n * (1 - r) / (m + n))) for k, (m, n) in shapes.items() if k not in dense}
+            removed = sum(shapes[k][0] * shapes[k][1] - v * sum(shapes[k]) for k, v in plan.items())
+            if removed >= need:
+                break
+            r += 1e-4
+        if r >= 1:
+            break
+        slow = {k for k, v in plan.items() if v > speed_caps.get(k, v) or v > max_saving_rank(*shapes[k])}
+        if not slow:
+            if info is not None:
+                info["uniform_effective_ratio"] = r
+            return {k: (None if k in dense else plan[k]) for k in shapes}
+        dense |= slow
+    raise ConfigError(f"--ratio {ratio:g} cannot be met with the speed-aware constraint ({len(dense)} layers "
+                      "must stay dense because their factorized form is not faster); pass --no-speed-aware, "
+                      "lower --ratio or use --allocate spectrum")

@@ -138,12 +138,15 @@ def compress(
     batch_size: int = 4,
     fisher_windows: int = DEFAULT_FISHER_WINDOWS,
     progress: bool = True,
+    allocate_options: dict | None = None,
 ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` IN PLACE; returns ``(model, report)``.
 
     ``ratio``: fraction of the targeted weight parameters removed. ``calib``: None (default
     corpus; needs ``tokenizer``), text, list of texts, 1-D token ids or (n, L) windows.
     ``fwsvd`` takes the Fisher of the dense model on the first ``fisher_windows`` windows.
+    ``allocate_options``: extra allocator context (``min_rank``, ``speed_aware``, ``speed_profile``,
+    ``sensitivity_*``; see :mod:`rankwise.compress.allocate`).
     """
     t0 = time.perf_counter()
     meth = get_method(method)
@@ -180,8 +183,10 @@ def compress(
     if alloc.needs_factorizations:
         for name in tqdm(names, desc="factorize", disable=not progress, leave=False):
             facs[name] = meth.factorize(linear_weight(layers[name]).detach().float(), layer_stats(name, dense_stats))
-    context = {"model": model, "windows": windows, "method": meth, "refit": refit, "tokenizer": tokenizer}
-    plan = alloc.fn(AllocationRequest(ratio, shapes, facs, context))
+    context = {"model": model, "windows": windows, "method": meth, "refit": refit, "tokenizer": tokenizer,
+               "progress": progress, **(allocate_options or {})}
+    request = AllocationRequest(ratio, shapes, facs, context)
+    plan = alloc.fn(request)
     check_plan(shapes, plan)
 
     comp = _Compressor(model, meth, plan, refit, shapes)
@@ -247,5 +252,6 @@ def compress(
         model_params_before=model_before,
         model_params_after=count_parameters(model),
         seconds=time.perf_counter() - t0,
+        allocation=request.info or None,
     )
     return model, report

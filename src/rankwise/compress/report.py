@@ -30,6 +30,7 @@ class CompressionReport:
     model_params_after: int = 0
     seconds: float = 0.0
     perplexity: dict[str, Any] | None = None
+    allocation: dict[str, Any] | None = None  # allocator decisions: speed caps, dense reasons, tables
 
     @property
     def ranks(self) -> dict[str, int | None]:

@@ -1,0 +1,115 @@
+"""Glue between an :class:`~rankwise.compress.allocate.AllocationRequest` and the pure allocators:
+speed caps from the measured speed model, the sensitivity loss callback, and dense reasons."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import ConfigError
+from ..models.surgery import linear_weight
+from ..structures.lowrank import max_saving_rank
+from .allocators_global import LayerLoss, allocate_sensitivity
+
+if TYPE_CHECKING:
+    from .allocate import AllocationRequest
+
+#: Defaults of the sensitivity measurement: windows x tokens per loss, candidate ranks per layer.
+SENSITIVITY_WINDOWS = 2
+SENSITIVITY_SEQLEN = 256
+SENSITIVITY_POINTS = 3
+
+
+def speed_caps_for(req: "AllocationRequest") -> dict[str, int] | None:
+    """``{layer: break-even rank}`` when ``context['speed_aware']``, else ``None`` (measured once, cached)."""
+    if not req.context.get("speed_aware"):
+        return None
+    if "speed" in req.info:
+        return req.info["speed"]["caps"]
+    from .speed import REGIMES, load_speed_profile
+
+    model = req.context.get("model")
+    p = next(model.parameters()) if model is not None else torch.zeros(())
+    profile = load_speed_profile(list(req.shapes.values()), p.device, p.dtype,
+                                 profile_file=req.context.get("speed_profile"))
+    caps = {name: profile.cap(m, n) for name, (m, n) in req.shapes.items()}
+    req.info["speed"] = {"fingerprint": profile.fingerprint, "regimes": dict(REGIMES),
+                         "break_even": profile.break_even, "caps": caps}
+    return caps
+
+
+def _record_dense(req: "AllocationRequest", plan: dict) -> None:
+    """``info['dense'] = {layer: why it stays dense}``."""
+    min_rank = int(req.context.get("min_rank", 1))
+    caps = (req.info.get("speed") or {}).get("caps", {})
+    why = {}
+    for name, k in plan.items():
+        if k is not None:
+            continue
+        m, n = req.shapes[name]
+        if max_saving_rank(m, n) < min_rank:
+            why[name] = f"no rank >= min rank {min_rank} saves parameters"
+        elif name in caps and caps[name] < min_rank:
+            why[name] = f"factorized form not faster than dense (break-even rank {caps[name]})"
+        else:
+            why[name] = "allocator: keeping it dense was cheapest per parameter"
+    req.info["dense"] = why
+
+
+def make_layer_loss(model, windows: torch.Tensor, factorizations) -> tuple[LayerLoss, float]:
+    """``(loss(name, k), base_loss)``: mean next-token NLL on ``windows`` with only layer ``name``
+    replaced by its rank-``k`` truncation ``fac.dense(k)`` (restored afterwards)."""
+    from ..evaluate.perplexity import window_nll
+
+    def mean_nll() -> float:
+        total, count = window_nll(model, windows, batch_size=max(1, windows.shape[0]))
+        return total / count
+
+    @torch.no_grad()
+    def loss(name: str, k: int) -> float:
+        W = linear_weight(model.get_submodule(name))
+        saved = W.detach().clone()
+        try:
+            W.copy_(factorizations[name].dense(k).to(W.dtype))
+            return mean_nll()
+        finally:
+            W.copy_(saved)
+
+    with torch.no_grad():
+        base = mean_nll()
+    return loss, base
+
+
+def allocate_sensitivity_request(req: "AllocationRequest", caps: dict[str, int] | None) -> dict:
+    """Run :func:`allocate_sensitivity` with the pipeline's model and calibration windows.
+
+    A ``context['layer_loss']`` callable (with ``context['base_loss']``) replaces the measurement,
+    e.g. a memoized one shared by several runs.
+    """
+    ctx = req.context
+    t0 = time.perf_counter()
+    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    if ctx.get("layer_loss") is not None:
+        loss, base = ctx["layer_loss"], float(ctx["base_loss"])
+    else:
+        model, windows = ctx.get("model"), ctx.get("windows")
+        if model is None or windows is None:
+            raise ConfigError("the sensitivity allocator needs the model and calibration windows")
+        nw = int(ctx.get("sensitivity_windows", SENSITIVITY_WINDOWS))
+        sl = int(ctx.get("sensitivity_seqlen", SENSITIVITY_SEQLEN))
+        loss, base = make_layer_loss(model, windows[:nw, :sl], req.factorizations)
+    calls = [0]
+
+    def counted(name: str, k: int) -> float:
+        calls[0] += 1
+        return loss(name, k)
+
+    plan, table = allocate_sensitivity(req.ratio, req.shapes, spectra, counted, base,
+                                       int(ctx.get("min_rank", 1)), caps,
+                                       int(ctx.get("sensitivity_points", SENSITIVITY_POINTS)),
+                                       progress=bool(ctx.get("progress", False)))
+    req.info["sensitivity"] = {"base_loss": base, "loss_evaluations": calls[0],
+                               "seconds": time.perf_counter() - t0,
+                               "table": {n: {str(k): v for k, v in t.items()} for n, t in table.items()}}
+    return plan
