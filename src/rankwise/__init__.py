@@ -24,6 +24,7 @@ _LAZY = {
     "compress": ("rankwise.compress.api", "compress"),
     "load": ("rankwise.compress.api", "load"),
     "analyze": ("rankwise.analyze.run", "analyze"),
+    "adapt": ("rankwise.adapt.attach", "adapt"),
 }
 
 

@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 #: Modules under rankwise.commands that add commands to the app.
-COMMAND_MODULES = ["models", "eval", "demo", "compress", "analyze"]
+COMMAND_MODULES = ["models", "eval", "demo", "compress", "analyze", "adapt"]
 
 for _name in COMMAND_MODULES:
     importlib.import_module(f"rankwise.commands.{_name}").register(app)

@@ -22,6 +22,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -111,12 +112,17 @@ def _model_without_adapters(model: nn.Module) -> nn.Module:
 
 
 def save_peft(model: nn.Module, out: str | os.PathLike, form: str = "original", tokenizer=None,
-              overwrite: bool = False) -> Path:
-    """Write a PEFT LoRA adapter directory that ``PeftModel.from_pretrained(base, out)`` loads."""
+              overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a PEFT LoRA adapter directory that ``PeftModel.from_pretrained(base, out)`` loads.
+
+    ``extra(tmp_dir)`` may add files (training logs) inside the atomic output directory.
+    """
     from safetensors.torch import save_file
 
     tensors, config = peft_state(model, form)
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        if extra is not None:
+            extra(tmp)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         if form == "residual" and _meta(model)["residual"]:
@@ -139,7 +145,7 @@ def _layer_meta(a: AdapterLayer) -> dict:
 
 
 def save_rankwise(model: nn.Module, out: str | os.PathLike, overwrite: bool = False,
-                  extra: dict | None = None) -> Path:
+                  extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``adapt.json`` + ``adapter.safetensors`` (any init); :func:`load_rankwise` reverses it."""
     from safetensors.torch import save_file
 
@@ -152,9 +158,10 @@ def save_rankwise(model: nn.Module, out: str | os.PathLike, overwrite: bool = Fa
         if meta["residual"]:
             for k, v in a.init_state.items():
                 tensors[f"init.{name}.{k}"] = v.float().contiguous().cpu()
-    config = {"format": FORMAT, "version": 1, **meta, "layers": {n: _layer_meta(a) for n, a in layers.items()},
-              **(extra or {})}
+    config = {"format": FORMAT, "version": 1, **meta, "layers": {n: _layer_meta(a) for n, a in layers.items()}}
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        if extra is not None:
+            extra(tmp)
         save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"format": "pt"})
         (tmp / "adapt.json").write_text(json.dumps(config, indent=2, default=str))
     return Path(out)
@@ -226,15 +233,24 @@ def load_rankwise(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def save_merged(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
-    """Fold the adapters into the weights of a copy of ``model`` and save a plain transformers checkpoint."""
-    if any(isinstance(a.base, LowRankLinear) for a in adapter_layers(model).values()):
-        raise ConfigError("merging adapters into a compressed (LowRankLinear) model does not give a plain "
-                          "transformers checkpoint; save the adapter in rankwise's format instead")
+def save_merged(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+                extra: Callable[[Path], None] | None = None) -> Path:
+    """Fold the adapters into the weights of a copy of ``model`` and save it: a plain transformers
+    checkpoint, or for a compressed model a rankwise compressed checkpoint with rank-(k + r) layers
+    (``rankwise.load_model`` reads both)."""
     merged = merge_and_unload(copy.deepcopy(model))
     for p in merged.parameters():
         p.requires_grad_(True)
+    if any(isinstance(m, LowRankLinear) for m in merged.modules()):
+        from ..compress.saving import save_compressed
+
+        save_compressed(merged, tokenizer, out, overwrite=overwrite, extra={"healed": True})
+        if extra is not None:
+            extra(Path(out))
+        return Path(out)
     with atomic_dir(out, overwrite=overwrite) as tmp:
+        if extra is not None:
+            extra(tmp)
         merged.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

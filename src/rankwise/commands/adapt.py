@@ -1,0 +1,125 @@
+"""``rankwise adapt``: attach initialized low-rank adapters, train them, save them (PEFT or rankwise format)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import ModelArg, QuietOpt, TextFileOpt, console, setup, table
+
+
+def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_size, seqlen, grad_accum, warmup,
+              eval_every, eval_windows, text_file, calib_windows, seed, svd, bf16, out, fmt, peft_form, merge,
+              overwrite, quiet):
+    import torch
+
+    from ..adapt.attach import adapt, count_trainable
+    from ..adapt.inits import get_init
+    from ..adapt.saving import PEFT_INITS, save_merged, save_peft, save_rankwise
+    from ..adapt.train import TrainConfig, plot_losses, train
+    from ..calibration.corpus import load_corpus
+    from ..calibration.sampling import calib_windows as sample_windows, check_seqlen, tokenize
+    from ..errors import ConfigError, OutputExistsError
+    from ..models.loading import load_model
+    from ..structures.lowrank import LowRankLinear
+
+    spec = get_init(init)  # unknown init -> error listing the valid ones, before any loading
+    if fmt not in ("auto", "peft", "rankwise"):
+        raise ConfigError(f"unknown --format {fmt!r}; use auto, peft or rankwise")
+    if Path(out).exists() and not overwrite:
+        raise OutputExistsError(f"output directory {out} already exists; choose another --out or pass --overwrite")
+    model, tok, path = load_model(model_arg)
+    check_seqlen(model, seqlen)
+    train_ids = tokenize(tok, load_corpus("calib", text_file))
+    test_ids = tokenize(tok, load_corpus("test"))
+    n = steps * batch_size * grad_accum
+    windows = sample_windows(train_ids, n=n, seqlen=seqlen, seed=seed)
+    calib = sample_windows(train_ids, n=calib_windows, seqlen=seqlen, seed=seed + 1) if spec.needs != "none" else None
+    adapt(model, init, rank=rank, alpha=alpha, targets=targets, calib=calib, rslora=rslora, seed=seed, svd=svd,
+          progress=not quiet)
+    model._rankwise_adapt["base_model"] = str(path)
+    compressed = any(isinstance(m, LowRankLinear) for m in model.modules())
+    if fmt == "auto":
+        fmt = "peft" if init in PEFT_INITS and not compressed else "rankwise"
+    if fmt == "peft" and not merge:
+        from ..adapt.saving import peft_state
+
+        peft_state(model, peft_form)  # fail before training when PEFT cannot represent the result
+    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,
+                      eval_every=eval_every, eval_windows=eval_windows, eval_seqlen=min(seqlen * 2, 512),
+                      bf16=bf16, seed=seed)
+    if bf16:
+        model.to(torch.bfloat16)
+        for a in model.modules():
+            if hasattr(a, "adapter_state"):
+                for p in a.parameters(recurse=False):
+                    p.data = p.data.float()
+                for name, b in list(a.named_buffers(recurse=False)):
+                    setattr(a, name, b.float())
+    res = train(model, windows, cfg, eval_ids=test_ids, progress=not quiet)
+    log = {"model": str(path), "init": init, "rank": rank, "alpha": alpha, "rslora": rslora, "format": fmt,
+           "merged": merge, "trainable_params": count_trainable(model), "config": cfg.__dict__, **res.to_dict()}
+
+    def extra(d: Path) -> None:
+        (d / "train_log.json").write_text(json.dumps(log, indent=2, default=str))
+        plot_losses({init: res.losses}, d / "loss.png", title=f"rankwise adapt: {init}, rank {rank}")
+
+    if merge:
+        save_merged(model, out, tok, overwrite=overwrite, extra=extra)
+    elif fmt == "peft":
+        save_peft(model, out, form=peft_form, tokenizer=tok, overwrite=overwrite, extra=extra)
+    else:
+        save_rankwise(model, out, overwrite=overwrite, extra=extra)
+    return log, res
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("adapt")
+    def adapt_cmd(
+        model: Optional[str] = ModelArg,
+        init: str = typer.Option("pissa", help="Initialization: lora, pissa, milora, olora, eva, lora-ga, lora-sb, "
+                                               "nlora, nlora-inttune, loldu, salt, singlora."),
+        rank: int = typer.Option(16, help="Adapter rank r (EVA: average rank; budget r x layers)."),
+        alpha: Optional[float] = typer.Option(None, help="LoRA alpha; scaling = alpha / r (default alpha = r)."),
+        rslora: bool = typer.Option(False, "--rslora", help="Scaling alpha / sqrt(r)."),
+        targets: Optional[str] = typer.Option(None, help="Comma-separated layer names or regexes (default: all "
+                                                         "attention and MLP projections)."),
+        steps: int = typer.Option(100, help="Optimizer steps."),
+        lr: float = typer.Option(2e-4, help="Peak learning rate (AdamW)."),
+        batch_size: int = typer.Option(2, help="Windows per micro-batch."),
+        seqlen: int = typer.Option(256, help="Tokens per training window."),
+        grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+        warmup: int = typer.Option(10, help="Linear warmup steps (then cosine decay)."),
+        eval_every: int = typer.Option(0, help="Evaluate test perplexity every K steps (0: only at the end)."),
+        eval_windows: int = typer.Option(4, help="Test windows per evaluation."),
+        text_file: Optional[Path] = TextFileOpt,
+        calib_windows: int = typer.Option(8, help="Calibration windows for eva / lora-ga / lora-sb."),
+        seed: int = typer.Option(0, help="Seed for windows, batch order and random inits."),
+        svd: str = typer.Option("exact", help="SVD for pissa / salt: exact or randomized."),
+        bf16: bool = typer.Option(False, "--bf16", help="Base model in bfloat16 (adapters stay float32)."),
+        out: Path = typer.Option(..., "--out", help="Output directory."),
+        fmt: str = typer.Option("auto", "--format", help="auto (PEFT when possible), peft or rankwise."),
+        peft_form: str = typer.Option("original", help="PiSSA-like inits: 'original' (converted LoRA of rank 2r on "
+                                                       "the unmodified base) or 'residual' (+ residual_base/)."),
+        merge: bool = typer.Option(False, "--merge", help="Save the merged dense checkpoint instead of the adapter."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Attach low-rank adapters initialized from the spectrum / activations / gradients, train, save."""
+        setup(quiet)
+        log, res = run_adapt(model, init, rank, alpha, rslora, targets, steps, lr, batch_size, seqlen, grad_accum,
+                             warmup, eval_every, eval_windows, text_file, calib_windows, seed, svd, bf16, out, fmt,
+                             peft_form, merge, overwrite, quiet)
+        ppl = res.evals[-1]["ppl"] if res.evals else None
+        table("rankwise adapt", ["init", "rank", "trainable params", "steps", "first loss", "last loss",
+                                 "test ppl", "s/step", "saved as"],
+              [[log["init"], log["rank"], log["trainable_params"], len(res.losses),
+                res.losses[0] if res.losses else "-", res.losses[-1] if res.losses else "-",
+                ppl if ppl is not None else "-", res.seconds_per_step,
+                "merged checkpoint" if log["merged"] else log["format"]]])
+        if res.stopped_on_nan:
+            console.print(f"[yellow]training stopped at step {res.nan_step}: non-finite loss; the saved adapter is "
+                          "the last state with a finite loss[/]")
+        console.print(f"wrote {out}")
