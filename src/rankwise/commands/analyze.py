@@ -1,0 +1,99 @@
+"""``rankwise analyze``: per-layer spectral diagnostics (thin over ``rankwise.analyze``)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..calibration.sampling import DEFAULT_SEED
+from ._common import ModelArg, QuietOpt, TextFileOpt, console, err_console, setup, table
+
+
+def _calib_windows(model, tok, text_file, n, seqlen, seed):
+    from ..calibration.corpus import load_corpus
+    from ..calibration.sampling import calib_windows, check_seqlen, tokenize
+
+    check_seqlen(model, seqlen)
+    return calib_windows(tokenize(tok, load_corpus("calib", text_file)), n, seqlen, seed)
+
+
+def _cols(result) -> list[tuple[str, str]]:
+    keys = {k for r in result.layers for k in r}
+    cols = [("name", "layer"), ("shape", "shape"), ("alpha", "alpha"), ("farms_alpha", "FARMS alpha"),
+            ("stable_rank", "stable rank"), ("effective_rank", "eff. rank"), ("rank90", "r90%"),
+            ("w_rank90", "whitened r90%"), ("intruders", "intruders"), ("relative_change", "rel. change")]
+    return [(k, h) for k, h in cols if k in keys]
+
+
+def _cell(r: dict, k: str):
+    v = r.get(k)
+    if k == "shape":
+        return "x".join(map(str, v))
+    if v is None and k == "alpha":
+        return "missing"
+    return "" if v is None else v
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("analyze")
+    def analyze_cmd(
+        model: Optional[str] = ModelArg,
+        layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated names or regexes of the layers "
+                                             "to analyze (default: every linear layer but embeddings/LM head)."),
+        compare: Optional[str] = typer.Option(None, "--compare", help="Base model to compare MODEL (the tuned one) "
+                                              "with: intruder dimensions, relative change."),
+        calib: bool = typer.Option(False, "--calib", help="Also the activation-aware (whitened) spectrum, from "
+                                   "calibration windows of the default corpus or --text-file."),
+        text_file: Optional[Path] = TextFileOpt,
+        calib_windows: int = typer.Option(64, help="Calibration windows (with --calib)."),
+        calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
+        seed: int = typer.Option(DEFAULT_SEED, help="Seed for calibration windows and FARMS random sampling."),
+        metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metrics (default: spectrum,"
+                                              "powerlaw,farms [+whitened] [+intruders])."),
+        intruder_k: int = typer.Option(10, help="Top-k tuned singular vectors checked for intruders."),
+        intruder_eps: float = typer.Option(0.5, help="Intruder threshold on max |cosine similarity|."),
+        farms_sampling: str = typer.Option("grid", help="FARMS windows: 'grid' (paper) or 'random' (seeded)."),
+        device: Optional[str] = typer.Option(None, help="Device for the spectra (e.g. cuda); default: model's."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write {layers, summary} as JSON."),
+        csv_out: Optional[Path] = typer.Option(None, "--csv", help="Write one row per layer as CSV."),
+        report: Optional[Path] = typer.Option(None, "--report", help="Write an HTML report with PNG plots to DIR."),
+        overwrite: bool = typer.Option(False, help="Replace an existing --report directory."),
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Singular values, stable/effective rank, energy ranks, power-law alpha (WeightWatcher-compatible),
+        FARMS alpha, whitened spectrum (--calib) and intruder dimensions (--compare), per layer."""
+        setup(quiet)
+        from ..analyze.run import analyze
+        from ..models.loading import load_model
+
+        m, tok, path = load_model(model)
+        base = load_model(compare)[0] if compare else None
+        windows = _calib_windows(m, tok, text_file, calib_windows, calib_seqlen, seed) if calib else None
+        res = analyze(m, layers=layers, metrics=metrics, compare=base, calib=windows, intruder_k=intruder_k,
+                      intruder_eps=intruder_eps, farms_sampling=farms_sampling, seed=seed, device=device,
+                      progress=not quiet)
+        cols = _cols(res)
+        if not quiet:
+            table(f"analyze {path}", [h for _, h in cols], [[_cell(r, k) for k, _ in cols] for r in res.layers])
+        s = res.summary
+        a = s.get("alpha")
+        line = f"{s['layers']} layers"
+        if a:
+            line += f"; alpha mean {a['mean']:.3g} (median {a['median']:.3g}), {s['alpha_in_2_6']:.0%} in [2, 6]"
+        if "intruders_total" in s:
+            line += f"; {s['intruders_total']} intruder dimensions"
+        console.print(line)
+        for sk in res.skipped:
+            err_console.print(f"[yellow]skipped[/] {sk['name']}: {sk['reason']}")
+        if json_out:
+            res.write_json(json_out)
+            console.print(f"wrote {json_out}")
+        if csv_out:
+            res.write_csv(csv_out)
+            console.print(f"wrote {csv_out}")
+        if report:
+            from ..analyze.report import write_report
+
+            write_report(res, report, title=f"rankwise analyze {path}", overwrite=overwrite)
+            console.print(f"wrote {report / 'index.html'}")

@@ -1,0 +1,61 @@
+"""FARMS windows, pooled ESD, determinism and the aspect-ratio invariance it exists for."""
+import numpy as np
+import pytest
+import torch
+
+from rankwise.analyze.farms import farms_eigenvalues, farms_fit, farms_windows
+from rankwise.analyze.powerlaw import fit_power_law
+from rankwise.linalg.spectrum import singular_values
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CI box is small and shared: batched tiny eigenproblems run far faster on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def test_grid_windows_follow_the_paper():
+    wins = farms_windows((576, 1536))
+    assert len(wins) == 100 and {(h, w) for _, _, h, w in wins} == {(100, 200)}
+    rows = sorted({r for r, _, _, _ in wins})
+    cols = sorted({c for _, c, _, _ in wins})
+    assert rows == [min(i * 52, 476) for i in range(10)]          # step (576-100)//9 = 52
+    assert cols == [min(i * 148, 1336) for i in range(10)]        # step (1536-200)//9 = 148
+    tall = farms_windows((1536, 576))
+    assert {(h, w) for _, _, h, w in tall} == {(200, 100)}
+    assert all(r + h <= 1536 and c + w <= 576 for r, c, h, w in tall)
+    small = farms_windows((30, 50))                                # smaller than one window
+    assert {(h, w) for _, _, h, w in small} == {(25, 50)}
+
+
+def test_pooled_esd_is_the_union_of_window_spectra():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(150, 260, generator=g, dtype=torch.float64)
+    ev = farms_eigenvalues(w, rows=40, per_dim=3)
+    ref = np.sort(np.concatenate([np.linalg.svd(w[r:r + h, c:c + k].numpy(), compute_uv=False) ** 2
+                                  for r, c, h, k in farms_windows((150, 260), rows=40, per_dim=3)]))
+    np.testing.assert_allclose(ev.numpy(), ref, rtol=1e-9)
+
+
+def test_random_sampling_is_seeded():
+    a = farms_windows((576, 1536), sampling="random", seed=1)
+    assert a == farms_windows((576, 1536), sampling="random", seed=1)
+    assert a != farms_windows((576, 1536), sampling="random", seed=2)
+    w = torch.randn(300, 500, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert farms_fit(w, sampling="random", seed=3).alpha == farms_fit(w, sampling="random", seed=3).alpha
+    assert farms_fit(w).alpha == farms_fit(w).alpha
+
+
+def test_removes_aspect_ratio_bias_on_random_matrices():
+    """Gaussian matrices of different aspect ratios: the plain alpha moves with the shape, FARMS does not."""
+    g = torch.Generator().manual_seed(0)
+    plain, farms = [], []
+    for shape in [(200, 800), (800, 800), (1000, 250)]:
+        w = torch.randn(*shape, generator=g, dtype=torch.float64)
+        plain.append(fit_power_law((singular_values(w) ** 2).numpy(), xmin="mid").alpha)
+        farms.append(farms_fit(w).alpha)
+    assert max(plain) - min(plain) > 1.0
+    assert max(farms) - min(farms) < 0.05
