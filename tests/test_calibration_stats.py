@@ -158,3 +158,33 @@ def test_gradient_finite_difference():
     with torch.no_grad():
         W[i, j] += eps
     assert abs((lp - lm) / (2 * eps) - g[i, j].item()) < 1e-5 * abs(g[i, j].item())
+
+
+# ---- real model --------------------------------------------------------------------------------
+
+@pytest.mark.integration
+def test_real_model_stats_drive_whitened_svd(real_model, real_calib_ids):
+    """On SmolLM2: the hooks see real activations; whitening by their covariance gives the predicted
+    activation error, and (for q_proj, whose 576 inputs are fewer than the 1024 fitting tokens) beats
+    plain SVD on held-out windows. down_proj's 1536 inputs exceed the tokens: C is singular, damped."""
+    from rankwise.calibration.sampling import calib_windows
+    from rankwise.linalg import activation_error, plain_svd, whitened_svd
+
+    model = real_model[0]
+    names = ["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj"]
+    win = calib_windows(real_calib_ids, n=12, seqlen=128, seed=0)
+    fit = collect_input_stats(model, win[:8], names, batch_size=4)
+    held = collect_input_stats(model, win[8:], names, batch_size=4)
+    for n in names:
+        st = fit[n]
+        W = linear_weight(model.get_submodule(n)).detach()
+        assert st.n == 8 * 128 and st.cov.shape == (W.shape[1], W.shape[1])
+        torch.testing.assert_close(torch.diagonal(st.cov), st.sq_sum)
+        k = min(W.shape) // 4
+        fw, fp = whitened_svd(W, st.cov, kind="cholesky"), plain_svd(W)
+        assert (fw.info["damping"] > 0) == (W.shape[1] > st.n)
+        Ww, Wp = fw.dense(k), fp.dense(k)
+        assert activation_error(W, Ww, st.cov) == pytest.approx(fw.error(k), rel=1e-3)
+        assert fw.error(k) < activation_error(W, Wp, st.cov)
+        if n.endswith("q_proj"):
+            assert activation_error(W, Ww, held[n].cov) < 0.8 * activation_error(W, Wp, held[n].cov)

@@ -57,3 +57,20 @@ def test_refit_bad_shapes():
         refit_left(torch.randn(4, 5), torch.randn(2, 6), torch.eye(5))
     with pytest.raises(ConfigError):
         refit_left(torch.randn(4, 5), torch.randn(2, 5), torch.eye(4))
+
+
+def test_linalg_modules_have_no_model_knowledge():
+    """Design rule: the math layer imports neither nn.Module code nor model/calibration code."""
+    import ast
+    import pathlib
+
+    import rankwise.linalg as pkg
+
+    root = pathlib.Path(pkg.__file__).parent
+    for name in ("__init__", "_checks", "svd", "whitening", "factorization", "refit"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        mods = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not any(m.startswith(("torch.nn", "transformers")) or m.split(".")[0] in ("models", "calibration")
+                       for m in mods), (name, mods)
+        assert "nn.Module" not in (root / f"{name}.py").read_text()
