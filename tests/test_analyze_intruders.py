@@ -5,6 +5,15 @@ import torch
 
 from rankwise.analyze.intruders import intruder_dimensions, update_stats
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The CI box is small and shared: small decompositions run far faster on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 
 def _base(out=96, inp=160, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -1,1 +1,7 @@
-"""rankwise.analyze"""
+"""rankwise.analyze: per-layer spectral diagnostics.
+
+``run.analyze`` (also ``rankwise.analyze``) drives the metric registry in ``metrics``:
+``powerlaw`` (WeightWatcher-compatible alpha), ``farms`` (aspect-ratio-free alpha),
+``intruders`` (base vs tuned), with the plain and whitened spectra from ``linalg.spectrum``;
+``report`` renders the HTML/PNG report.
+"""

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..calibration.sampling import DEFAULT_SEED
-from ._common import ModelArg, QuietOpt, TextFileOpt, console, err_console, setup, table
+from ._common import ModelArg, QuietOpt, TextFileOpt, console, err_console, setup
 
 
 def _calib_windows(model, tok, text_file, n, seqlen, seed):
@@ -33,6 +33,26 @@ def _cell(r: dict, k: str):
     if v is None and k == "alpha":
         return "missing"
     return "" if v is None else v
+
+
+def _print_table(res, title: str) -> None:
+    """Rich table, one row per layer; names lose their common prefix (e.g. ``model.layers.``) and never wrap."""
+    import os
+
+    from rich.table import Table
+
+    from ._common import fmt
+
+    cols = _cols(res)
+    names = [r["name"] for r in res.layers]
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = prefix[: prefix.rfind(".") + 1]
+    t = Table(title=title + (f"  ({prefix}*)" if prefix else ""), header_style="bold")
+    for k, h in cols:
+        t.add_column(h, no_wrap=k == "name", justify="left" if k in ("name", "shape") else "right")
+    for r in res.layers:
+        t.add_row(*[(r["name"][len(prefix):] if k == "name" else fmt(_cell(r, k))) for k, _ in cols])
+    console.print(t)
 
 
 def register(app: typer.Typer) -> None:
@@ -73,9 +93,8 @@ def register(app: typer.Typer) -> None:
         res = analyze(m, layers=layers, metrics=metrics, compare=base, calib=windows, intruder_k=intruder_k,
                       intruder_eps=intruder_eps, farms_sampling=farms_sampling, seed=seed, device=device,
                       progress=not quiet)
-        cols = _cols(res)
         if not quiet:
-            table(f"analyze {path}", [h for _, h in cols], [[_cell(r, k) for k, _ in cols] for r in res.layers])
+            _print_table(res, f"analyze {path}")
         s = res.summary
         a = s.get("alpha")
         line = f"{s['layers']} layers"
