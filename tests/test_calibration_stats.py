@@ -28,11 +28,19 @@ def _captured_inputs(model, names, windows, batch_size):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_input_stats_match_brute_force(arch):
+def test_input_stats_match_brute_force(arch, monkeypatch):
+    import rankwise.calibration.stats as mod
+
+    calls = []
+    real = mod.batch_sums
+    monkeypatch.setattr(mod, "batch_sums", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tiny_model(arch)
     names = list(find_linears(model))
     win = _windows()
     stats = collect_input_stats(model, win, names, batch_size=2)
+    # llama: q/k/v share one input and gate/up another, so 4 distinct inputs per block per batch
+    per_block = {"llama": 4, "gpt2": 4}[arch]
+    assert len(calls) == 2 * per_block * 2  # blocks x inputs x batches
     ref = _captured_inputs(model, names, win, 2)
     assert list(stats) == names
     for n in names:
@@ -77,6 +85,24 @@ def test_accumulator_without_cov_and_removal_on_error():
             raise RuntimeError("boom")
     assert acc.stats[names[0]].cov is None and acc.stats[names[0]].n == 8
     assert all(not m._forward_pre_hooks for m in mods.values())
+
+
+def test_shared_input_sums_reused_but_not_after_inplace_change():
+    """q/k/v-style layers reading one tensor share its sums; an in-place edit in between is seen."""
+    from torch import nn
+
+    a, b, c = nn.Linear(3, 2), nn.Linear(3, 2), nn.Linear(3, 2)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    with StatsAccumulator({"a": a, "b": b, "c": c}) as acc:
+        a(x)
+        b(x)
+        x.mul_(2.0)  # bumps the version counter
+        c(x)
+    X = x.double() / 2
+    torch.testing.assert_close(acc.stats["a"].cov, X.T @ X)
+    torch.testing.assert_close(acc.stats["b"].cov, X.T @ X)
+    torch.testing.assert_close(acc.stats["c"].cov, 4 * X.T @ X)
+    assert acc.stats["a"].cov is not acc.stats["b"].cov and acc._last is None
 
 
 def test_nonfinite_activation_names_layer():

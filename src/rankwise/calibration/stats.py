@@ -20,6 +20,18 @@ from tqdm.auto import tqdm
 from ..errors import ConfigError, NumericalError
 
 
+BatchSums = tuple  # (cov | None, abs_sum, sq_sum, n) of one batch
+
+
+def batch_sums(x: torch.Tensor, in_features: int, cov: bool = True,
+               device: torch.device | str | None = None) -> BatchSums:
+    """``(sum_t x_t x_t^T | None, sum_t |x_t|, sum_t x_t^2, tokens)`` of a batch ``x (..., in)``, float64."""
+    if x.shape[-1] != in_features:
+        raise ConfigError(f"input has {x.shape[-1]} features, statistics expect {in_features}")
+    x = x.detach().reshape(-1, x.shape[-1]).to(device=device or x.device, dtype=torch.float64)
+    return (x.T @ x if cov else None), x.abs().sum(0), (x * x).sum(0), int(x.shape[0])
+
+
 @dataclass
 class InputStats:
     """Sums over the ``n`` input vectors a layer saw; see the module docstring.
@@ -43,14 +55,18 @@ class InputStats:
 
     def add_(self, x: torch.Tensor) -> "InputStats":
         """Accumulate a batch of inputs ``x`` of shape (..., in) (in place; returns self)."""
-        if x.shape[-1] != self.in_features:
-            raise ConfigError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.abs_sum.device, dtype=torch.float64)
+        return self.add_sums(batch_sums(x, self.in_features, self.cov is not None, self.abs_sum.device))
+
+    def add_sums(self, sums: "BatchSums") -> "InputStats":
+        """Add precomputed :func:`batch_sums` (lets layers that read the same tensor share the work)."""
+        cov, abs_sum, sq_sum, n = sums
         if self.cov is not None:
-            self.cov.addmm_(x.T, x)
-        self.abs_sum.add_(x.abs().sum(0))
-        self.sq_sum.add_((x * x).sum(0))
-        self.n += int(x.shape[0])
+            if cov is None:
+                raise ConfigError("these statistics need the covariance but the batch sums lack it")
+            self.cov.add_(cov)
+        self.abs_sum.add_(abs_sum)
+        self.sq_sum.add_(sq_sum)
+        self.n += n
         return self
 
     def merge(self, other: "InputStats") -> "InputStats":
@@ -105,7 +121,8 @@ class StatsAccumulator:
     >>> acc.stats["l"].cov
 
     Hooks are removed on exit (also on error). Non-finite inputs raise :class:`NumericalError`
-    naming the layer. ``cov=False`` skips the (in, in) covariance (ASVD needs only ``abs_sum``).
+    naming the layer. Layers called one after another on the very same (unmodified) tensor, as
+    q/k/v and gate/up are, share one computation of the batch sums. ``cov=False`` skips the (in, in) covariance (ASVD needs only ``abs_sum``).
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], cov: bool = True,
@@ -115,20 +132,28 @@ class StatsAccumulator:
         self.device = device
         self.stats: dict[str, InputStats] = {}
         self._handles: list = []
+        self._last: tuple | None = None
 
     def _hook(self, name: str):
         def hook(module, args, kwargs):
             x = _first_tensor(args, kwargs)
-            if not bool(torch.isfinite(x).all()):
-                raise NumericalError(
-                    f"non-finite activations (nan/inf) entering layer {name!r} during calibration; "
-                    "check the model weights or run in float32"
-                )
             st = self.stats.get(name)
             if st is None:
                 st = InputStats.zeros(x.shape[-1], device=self.device or x.device, cov=self.cov)
                 self.stats[name] = st
-            st.add_(x)
+            last = self._last
+            if last is not None and last[0] is x and last[1] == x._version and last[2] == st.abs_sum.device:
+                sums = last[3]  # q/k/v (gate/up) read the very same tensor: reuse its sums
+            else:
+                if not bool(torch.isfinite(x).all()):
+                    raise NumericalError(
+                        f"non-finite activations (nan/inf) entering layer {name!r} during calibration; "
+                        "check the model weights or run in float32"
+                    )
+                sums = batch_sums(x, st.in_features, self.cov, st.abs_sum.device)
+                # holding x keeps its memory from being reused, so identity + version is a safe key
+                self._last = (x, x._version, st.abs_sum.device, sums)
+            st.add_sums(sums)
         return hook
 
     def __enter__(self) -> "StatsAccumulator":
@@ -140,6 +165,7 @@ class StatsAccumulator:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._last = None
 
     def __exit__(self, *exc) -> None:
         self.remove()
