@@ -84,8 +84,9 @@ def make_layer_loss(model, windows: torch.Tensor, factorizations) -> tuple[Layer
 def allocate_sensitivity_request(req: "AllocationRequest", caps: dict[str, int] | None) -> dict:
     """Run :func:`allocate_sensitivity` with the pipeline's model and calibration windows.
 
-    A ``context['layer_loss']`` callable (with ``context['base_loss']``) replaces the measurement,
-    e.g. a memoized one shared by several runs.
+    A ``context['layer_loss']`` callable (with ``context['base_loss']``) replaces the measurement;
+    a ``context['sensitivity_cache']`` dict memoizes it across runs on the same model and windows
+    (e.g. one benchmark at several ratios).
     """
     ctx = req.context
     t0 = time.perf_counter()
@@ -100,10 +101,18 @@ def allocate_sensitivity_request(req: "AllocationRequest", caps: dict[str, int] 
         sl = int(ctx.get("sensitivity_seqlen", SENSITIVITY_SEQLEN))
         loss, base = make_layer_loss(model, windows[:nw, :sl], req.factorizations)
     calls = [0]
+    cache = ctx.get("sensitivity_cache")  # dict shared by runs on the same model + windows
+    if cache is not None:
+        base = cache.setdefault("base", base)
 
     def counted(name: str, k: int) -> float:
+        if cache is not None and (name, k) in cache:
+            return cache[(name, k)]
         calls[0] += 1
-        return loss(name, k)
+        v = loss(name, k)
+        if cache is not None:
+            cache[(name, k)] = v
+        return v
 
     plan, table = allocate_sensitivity(req.ratio, req.shapes, spectra, counted, base,
                                        int(ctx.get("min_rank", 1)), caps,
