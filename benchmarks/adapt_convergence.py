@@ -26,7 +26,7 @@ from rankwise.evaluate.perplexity import perplexity
 from rankwise.models.loading import load_model
 
 RESULTS = Path(__file__).parent / "results"
-ALL = ["lora", "pissa", "milora", "olora", "eva", "lora-ga", "lora-sb", "nlora", "loldu", "salt", "singlora"]
+ALL = ["lora", "pissa", "eva", "olora", "milora", "lora-ga", "nlora", "salt", "loldu", "singlora", "lora-sb"]
 QUICK = ["lora", "pissa", "eva", "loldu"]
 
 
@@ -89,6 +89,7 @@ def main() -> None:
         print(f"{init:10s} loss {res.losses[0]:.3f} -> {res.losses[-1]:.3f}  ppl {res.evals[-1]['ppl']:.3f}  "
               f"{res.seconds_per_step:.2f}s/step  init {init_s:.1f}s", flush=True)
         del model
+        write(out, args)
     if "lora" in out["runs"]:
         target = smooth(out["runs"]["lora"]["losses"])[-1]
         lora_steps = steps_to(target, smooth(out["runs"]["lora"]["losses"]))
@@ -97,15 +98,24 @@ def main() -> None:
             s = steps_to(target, smooth(r["losses"]))
             r["steps_to_lora_final"] = s
             r["ratio_vs_lora"] = None if s is None or not lora_steps else s / lora_steps
+    write(out, args)
     if not args.quick and not args.no_compress:
-        out["compress_heal"] = compress_heal(base, tok, train_win, test_ids, cfg, args)
+        try:
+            out["compress_heal"] = compress_heal(base, tok, train_win, test_ids, cfg, args)
+        except Exception as e:  # record, keep the convergence results
+            out["compress_heal"] = {"error": f"{type(e).__name__}: {e}"}
+            print("compress+heal failed:", e, flush=True)
+    write(out, args)
+    print(f"done ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+
+def write(out: dict, args) -> None:
     tag = "quick" if args.quick else "full"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"adapt_convergence_{tag}.json").write_text(json.dumps(out, indent=1))
     plot_losses({k: smooth(v["losses"]) for k, v in out["runs"].items()},
                 RESULTS / f"adapt_convergence_{tag}.png",
                 title=f"rank {args.rank}, {args.batch_size}x{args.seqlen} tokens/step, lr {args.lr} (10-step avg)")
-    print(f"wrote {RESULTS}/adapt_convergence_{tag}.json/.png ({time.perf_counter() - t0:.0f}s)", flush=True)
 
 
 def compress_heal(base, tok, train_win, test_ids, cfg, args) -> dict:
@@ -122,7 +132,7 @@ def compress_heal(base, tok, train_win, test_ids, cfg, args) -> dict:
         m = copy.deepcopy(small)
         adapt(m, init, rank=args.rank, seed=args.seed)
         res = train(m, train_win, cfg, eval_ids=test_ids, progress=False)
-        out["healed"][init] = {"ppl": res.evals[-1]["ppl"], "losses": res.losses,
+        out["healed"][init] = {"seconds_per_step": res.seconds_per_step, "ppl": res.evals[-1]["ppl"], "losses": res.losses,
                                "trainable_params": count_trainable(m)}
         print(f"healed with {init}: ppl {res.evals[-1]['ppl']:.3f}", flush=True)
     return out

@@ -223,11 +223,10 @@ def load_rankwise(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             {k: v.clone() for k, v in a.adapter_state().items()}
         w = next(base.parameters())
         set_module(model, name, a.to(w.device))
+    keep = {id(p) for a in adapter_layers(model).values() for n, p in a.named_parameters()
+            if not n.startswith("base.") and p.requires_grad}   # as constructed (IntTune freezes A, B)
     for p in model.parameters():
-        p.requires_grad_(False)
-    for a in adapter_layers(model).values():
-        for p in a.trainable_parameters():
-            p.requires_grad_(True)
+        p.requires_grad_(id(p) in keep)
     setattr(model, META_ATTR, {k: cfg[k] for k in ("init", "rank", "alpha", "rslora", "seed", "svd", "targets",
                                                   "ranks", "residual", "options") if k in cfg})
     return model
