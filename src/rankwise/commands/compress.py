@@ -32,7 +32,7 @@ def print_report(report, max_layers: int = 12) -> None:
 
 def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_seqlen, seed, text_file,
                  sequential, allocate, out, overwrite, export_dense_dir, do_eval, eval_windows, quiet,
-                 eval_seqlen=DEFAULT_SEQLEN):
+                 eval_seqlen=DEFAULT_SEQLEN, allocate_options=None, low_memory=False):
     """The command's body (also used by ``rankwise demo``): returns ``(model, tokenizer, path, report)``."""
     from ..calibration.corpus import load_corpus
     from ..compress.pipeline import compress
@@ -48,11 +48,33 @@ def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_
     for d, flag in ((out, "--out"), (export_dense_dir, "--export-dense")):
         if d is not None and Path(d).exists() and not overwrite:
             raise OutputExistsError(f"output directory {d} already exists; choose another {flag} or pass --overwrite")
-    model, tok, path = load_model(model_arg)
     calib = load_corpus("calib", text_file) if text_file else None
-    model, report = compress(model, method, ratio, calib=calib, tokenizer=tok, targets=targets, refit=refit,
-                             allocate=allocate, calib_windows=calib_windows, calib_seqlen=calib_seqlen, seed=seed,
-                             sequential=sequential, progress=not quiet)
+    if low_memory:  # writes --out block by block; the compressed model is loaded back only if needed
+        from ..compress.lowmem import compress_low_memory
+        from ..errors import ConfigError
+
+        if out is None:
+            raise ConfigError("--low-memory writes the model block by block and needs --out DIR")
+        report = compress_low_memory(model_arg, out, method, ratio, calib=calib, targets=targets, refit=refit,
+                                     allocate=allocate, calib_windows=calib_windows, calib_seqlen=calib_seqlen,
+                                     seed=seed, progress=not quiet, allocate_options=allocate_options,
+                                     overwrite=overwrite)
+        model, tok, path = (load_model(out) if (do_eval or export_dense_dir is not None)
+                            else (None, None, Path(out)))
+        if do_eval:
+            res = perplexity(model, tok, text=load_corpus("test", text_file), seqlen=eval_seqlen,
+                             windows=eval_windows, progress=not quiet)
+            report.perplexity = {"compressed": res.ppl, "windows": res.windows, "seqlen": res.seqlen,
+                                 "corpus": str(text_file) if text_file else "wiki test"}
+        if export_dense_dir is not None:
+            export_dense(model, tok, export_dense_dir, overwrite=overwrite)
+        return model, tok, path, report
+    else:
+        model, tok, path = load_model(model_arg)
+        model, report = compress(model, method, ratio, calib=calib, tokenizer=tok, targets=targets, refit=refit,
+                                 allocate=allocate, calib_windows=calib_windows, calib_seqlen=calib_seqlen,
+                                 seed=seed, sequential=sequential, progress=not quiet,
+                                 allocate_options=allocate_options)
     if do_eval:
         res = perplexity(model, tok, text=load_corpus("test", text_file), seqlen=eval_seqlen,
                          windows=eval_windows, progress=not quiet)
@@ -61,6 +83,9 @@ def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_
     if out is not None:
         save_compressed(model, tok, out, report, overwrite=overwrite,
                         extra={"source_model": str(path)})
+        from ..compress.rankplot import write_rank_report
+
+        write_rank_report(report, out)
     if export_dense_dir is not None:
         export_dense(model, tok, export_dense_dir, overwrite=overwrite)
     return model, tok, path, report
@@ -84,7 +109,12 @@ def register(app: typer.Typer) -> None:
         text_file: Optional[Path] = TextFileOpt,
         sequential: bool = typer.Option(DEFAULT_SEQUENTIAL, "--sequential/--one-shot",
                                         help="Calibrate block by block on the compressed prefix, or all at once on the dense model."),
-        allocate: str = typer.Option("uniform", "--allocate", help="Rank allocator (see rankwise.compress.allocate.ALLOCATORS)."),
+        allocate: str = typer.Option("uniform", "--allocate", help="Rank allocator: uniform | spectrum | sensitivity (see rankwise.compress.allocate.ALLOCATORS)."),
+        min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep (spectrum/sensitivity)."),
+        speed_aware: bool = typer.Option(False, "--speed-aware/--no-speed-aware",
+                                         help="Keep layers dense whose factorized form is not faster (measured, cached per machine); the allocator moves their budget."),
+        speed_profile: Optional[Path] = typer.Option(None, "--speed-profile", help="Speed profile JSON to use instead of the machine cache (re-measured if from another machine)."),
+        low_memory: bool = typer.Option(False, "--low-memory", help="Compress block by block from the safetensors files (peak RSS ~ one block)."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory to write the compressed model to."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (still atomic)."),
         export_dense_dir: Optional[Path] = typer.Option(None, "--export-dense",
@@ -98,7 +128,11 @@ def register(app: typer.Typer) -> None:
         setup(quiet)
         _, _, _, report = run_compress(model, method, ratio, refit, targets, calib_windows, calib_seqlen, seed,
                                        text_file, sequential, allocate, out, overwrite, export_dense_dir,
-                                       do_eval, eval_windows, quiet, eval_seqlen)
+                                       do_eval, eval_windows, quiet, eval_seqlen,
+                                       allocate_options={"min_rank": min_rank, "speed_aware": speed_aware,
+                                                         "speed_profile": None if speed_profile is None
+                                                         else str(speed_profile)},
+                                       low_memory=low_memory)
         if not quiet:
             print_report(report)
         if out is not None:
