@@ -34,11 +34,13 @@ ABS_MEAN, COV, FISHER = "abs_mean", "cov", "fisher"
 
 @dataclass
 class LayerStats:
-    """What calibration gathered for one layer: input sums (:class:`InputStats`) and/or the
-    empirical Fisher diagonal ``F`` (out, in) in float64."""
+    """What calibration gathered for one layer: input sums (:class:`InputStats`), the empirical
+    Fisher diagonal ``F`` (out, in), and (sequential refit) the cross moment ``M = X X'^T`` between
+    the dense model's inputs ``X`` and the compressed prefix's inputs ``X'``; all float64."""
 
     inputs: InputStats | None = None
     fisher: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
 
     def covariance(self, name: str = "layer") -> torch.Tensor:
         if self.inputs is None or self.inputs.cov is None:
@@ -119,10 +121,11 @@ def get_method(name: str) -> CompressionMethod:
 def truncate(W: torch.Tensor, fac: Factorization, k: int, stats: LayerStats | None = None,
              refit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-``k`` factors ``(L (out, k), R (k, in))`` of ``fac``; with ``refit`` the left factor is
-    replaced by the closed-form least-squares ``L = W C R^T (R C R^T)^-1`` (covariance ``C``)."""
+    replaced by the closed-form least-squares ``L = W C R^T (R C R^T)^-1`` (covariance ``C``), or,
+    when ``stats.cross`` holds ``M = X X'^T``, ``L = W M R^T (R C' R^T)^-1`` = argmin ``||W X - L R X'||``."""
     L, R = fac.factors(k, dtype=torch.float64 if refit else torch.float32)
     if refit:
         if stats is None:
             raise ConfigError("refit needs the input covariance, which was not collected")
-        L = refit_left(W, R, stats.covariance())
+        L = refit_left(W, R, stats.covariance(), cross=stats.cross)
     return L, R

@@ -18,6 +18,9 @@ Two calibration modes:
   statistics are gathered on the outputs of the already-compressed blocks ``0..i-1``, its layers
   are replaced, and the compressed block is re-run to produce the inputs of block ``i+1``. Peak
   memory: the model + one block's statistics + the cached hidden states.
+  With ``refit`` the dense model's hidden states are cached too, and each layer's left factor is
+  refit to reproduce the DENSE layer's outputs from the compressed inputs,
+  ``L = argmin ||W X - L R X'||_F`` (see :mod:`.paired`), compensating upstream error.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ from .allocate import AllocationRequest, get_allocator
 from .budget import check_plan, check_ratio, layer_params
 from .methods import ABS_MEAN, COV, FISHER, LayerStats, get_method, truncate
 from .report import CompressionReport, LayerReport
-from .blocks import capture_block_inputs
+from .blocks import BlockRunner, capture_block_inputs
+from .paired import paired_block_stats
 
 log = logging.getLogger(__name__)
 
@@ -212,25 +216,37 @@ def compress(
             (rest if i is None else by_block.setdefault(i, [])).append(name)
         if by_block:
             runner = capture_block_inputs(model, blocks, windows, batch_size)
+            dense_runner = BlockRunner(blocks, list(runner.hidden), runner.extras) if refit else None
             device = next(model.parameters()).device
             last = max(by_block)
             for i in range(len(blocks)):
                 block_names = by_block.get(i, [])
+                dense_out = None
+                cross: dict = {}
                 if block_names:
-                    with StatsAccumulator({n: layers[n] for n in block_names}, cov=want_cov) as acc:
-                        runner.run(i, device)
-                    missing = [n for n in block_names if n not in acc.stats]
+                    mods = {n: layers[n] for n in block_names}
+                    if dense_runner is not None:
+                        got, cross, dense_out = paired_block_stats(i, mods, dense_runner, runner, want_cov, device)
+                    else:
+                        with StatsAccumulator(mods, cov=want_cov) as acc:
+                            runner.run(i, device)
+                        got = acc.stats
+                    missing = [n for n in block_names if n not in got]
                     if missing:
                         raise NumericalError(f"layers never called during calibration: {missing[:5]}")
                     for name in block_names:
                         bar.set_postfix_str(name, refresh=False)
-                        comp.replace(name, layers[name], layer_stats(name, acc.stats))
-                        acc.stats.pop(name)
+                        st = layer_stats(name, got)
+                        st.cross = cross.pop(name, None)
+                        comp.replace(name, layers[name], st)
+                        got.pop(name)
                         bar.update()
                 if i >= last:
                     break
+                if dense_runner is not None:
+                    dense_runner.hidden = dense_out if dense_out is not None else dense_runner.run(i, device)
                 runner.advance(i, device)
-            del runner
+            del runner, dense_runner
         if rest:  # targeted layers outside the decoder blocks: one pass on the partly compressed model
             st = collect_input_stats(model, windows, rest, batch_size, cov=want_cov)
             for name in rest:
