@@ -213,3 +213,20 @@ def test_slack_is_spent_on_a_cheaper_option_off_the_hull():
     table = {"a": [Option(None, 10, 0.0), Option(4, 8, 0.5), Option(1, 2, 0.6)]}
     assert solve_budget(table, 8)["a"].rank == 4
     assert solve_budget(table, 7)["a"].rank == 1
+
+
+def test_uniform_speed_aware_redistributes_the_budget():
+    from rankwise.compress.allocators_global import uniform_speed_aware
+    from rankwise.compress.budget import uniform_rank
+
+    shapes = {"q": (64, 64), "k": (16, 64), "up": (128, 64), "down": (64, 128)}
+    total = sum(m * n for m, n in shapes.values())
+    free = uniform_speed_aware(0.4, shapes, {k: 10**6 for k in shapes})
+    assert free == {k: uniform_rank(*s, 0.4) for k, s in shapes.items()}  # no binding cap: plain uniform
+    plan = uniform_speed_aware(0.4, shapes, {"q": 31, "k": 2, "up": 42, "down": 42})
+    assert plan["k"] is None
+    assert plan_params(plan, shapes) <= 0.6 * total
+    others = [plan[k] for k in ("q", "up", "down")]
+    assert all(r is not None and r < uniform_rank(*shapes[k], 0.4) + 1 for k, r in zip(("q", "up", "down"), others))
+    with pytest.raises(ConfigError, match="no-speed-aware"):
+        uniform_speed_aware(0.5, shapes, {"q": 0, "k": 0, "up": 0, "down": 42})
