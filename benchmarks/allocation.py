@@ -124,6 +124,10 @@ def main(argv=None) -> dict:
                     plan = uniform_speed_aware(ratio, shapes, caps)
             elif alloc == "spectrum":
                 plan = allocate_spectrum(ratio, shapes, spectra, args.min_rank, caps)
+            elif alloc == "spectrum-typed":
+                from rankwise.compress.allocators_global import allocate_spectrum_by_type
+
+                plan = allocate_spectrum_by_type(ratio, shapes, spectra, args.min_rank, caps)
             elif alloc == "sensitivity":
                 plan, _ = allocate_sensitivity(ratio, shapes, spectra, memo_loss, base, args.min_rank, caps,
                                                args.sens_points)

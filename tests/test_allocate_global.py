@@ -230,3 +230,16 @@ def test_uniform_speed_aware_redistributes_the_budget():
     assert all(r is not None and r < uniform_rank(*shapes[k], 0.4) + 1 for k, r in zip(("q", "up", "down"), others))
     with pytest.raises(ConfigError, match="no-speed-aware"):
         uniform_speed_aware(0.5, shapes, {"q": 0, "k": 0, "up": 0, "down": 42})
+
+
+def test_spectrum_by_type_equals_per_group_brute_force():
+    from rankwise.compress.allocators_global import allocate_spectrum_by_type
+
+    shapes = {"l.0.q": (12, 10), "l.1.q": (12, 10), "l.0.up": (9, 9), "l.1.up": (9, 9)}
+    rng = np.random.default_rng(5)
+    spec = {k: np.sort(rng.random(min(s)) ** rng.uniform(1, 6))[::-1] for k, s in shapes.items()}
+    plan = allocate_spectrum_by_type(0.4, shapes, spec)
+    for t in ("q", "up"):
+        sub = {k: v for k, v in shapes.items() if k.endswith(t)}
+        assert {k: plan[k] for k in sub} == allocate_spectrum(0.4, sub, {k: spec[k] for k in sub})
+        assert plan_params({k: plan[k] for k in sub}, sub) <= math.floor(0.6 * sum(m * n for m, n in sub.values()))

@@ -8,6 +8,7 @@ Allocators (see :mod:`.allocators_global` for the math):
 
 * ``uniform``      every layer keeps ``k = floor(m n (1 - R) / (m + n))``;
 * ``spectrum``     one global greedy over the relative whitened truncation errors (no extra passes);
+* ``spectrum-typed`` the same greedy within each module type, each type removing ``ratio``;
 * ``sensitivity``  measured LM-loss increase per layer at a few ranks, then the same budgeted choice.
 
 ``context`` keys read here: ``min_rank`` (int, default 1), ``speed_aware`` (bool), ``speed_profile``
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..errors import UnknownMethodError
-from .allocators_global import allocate_spectrum, uniform_speed_aware
+from .allocators_global import allocate_spectrum, allocate_spectrum_by_type, uniform_speed_aware
 from .allocate_context import _record_dense, allocate_sensitivity_request, speed_caps_for
 from .budget import RankPlan, uniform_rank
 
@@ -72,6 +73,15 @@ def spectrum(req: AllocationRequest) -> RankPlan:
     return plan
 
 
+def spectrum_typed(req: AllocationRequest) -> RankPlan:
+    """``spectrum`` within each module type, every type removing ``ratio`` of its parameters."""
+    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    plan = allocate_spectrum_by_type(req.ratio, req.shapes, spectra, int(req.context.get("min_rank", 1)),
+                                     speed_caps_for(req))
+    _record_dense(req, plan)
+    return plan
+
+
 def sensitivity(req: AllocationRequest) -> RankPlan:
     """Measured loss increase when each layer alone is truncated (few windows), then the budgeted choice."""
     plan = allocate_sensitivity_request(req, speed_caps_for(req))
@@ -83,6 +93,8 @@ ALLOCATORS: dict[str, Allocator] = {
     "uniform": Allocator("uniform", uniform, False, "same parameter fraction removed from every layer"),
     "spectrum": Allocator("spectrum", spectrum, True,
                           "global greedy over relative whitened truncation error per parameter saved"),
+    "spectrum-typed": Allocator("spectrum-typed", spectrum_typed, True,
+                                "spectrum greedy within each module type (q, k, ..., down), same ratio per type"),
     "sensitivity": Allocator("sensitivity", sensitivity, True,
                              "measured LM-loss increase per layer at a few ranks + budgeted choice (slower)"),
 }

@@ -199,3 +199,25 @@ def uniform_speed_aware(ratio: float, shapes: Mapping[str, tuple[int, int]], spe
     raise ConfigError(f"--ratio {ratio:g} cannot be met with the speed-aware constraint ({len(dense)} layers "
                       "must stay dense because their factorized form is not faster); pass --no-speed-aware, "
                       "lower --ratio or use --allocate spectrum")
+
+
+def allocate_spectrum_by_type(ratio: float, shapes: Mapping[str, tuple[int, int]],
+                              spectra: Mapping[str, Sequence[float] | np.ndarray], min_rank: int = 1,
+                              speed_caps: Mapping[str, int] | None = None) -> dict[str, int | None]:
+    """:func:`allocate_spectrum` run separately within each module type (all ``q_proj``, all ``down_proj``,
+    ...), each group removing ``ratio`` of its own parameters: relative errors are compared only
+    between layers of the same role (across depth), as in SVD-LLM v2's per-type allocation."""
+    from ..models.surgery import module_type
+
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(module_type(name), []).append(name)
+    plan: dict[str, int | None] = {}
+    for t, names in groups.items():
+        sub = {n: shapes[n] for n in names}
+        caps = None if speed_caps is None else {n: speed_caps[n] for n in names if n in speed_caps}
+        try:
+            plan.update(allocate_spectrum(ratio, sub, {n: spectra[n] for n in names}, min_rank, caps))
+        except ConfigError as e:
+            raise ConfigError(f"module type {t}: {e}") from None
+    return {n: plan[n] for n in shapes}
