@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=256)
     ap.add_argument("--calib", type=int, default=8, help="calibration windows for eva / lora-ga / lora-sb")
     ap.add_argument("--no-compress", action="store_true")
+    ap.add_argument("--heal-only", action="store_true",
+                    help="only the compress(40%) + LoRA/PiSSA healing part -> adapt_heal.json")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -73,6 +75,16 @@ def main() -> None:
     t0 = time.perf_counter()
     base_ppl = perplexity(base, ids=test_ids, seqlen=args.eval_seqlen, windows=args.windows).ppl
     print(f"base ppl {base_ppl:.3f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    if args.heal_only:
+        cfg_heal = {**vars(args), "steps": steps}
+        res = {"model": str(path), "protocol": cfg_heal, "base_ppl": base_ppl}
+        try:
+            res.update(compress_heal(base, tok, train_win, test_ids, cfg, args))
+        except Exception as e:
+            res["error"] = f"{type(e).__name__}: {e}"
+        (RESULTS / "adapt_heal.json").write_text(json.dumps(res, indent=1))
+        print(f"wrote adapt_heal.json ({time.perf_counter() - t0:.0f}s)", flush=True)
+        return
     out = {"model": str(path), "protocol": {**vars(args), "steps": steps, "inits": inits,
                                             "train_tokens_per_step": args.batch_size * args.seqlen,
                                             "targets": "q,k,v,o,gate,up,down (all 30 blocks)"},

@@ -166,15 +166,16 @@ def test_real_model_pissa_two_layers(real_model, real_calib_ids):
     from rankwise.calibration.sampling import calib_windows
 
     model = copy.deepcopy(real_model[0])
-    adapt(model, "pissa", rank=8, targets=[r"layers\.0\.self_attn\.q_proj", r"layers\.0\.mlp\.down_proj"])
+    # the last block's layers: the backward pass stops there, keeping the test cheap
+    adapt(model, "pissa", rank=8, targets=[r"layers\.29\.self_attn\.o_proj", r"layers\.29\.mlp\.down_proj"])
     assert len(adapter_layers(model)) == 2
-    w = calib_windows(real_calib_ids, n=8, seqlen=64, seed=0)
-    res = train(model, w, TrainConfig(steps=4, lr=1e-3, batch_size=2, warmup=0), progress=False)
+    w = calib_windows(real_calib_ids, n=2, seqlen=32, seed=0)
+    res = train(model, w, TrainConfig(steps=3, lr=2e-3, batch_size=2, warmup=0), progress=False)
     assert all(math.isfinite(x) for x in res.losses)
     # same batches again: the trained adapters fit them better than at step 0
     from rankwise.calibration.gradients import lm_loss
 
     with torch.no_grad():
-        after = float(lm_loss(model.eval(), w[:4]))
-        before = float(lm_loss(real_model[0], w[:4]))
+        after = float(lm_loss(model.eval(), w))
+        before = float(lm_loss(real_model[0], w))
     assert after < before
