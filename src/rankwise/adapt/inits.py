@@ -18,6 +18,7 @@ from torch import nn
 from ..errors import ConfigError, UnknownMethodError
 from ..linalg.ldu import ldu
 from ..linalg.nystrom import nystrom
+from ..linalg.svd import truncated_svd
 from .layers import (
     AdapterLayer, BMAAdapter, LDUAdapter, LoraAdapter, SaltAdapter, SBAdapter, SingAdapter, add_to_base,
 )
@@ -83,17 +84,12 @@ def kaiming_uniform(rows: int, cols: int, g: torch.Generator) -> torch.Tensor:
 
 
 def svd(W: torch.Tensor, k: int, method: str, niter: int, g: torch.Generator):
-    """``(U_k, S_k, Vh_k)``: exact (LAPACK, float32) or randomized (Halko et al., ``niter`` power iterations)."""
-    if method == "exact":
-        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-        return U[:, :k].float(), S[:k].float(), Vh[:k].float()
-    if method == "randomized":
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            U, S, V = torch.svd_lowrank(W.float(), q=min(k + 8, min(W.shape)), niter=niter)
-        return U[:, :k], S[:k], V[:, :k].T
-    raise UnknownMethodError(f"unknown svd method {method!r}; use 'exact' or 'randomized'")
+    """``(U_k, S_k, Vh_k)`` via :func:`rankwise.linalg.svd.truncated_svd`: exact, or randomized
+    (Halko et al., ``niter`` power iterations, seed drawn from ``g``)."""
+    if method not in ("exact", "randomized"):
+        raise UnknownMethodError(f"unknown svd method {method!r}; use 'exact' or 'randomized'")
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    return truncated_svd(W, k, method=method, n_iter=niter, seed=seed)
 
 
 def _residual(base: nn.Module, L: torch.Tensor, R: torch.Tensor) -> None:
@@ -112,8 +108,8 @@ def init_lora(base, W, r, ctx, name):
 def _svd_init(base, W, r, ctx, name, smallest: bool):
     s = ctx.scaling(r)
     if smallest:
-        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
-        U, S, Vh = U[:, -r:].float(), S[-r:].float(), Vh[-r:].float()
+        U, S, Vh = truncated_svd(W, min(W.shape))
+        U, S, Vh = U[:, -r:], S[-r:], Vh[-r:]
     else:
         U, S, Vh = svd(W, r, ctx.svd, ctx.svd_niter, ctx.generator(name))
     sq = (S / s).sqrt()
@@ -257,7 +253,7 @@ def init_lora_ga(base, W, r, ctx, name):
     m, n = W.shape
     if 2 * r > min(m, n):
         raise ConfigError(f"lora-ga needs 2*rank <= min(out, in) = {min(m, n)} for layer {name}; lower --rank")
-    U, S, Vh = torch.linalg.svd(_grad(ctx, name), full_matrices=False)
+    U, S, Vh = truncated_svd(_grad(ctx, name), 2 * r, dtype=torch.float64)
     c = m ** 0.25 / math.sqrt(ctx.gamma)
     B, A = (c * U[:, :r]).float(), (c * Vh[r: 2 * r]).float()
     s = ctx.scaling(r)
@@ -269,7 +265,7 @@ def init_lora_ga(base, W, r, ctx, name):
 def init_lora_sb(base, W, r, ctx, name):
     """LoRA-SB: truncated SVD of the approximated first update ``-eta G = U S V^T``; frozen ``B = U_r``,
     ``A = V_r^T``, trained ``R = diag(S_r) / s`` (r x r); ``W_res = W - s B R A``. Trainable ``r^2``."""
-    U, S, Vh = torch.linalg.svd(-ctx.sb_step * _grad(ctx, name), full_matrices=False)
+    U, S, Vh = truncated_svd(-ctx.sb_step * _grad(ctx, name), r, dtype=torch.float64)
     s = ctx.scaling(r)
     B, A, R = U[:, :r].float(), Vh[:r].float(), torch.diag(S[:r] / s).float()
     _residual(base, s * (B @ R), A)
