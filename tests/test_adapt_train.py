@@ -179,3 +179,26 @@ def test_real_model_pissa_two_layers(real_model, real_calib_ids):
         after = float(lm_loss(model.eval(), w))
         before = float(lm_loss(real_model[0], w))
     assert after < before
+
+
+def test_compress_save_load_then_heal(tmp_path, tiny_tok):
+    """compress (rankwise.compress) -> save -> load_model -> adapt -> train -> save/load the adapter."""
+    from rankwise.adapt import load_rankwise, save_rankwise
+    from rankwise.compress.api import compress
+    from rankwise.compress.saving import save_compressed
+    from rankwise.models.loading import load_model
+
+    w = _windows(8, 32)
+    small, report = compress(tiny_model("llama"), method="svd", ratio=0.4, calib=w, calib_windows=4,
+                             calib_seqlen=32, progress=False)
+    save_compressed(small, tiny_tok, tmp_path / "c", report)
+    model, _, _ = load_model(tmp_path / "c")
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    adapt(model, "pissa", rank=2)
+    assert any(isinstance(a.base, LowRankLinear) for a in adapter_layers(model).values())
+    res = train(model, w, TrainConfig(steps=6, lr=1e-2, batch_size=4, warmup=1), progress=False)
+    assert sum(res.losses[-2:]) < sum(res.losses[:2])
+    save_rankwise(model, tmp_path / "heal")
+    again = load_rankwise(load_model(tmp_path / "c")[0], tmp_path / "heal")
+    with torch.no_grad():
+        torch.testing.assert_close(again(w[:2]).logits, model(w[:2]).logits, atol=1e-5, rtol=1e-4)
