@@ -56,12 +56,15 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=256)
     ap.add_argument("--calib", type=int, default=8, help="calibration windows for eva / lora-ga / lora-sb")
     ap.add_argument("--no-compress", action="store_true")
+    ap.add_argument("--report", action="store_true", help="print the markdown tables of the saved results")
     ap.add_argument("--heal-only", action="store_true",
                     help="only the compress(40%) + LoRA/PiSSA healing part -> adapt_heal.json")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.report:
+        return report("quick" if args.quick else "full")
     inits = args.inits.split(",") if args.inits else (QUICK if args.quick else ALL)
     steps = 30 if args.quick else args.steps
     base, tok, path = load_model()
@@ -128,6 +131,63 @@ def write(out: dict, args) -> None:
     plot_losses({k: smooth(v["losses"]) for k, v in out["runs"].items()},
                 RESULTS / f"adapt_convergence_{tag}.png",
                 title=f"rank {args.rank}, {args.batch_size}x{args.seqlen} tokens/step, lr {args.lr} (10-step avg)")
+
+
+def base_batch_losses(out: dict) -> list[float]:
+    """The frozen base model's loss on each training batch, in the training order (same seed as train())."""
+    from rankwise.calibration.gradients import lm_loss
+
+    p = out["protocol"]
+    base, tok, _ = load_model()
+    ids = tokenize(tok, load_corpus("calib"))
+    win = calib_windows(ids, n=p["steps"] * p["batch_size"], seqlen=p["seqlen"], seed=p["seed"] + 1)
+    order = torch.randperm(win.shape[0], generator=torch.Generator().manual_seed(p["seed"]))
+    bs = p["batch_size"]
+    with torch.no_grad():
+        return [float(lm_loss(base, win[order[i * bs:(i + 1) * bs]])) for i in range(p["steps"])]
+
+
+def report(tag: str) -> None:
+    """Markdown tables from adapt_convergence_<tag>.json (+ adapt_heal.json).
+
+    Each step's loss is a different 2-window batch, so raw curves are dominated by batch difficulty;
+    the comparison uses the paired gain ``loss_t - base_loss_t`` (base model on the same batch), averaged
+    over a trailing 10-step window.
+    """
+    path = RESULTS / f"adapt_convergence_{tag}.json"
+    out = json.loads(path.read_text())
+    if "base_batch_losses" not in out:
+        out["base_batch_losses"] = base_batch_losses(out)
+        path.write_text(json.dumps(out, indent=1))
+    bl = out["base_batch_losses"]
+    runs = out["runs"]
+    gain = {k: smooth([x - b for x, b in zip(r["losses"], bl)]) for k, r in runs.items()}
+    plot_losses(gain, RESULTS / f"adapt_convergence_{tag}_gain.png",
+                title="training loss minus base model's loss on the same batch (10-step avg)")
+    target = gain["lora"][-1] if "lora" in runs else None
+    lora_steps = steps_to(target, gain["lora"]) if target is not None else None
+    print(f"base test ppl {out['base_ppl']:.3f}; LoRA final paired gain {target:+.4f} nats/token "
+          f"(first reached at step {lora_steps})\n")
+    print("| init | trainable params | gain after 10 steps | final gain | steps to LoRA's final gain | ratio vs LoRA"
+          " | test ppl | s/step | init s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for init, r in runs.items():
+        g = gain[init]
+        st = steps_to(target, g) if target is not None else None
+        ratio = f"{st / lora_steps:.2f}" if st and lora_steps else "not reached"
+        print(f"| {init} | {r['trainable_params']:,} | {g[9]:+.4f} | {g[-1]:+.4f} | "
+              f"{st if st else 'not reached'} | {ratio} | {r['final_ppl']:.3f} | {r['seconds_per_step']:.2f} | "
+              f"{r['init_seconds']:.1f} |")
+    heal = RESULTS / "adapt_heal.json"
+    if heal.is_file():
+        h = json.loads(heal.read_text())
+        if "error" in h:
+            print(f"\ncompress+heal failed: {h['error']}")
+        else:
+            print(f"\n| model | test ppl | trainable params |\n|---|---:|---:|\n| dense base | {h['base_ppl']:.3f} | - |")
+            print(f"| compressed 40% ({h.get('method')}) | {h['ppl_compressed']:.3f} | - |")
+            for init, r in h["healed"].items():
+                print(f"| compressed + {init} healing | {r['ppl']:.3f} | {r['trainable_params']:,} |")
 
 
 def compress_heal(base, tok, train_win, test_ids, cfg, args) -> dict:
