@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 #: Tokens per call in each regime: batch-1 decode and a 512-token prefill.
 REGIMES: dict[str, int] = {"decode": 1, "prefill": 512}
-SPEED_MODEL_VERSION = 1
+SPEED_MODEL_VERSION = 2
 
 #: ``latency(m, n, rank_or_None, tokens) -> seconds``; ``None`` means the dense layer.
 LatencyFn = Callable[[int, int, "int | None", int], float]
@@ -76,23 +76,61 @@ def shape_key(m: int, n: int) -> str:
 
 
 def module_latency(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                   repeats: dict[str, int] | None = None, seed: int = 0) -> LatencyFn:
+                   repeats: dict[str, int] | None = None, seed: int = 0,
+                   cold_bytes: int = 64 * 2**20) -> LatencyFn:
     """The real timer: median seconds of ``nn.Linear`` vs ``LowRankLinear`` on random input.
 
-    ``repeats`` per token count (default: 101 for 1 token, 15 for more), two warm-up calls each.
+    Decode-sized calls (``tokens <= 16``) are memory-bound in a real model: every weight is read
+    from DRAM once per token. A single small layer called in a loop would sit in the CPU cache and
+    hide that, so these calls cycle through enough copies of the layer (views into one random
+    buffer of ``cold_bytes``) and report the time per call. ``repeats`` per token count (default:
+    9 for decode, 5 for prefill), two warm-up calls each.
     """
     from ..evaluate.latency import median_seconds
 
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)
 
+    elsize = torch.empty((), dtype=dtype).element_size()
+    pool_len = max(cold_bytes // elsize, 1)
+    pool: list[torch.Tensor] = []  # one random buffer; layer weights are views into it (no init cost)
+
+    def take(offset: int, shape: tuple[int, int]) -> tuple[nn.Parameter, int]:
+        size = shape[0] * shape[1]
+        if offset + size > pool[0].numel():
+            offset = 0
+        return nn.Parameter(pool[0][offset: offset + size].view(shape), requires_grad=False), offset + size
+
+    def make(m: int, n: int, rank: int | None, offset: int) -> tuple[nn.Module, int]:
+        if not pool:
+            pool.append(torch.randn(pool_len, generator=g).to(device=device, dtype=dtype))
+        with torch.device("meta"):
+            layer = nn.Linear(n, m, bias=False) if rank is None else LowRankLinear(n, m, rank, bias=False)
+        if rank is None:
+            layer.weight, offset = take(offset, (m, n))
+        else:
+            layer.A.weight, offset = take(offset, (rank, n))
+            layer.B.weight, offset = take(offset, (m, rank))
+        return layer.eval(), offset
+
     @torch.inference_mode()
     def latency(m: int, n: int, rank: int | None, tokens: int) -> float:
-        layer: nn.Module = (nn.Linear(n, m, bias=False) if rank is None else LowRankLinear(n, m, rank, bias=False))
-        layer = layer.to(device=device, dtype=dtype).eval()
         x = torch.randn(tokens, n, generator=g).to(device=device, dtype=dtype)
-        reps = (repeats or {}).get(str(tokens), 101 if tokens == 1 else 15)
-        return median_seconds(lambda: layer(x), repeats=reps, warmup=2, device=device)
+        reps = (repeats or {}).get(str(tokens), 9 if tokens <= 16 else 5)
+        copies = 1
+        if tokens <= 16 and device.type == "cpu":
+            per_layer = (m * n if rank is None else rank * (m + n)) * torch.empty((), dtype=dtype).element_size()
+            copies = max(1, min(256, -(-cold_bytes // per_layer)))
+        layers, offset = [], 0
+        for _ in range(copies):
+            layer, offset = make(m, n, rank, offset)
+            layers.append(layer)
+
+        def run():
+            for layer in layers:
+                layer(x)
+
+        return median_seconds(run, repeats=reps, warmup=2, device=device) / copies
 
     return latency
 
