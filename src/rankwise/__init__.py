@@ -23,6 +23,7 @@ _LAZY = {
     "load_corpus": ("rankwise.calibration.corpus", "load_corpus"),
     "compress": ("rankwise.compress.api", "compress"),
     "load": ("rankwise.compress.api", "load"),
+    "compress_low_memory": ("rankwise.compress.lowmem", "compress_low_memory"),
     "analyze": ("rankwise.analyze.run", "analyze"),
     "adapt": ("rankwise.adapt.attach", "adapt"),
 }
