@@ -27,7 +27,7 @@ def find_targets(model: nn.Module, targets: Sequence[str] | str | None = None) -
     patterns = tuple(targets) if targets else DEFAULT_TARGETS
     low = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear) and _matches(n, patterns)}
     lin = {n: m for n, m in find_linears(model, patterns, required=False).items()
-           if not any(n.startswith(p + ".") for p in low) and ".base" not in n}
+           if not any(n.startswith(p + ".") for p in low)}
     found = {**lin, **low}
     if not found:
         find_linears(model, patterns, required=True)  # raises with the list of layer types present
