@@ -137,6 +137,11 @@ def pipeline_child(args) -> None:
 def pipeline(args) -> dict:
     out = {"eval_windows": args.windows, "calib_windows": args.calib_windows, "calib_seqlen": args.calib_seqlen,
            "ratio": args.pipeline_ratio, "threads": args.threads, "rows": []}
+    prev = RESULTS / "compress_quality_pipeline.json"
+    if args.append and prev.is_file():  # keep earlier rows measured with the same settings
+        old = json.loads(prev.read_text())
+        if all(old.get(k) == out[k] for k in ("eval_windows", "calib_windows", "calib_seqlen", "ratio")):
+            out["rows"] = old["rows"]
     for spec in args.pipeline_runs:
         method, refit, mode = spec.split(":")
         cmd = [sys.executable, __file__, "--child", "--child-method", method, "--child-mode", mode,
@@ -163,6 +168,39 @@ def write(args, out) -> None:
     f.write_text(json.dumps({**out, "command": " ".join(["python"] + sys.argv)}, indent=2) + "\n")
 
 
+def render() -> str:
+    """Markdown tables from the two result files (for BENCHMARKS.md)."""
+    lines = []
+    f = RESULTS / "compress_quality.json"
+    if f.is_file():
+        d = json.loads(f.read_text())
+        ratios = sorted({r["ratio"] for r in d["rows"]})
+        lines += [f"Dense perplexity: {d['dense_ppl']:.2f} ({d['eval_windows']} x {d['eval_seqlen']} eval windows).", "",
+                  "| method | refit | " + " | ".join(f"{int(r * 100)}% removed" for r in ratios) + " |",
+                  "|---|---|" + "---|" * len(ratios)]
+        keys = []
+        for r in d["rows"]:
+            if (r["method"], r["refit"]) not in keys:
+                keys.append((r["method"], r["refit"]))
+        for m, rf in keys:
+            cells = []
+            for ratio in ratios:
+                hit = [r["ppl"] for r in d["rows"] if (r["method"], r["refit"], r["ratio"]) == (m, rf, ratio)]
+                cells.append(f"{hit[0]:,.2f}" if hit else "-")
+            lines.append(f"| {m} | {'lstsq' if rf else 'no'} | " + " | ".join(cells) + " |")
+        lines += ["", f"Calibration {d['calib_seconds']:.0f} s, Fisher {d['fisher_seconds']:.0f} s; factorize (all layers) "
+                  + ", ".join(f"{k} {v:.0f} s" for k, v in d.get("factorize_seconds", {}).items())
+                  + f"; peak RSS {max(r['peak_rss_mb'] for r in d['rows']):,.0f} MB.", ""]
+    f = RESULTS / "compress_quality_pipeline.json"
+    if f.is_file():
+        d = json.loads(f.read_text())
+        lines += ["| method | refit | calibration | ppl | compress seconds | peak RSS MB |", "|---|---|---|---|---|---|"]
+        for r in d["rows"]:
+            lines.append(f"| {r['method']} | {'lstsq' if r['refit'] else 'no'} | {r['mode']} | {r['ppl']:,.2f} | "
+                         f"{r['compress_seconds']:.0f} | {r['peak_rss_mb']:,.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
@@ -181,6 +219,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--pipeline", action="store_true", help="end-to-end one-shot vs sequential runs")
     ap.add_argument("--pipeline-ratio", type=float, default=0.4)
+    ap.add_argument("--append", action="store_true", help="add rows to an existing pipeline result file")
     ap.add_argument("--pipeline-runs", type=lambda s: s.split(","),
                     default=["svd-llm:norefit:one-shot", "svd-llm:norefit:sequential",
                              "svd-llm:refit:sequential"])
@@ -188,7 +227,10 @@ def main() -> None:
     ap.add_argument("--child-method", default="svd-llm", help=argparse.SUPPRESS)
     ap.add_argument("--child-mode", default="sequential", help=argparse.SUPPRESS)
     ap.add_argument("--child-refit", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true", help="print the markdown tables of the saved results")
     args = ap.parse_args()
+    if args.render:
+        return print(render())
     if args.quick:
         args.windows, args.calib_windows, args.ratios = 4, 8, [0.4]
     torch.set_num_threads(args.threads)

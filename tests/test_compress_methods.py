@@ -97,3 +97,26 @@ def test_refit_is_the_least_squares_left_factor(problem, name):
     got = _dense(W, name, st, refit=True)
     assert _act_err(Wn, got, Xn) == pytest.approx(_act_err(Wn, ref, Xn), rel=1e-4)
     assert _act_err(Wn, got, Xn) <= _act_err(Wn, _dense(W, name, st), Xn) * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("name", ["svd-llm", "svd-llm-v2"])
+def test_whitened_methods_with_cross_moment_solve_the_sequential_objective(problem, name):
+    """min_{rank k} ||W X^T - W' X'^T||: reference SVD_k(P (W X^T)) pinv(X'^T), P = projector on rows of X'."""
+    W, X, F, _ = problem
+    g = torch.Generator().manual_seed(5)
+    Xp = X + 0.3 * torch.randn(X.shape, generator=g, dtype=torch.float64)  # perturbed inputs X'
+    st = InputStats.zeros(N).add_(Xp)
+    stats = LayerStats(st, None, X.T @ Xp)
+    Wn, Xn, Xpn = W.numpy(), X.numpy(), Xp.numpy()
+    pinv = np.linalg.pinv(Xpn.T)
+    target = Wn @ Xn.T @ pinv @ Xpn.T  # projection of W X^T onto the row space of X'^T
+    ref = _svd_k(target, K) @ pinv
+    got_plain = _dense(W, name, stats)
+    got_refit = _dense(W, name, stats, refit=True)
+
+    def err(Wp):
+        return float(np.linalg.norm(Wn @ Xn.T - Wp @ Xpn.T))
+
+    assert err(got_plain) == pytest.approx(err(ref), rel=1e-4)
+    assert err(got_refit) == pytest.approx(err(ref), rel=1e-4)
+    assert err(got_plain) < err(_dense(W, name, LayerStats(st))) - 1e-3

@@ -13,6 +13,11 @@ For a layer ``y = W x`` (``W`` of shape (out, in)) with calibration inputs ``X``
 
 Any method can be followed by the closed-form least-squares refit of the left factor with the
 right factor fixed: ``L = argmin_L ||(W - L R) X||_F = W C R^T (R C R^T)^-1`` (``refit=True``).
+
+Sequential calibration with ``refit`` also records ``M = X X'^T`` between the dense model's inputs
+``X`` and the compressed prefix's inputs ``X'``: the refit then solves ``min ||W X - L R X'||`` and
+the whitened methods truncate the corrected target ``W M C'^-1`` (:func:`corrected_target`), the
+exact rank-k minimizer of that objective.
 """
 from __future__ import annotations
 
@@ -84,12 +89,30 @@ def _fwsvd(W: torch.Tensor, stats: LayerStats) -> Factorization:
     return row_weighted_svd(W, fisher_row_weights(stats.fisher))
 
 
+def corrected_target(W: torch.Tensor, stats: LayerStats, rel_ridge: float = 1e-6) -> torch.Tensor:
+    """``W M C'^-1`` when ``stats.cross = M = X X'^T`` is known, else ``W``.
+
+    ``||W X - W' X'||^2 = ||(W M C'^-1 - W') S'||^2 + const`` for ``S' S'^T = C' = X' X'^T``, so the
+    whitened truncation of ``W M C'^-1`` under ``C'`` is the exact rank-k minimizer of the
+    sequential objective. ``C'`` gets a tiny ridge ``rel_ridge * mean(diag C')`` for the solve.
+    """
+    if stats.cross is None:
+        return W
+    C = stats.covariance().to(torch.float64)
+    M = stats.cross.to(torch.float64)
+    A = C + rel_ridge * float(torch.diagonal(C).mean().clamp_min(1e-30)) * torch.eye(C.shape[0], dtype=C.dtype)
+    rhs = M.T @ W.to(torch.float64).T  # C'^-1 M^T W^T = (W M C'^-1)^T
+    chol, info = torch.linalg.cholesky_ex(A)
+    sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
+    return sol.T.to(W.dtype)
+
+
 def _svd_llm(W: torch.Tensor, stats: LayerStats) -> Factorization:
-    return whitened_svd(W, stats.covariance(), kind="cholesky")
+    return whitened_svd(corrected_target(W, stats), stats.covariance(), kind="cholesky")
 
 
 def _svd_llm_v2(W: torch.Tensor, stats: LayerStats) -> Factorization:
-    return whitened_svd(W, stats.covariance(), kind="eigh")
+    return whitened_svd(corrected_target(W, stats), stats.covariance(), kind="eigh")
 
 
 METHODS: dict[str, CompressionMethod] = {
