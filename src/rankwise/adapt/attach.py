@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import ConfigError, NoTargetLayersError, NumericalError
 from ..models.surgery import DEFAULT_TARGETS, _matches, find_linears, set_module
 from ..structures.lowrank import LowRankLinear
-from .inits import InitContext, eva_ranks, get_init
+from .inits import InitContext, eva_eigen, eva_ranks, get_init
 from .layers import AdapterLayer, adapter_layers, base_dense, base_shape
 
 META_ATTR = "_rankwise_adapt"
@@ -73,8 +73,10 @@ def adapt(model: nn.Module, init: str = "pissa", rank: int = 16, alpha: float | 
     if spec.needs == "activations":
         from ..calibration.stats import collect_input_stats
 
-        ctx.stats = collect_input_stats(model, _calib_batches(calib, init), list(layers), progress=progress)
-        ranks = eva_ranks(ctx.stats, rank)
+        stats = collect_input_stats(model, _calib_batches(calib, init), list(layers), progress=progress)
+        ctx.eigen = eva_eigen(stats, keep=2 * rank)
+        del stats
+        ranks = eva_ranks(ctx.eigen, rank)
     elif spec.needs == "gradients":
         from ..calibration.gradients import accumulate_gradients
 

@@ -36,7 +36,7 @@ class InitContext:
     gamma: float = 16.0           # LoRA-GA's stable scale gamma
     sb_step: float = 1e-3         # LoRA-SB: size eta of the approximated first step -eta G
     ramp_steps: int = 10          # SingLoRA's ramp T
-    stats: dict = field(default_factory=dict)     # name -> InputStats (EVA)
+    eigen: dict = field(default_factory=dict)     # name -> (ratios, top eigenvectors) (EVA)
     grads: dict = field(default_factory=dict)     # name -> mean gradient (out, in) (LoRA-GA, LoRA-SB)
 
     def scaling(self, r: int) -> float:
@@ -215,27 +215,37 @@ def init_eva(base, W, r, ctx, name):
     ``X^T X``, the float64 calibration covariance); ``B = 0``. Ranks are redistributed across layers by
     explained variance (:func:`eva_ranks`) before this runs.
     """
-    if name not in ctx.stats:
+    if name not in ctx.eigen:
         raise ConfigError(f"eva needs activation statistics for {name}; pass calibration data")
-    cov = ctx.stats[name].cov
-    evals, evecs = torch.linalg.eigh(cov.double())
-    A = evecs[:, -r:].flip(-1).T.float()
+    _, evecs = ctx.eigen[name]
+    if r > evecs.shape[1]:
+        raise ConfigError(f"eva rank {r} for {name} exceeds the {evecs.shape[1]} computed components")
+    A = evecs[:, :r].T.float()
     return LoraAdapter(base, A, torch.zeros(W.shape[0], r), ctx.scaling(r))
 
 
-def eva_ranks(stats: dict, rank: int, rho: float = 2.0) -> dict[str, int]:
-    """EVA's rank redistribution: budget ``rank * L`` over the L layers; each layer offers its top
-    ``rho * rank`` components with explained-variance ratio ``lambda_i / sum_j lambda_j`` (eigenvalues of its
-    input covariance); the budget goes to the globally largest ratios. Layers may get 0 (no adapter)."""
-    offers = []
+def eva_eigen(stats: dict, keep: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (explained-variance ratios (all, descending), top-``keep`` eigenvectors (in, keep))}`` of each
+    layer's input covariance ``X^T X`` (float64 ``eigh``): ratio_i = lambda_i / sum_j lambda_j."""
+    out = {}
     for name, st in stats.items():
-        ev = torch.linalg.eigvalsh(st.cov.double()).flip(0).clamp_min(0)
-        ratio = ev / ev.sum().clamp_min(1e-300)
+        ev, vec = torch.linalg.eigh(st.cov.double())
+        ev, vec = ev.flip(0).clamp_min(0), vec.flip(1)
+        out[name] = (ev / ev.sum().clamp_min(1e-300), vec[:, :keep].clone())
+    return out
+
+
+def eva_ranks(eigen: dict, rank: int, rho: float = 2.0) -> dict[str, int]:
+    """EVA's rank redistribution: budget ``rank * L`` over the L layers; each layer offers its top
+    ``rho * rank`` components with their explained-variance ratios (:func:`eva_eigen`); the budget goes to
+    the globally largest ratios. A layer may get 0 (no adapter) or up to ``rho * rank``."""
+    offers = []
+    for name, (ratio, _) in eigen.items():
         k = min(int(round(rho * rank)), ratio.numel())
         offers += [(float(ratio[i]), name) for i in range(k)]
     offers.sort(key=lambda t: -t[0])
-    ranks = {n: 0 for n in stats}
-    for _, n in offers[: rank * len(stats)]:
+    ranks = {n: 0 for n in eigen}
+    for _, n in offers[: rank * len(eigen)]:
         ranks[n] += 1
     return ranks
 
