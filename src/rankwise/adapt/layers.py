@@ -24,17 +24,13 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.surgery import Conv1D, linear_weight
-
-try:
-    from ..structures.lowrank import LowRankLinear
-except ImportError:  # pragma: no cover
-    LowRankLinear = ()  # type: ignore[assignment]
+from ..structures.lowrank import LowRankLinear
 
 
 # ---- the frozen base --------------------------------------------------------------------------
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
-    if LowRankLinear and isinstance(base, LowRankLinear):
+    if isinstance(base, LowRankLinear):
         return base.out_features, base.in_features
     w = linear_weight(base)
     return int(w.shape[0]), int(w.shape[1])
@@ -43,7 +39,7 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
 def base_dense(base: nn.Module) -> torch.Tensor:
     """The base layer's dense weight (out, in) as a float32 copy."""
     with torch.no_grad():
-        if LowRankLinear and isinstance(base, LowRankLinear):
+        if isinstance(base, LowRankLinear):
             return base.dense().float()
         return linear_weight(base).detach().float().clone()
 
@@ -55,7 +51,7 @@ def add_to_base(base: nn.Module, delta: torch.Tensor, alpha: float = 1.0) -> Non
     A ``LowRankLinear`` base of rank k is refitted at rank k by SVD; if ``W_base + alpha delta`` does not
     have rank <= k the change cannot be represented and a ConfigError says so.
     """
-    if LowRankLinear and isinstance(base, LowRankLinear):
+    if isinstance(base, LowRankLinear):
         target = base.dense().double() + alpha * delta.double()
         k = base.rank
         U, S, Vh = torch.linalg.svd(target, full_matrices=False)
