@@ -232,6 +232,8 @@ def compress_low_memory(
                     runner.run(i)
                 for n in block_names:
                     comp.replace(n, layers[n], LayerStats(acc.stats.pop(n), None))
+                    if layers[n] is not block.get_submodule(n[len(key):]):
+                        layers[n].to("meta")  # the replaced dense layer: free its weights now
             if i < len(blocks) - 1:
                 runner.advance(i)
             shard = shard_dir / f"{i:05d}.safetensors"
