@@ -56,10 +56,12 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=256)
     ap.add_argument("--calib", type=int, default=8, help="calibration windows for eva / lora-ga / lora-sb")
     ap.add_argument("--no-compress", action="store_true")
+    ap.add_argument("--append", action="store_true", help="add the --inits runs to the existing results JSON")
     ap.add_argument("--report", action="store_true", help="print the markdown tables of the saved results")
     ap.add_argument("--heal-only", action="store_true",
                     help="only the compress(40%) + LoRA/PiSSA healing part -> adapt_heal.json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--note", default="", help="why these runs were appended (recorded in the JSON)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -92,6 +94,19 @@ def main() -> None:
                                             "train_tokens_per_step": args.batch_size * args.seqlen,
                                             "targets": "q,k,v,o,gate,up,down (all 30 blocks)"},
            "base_ppl": base_ppl, "runs": {}}
+    prev = RESULTS / f"adapt_convergence_{'quick' if args.quick else 'full'}.json"
+    if args.append and prev.is_file():
+        old = json.loads(prev.read_text())
+        out["runs"] = old["runs"]
+        out["superseded"] = old.get("superseded", {})
+        for init in inits:   # keep the replaced runs (e.g. a diverged first version) for the record
+            if init in out["runs"]:
+                r = out["runs"].pop(init)
+                out["superseded"][f"{init} (before: {args.note})"] = {k: v for k, v in r.items() if k != "losses"} | {
+                    "last_losses": r["losses"][-5:]}
+        out["protocol"] = old["protocol"]
+        out["protocol"].setdefault("appended", []).append({"inits": inits, "note": args.note})
+        out.pop("base_batch_losses", None)
     for init in inits:
         model = copy.deepcopy(base)
         t1 = time.perf_counter()
@@ -114,7 +129,7 @@ def main() -> None:
             r["steps_to_lora_final"] = s
             r["ratio_vs_lora"] = None if s is None or not lora_steps else s / lora_steps
     write(out, args)
-    if not args.quick and not args.no_compress:
+    if not args.quick and not args.no_compress and not args.append:
         try:
             out["compress_heal"] = compress_heal(base, tok, train_win, test_ids, cfg, args)
         except Exception as e:  # record, keep the convergence results

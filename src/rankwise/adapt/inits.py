@@ -196,13 +196,14 @@ def init_salt(base, W, r, ctx, name):
 
 @register("singlora")
 def init_singlora(base, W, r, ctx, name):
-    """SingLoRA: ``Delta W = s u(t) A[:out] A[:in]^T``, one ``A`` (max(out, in), r) Kaiming-uniform.
+    """SingLoRA: ``Delta W = s u(t) A[:out] A[:in]^T``, one ``A`` (d, r), d = max(out, in), entries
+    ``U(-1/sqrt(d), 1/sqrt(d))`` (Kaiming-uniform with fan-in d, so ``A A^T`` starts small against W).
 
     Square layers: ``A A^T`` (symmetric). Non-square: the first out / in rows of the same A.
     ``u(t) = min(t/T, 1)`` so ``Delta W_0 = 0``. Trainable ``max(out, in) r``.
     """
     m, n = W.shape
-    A = kaiming_uniform(max(m, n), r, ctx.generator(name))
+    A = kaiming_uniform(r, max(m, n), ctx.generator(name)).T   # U(-1/sqrt(d), 1/sqrt(d)), d = max(out, in)
     return SingAdapter(base, A, ctx.scaling(r), ctx.ramp_steps)
 
 

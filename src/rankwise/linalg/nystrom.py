@@ -1,6 +1,6 @@
 """Generalized Nystrom approximation of a rectangular matrix (NLoRA's initialization).
 
-With seeded Gaussian sketches ``Omega (n, r)`` and ``Psi (m, r)``::
+With seeded sketches ``Omega (n, r)`` and ``Psi (m, r)`` with orthonormal columns (QR of Gaussians)::
 
     C = W Omega          (m, r)    columns of the range of W
     R = Psi^T W          (r, n)    rows of the co-range of W
@@ -11,7 +11,10 @@ With seeded Gaussian sketches ``Omega (n, r)`` and ``Psi (m, r)``::
 Guarantee: if ``rank(W) <= r`` the approximation is exact (``C M R = W``) with probability 1,
 because ``C M R`` is the oblique projection of ``W`` onto its own range and co-range.
 In general the error is within a small factor of the best rank-r error (Nakatsukasa 2020).
-``rcond`` truncates tiny singular values of the core to keep ``M`` stable.
+``rcond`` truncates tiny singular values of the core to keep ``M`` stable. ``C M R`` depends only on the
+column spaces of the sketches; orthonormal sketches keep ``C``, ``R`` at the scale of ``W`` and ``M`` at the
+scale of ``1 / sigma`` (raw Gaussian sketches inflate ``C``, ``R`` by ``sqrt(n)``, ``sqrt(m)`` and shrink ``M``
+by ``sqrt(mn)``, which makes Adam's per-entry steps on ``M`` explode when the three factors are trained).
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ def nystrom(W: torch.Tensor, rank: int, seed: int = 0, rcond: float = 1e-6,
         raise ConfigError(f"Nystrom rank must be in [1, min(m, n) = {min(m, n)}], got {rank}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     Wd = W.detach().to(dtype)
-    omega = torch.randn(n, rank, generator=g, dtype=dtype).to(W.device)
-    psi = torch.randn(m, rank, generator=g, dtype=dtype).to(W.device)
+    omega = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=dtype)).Q.to(W.device)
+    psi = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=dtype)).Q.to(W.device)
     C = Wd @ omega
     R = psi.T @ Wd
     core = psi.T @ C
