@@ -39,3 +39,16 @@ def test_seeded_and_validated():
         nystrom(W, 11)
     with pytest.raises(ConfigError):
         nystrom(W, 0)
+
+
+def test_balanced_factors_reproduce_product_and_match_svd_split():
+    from rankwise.linalg.nystrom import balanced_factors
+
+    W = _lowrank(20, 15, 4, seed=3)
+    C, M, R = nystrom(W, 4, seed=2)
+    B, A = balanced_factors(C, M, R)
+    np.testing.assert_allclose((B @ A).numpy(), W.numpy(), atol=1e-8 * float(W.abs().max()))
+    # for an exact rank-r W the split is PiSSA's: B^T B = A A^T = diag(S_r)
+    S = np.linalg.svd(W.numpy(), compute_uv=False)[:4]
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh((B.T @ B).numpy())), np.sort(S), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh((A @ A.T).numpy())), np.sort(S), rtol=1e-6)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnknownMethodError
 from ..linalg.ldu import ldu
-from ..linalg.nystrom import nystrom
+from ..linalg.nystrom import balanced_factors, nystrom
 from ..linalg.svd import truncated_svd
 from .layers import (
     AdapterLayer, BMAAdapter, LDUAdapter, LoraAdapter, SaltAdapter, SBAdapter, SingAdapter, add_to_base,
@@ -146,18 +146,21 @@ def init_olora(base, W, r, ctx, name):
 def _nlora(base, W, r, ctx, name, train_outer: bool):
     s = ctx.scaling(r)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator(name)))
-    C, M, R = nystrom(W, r, seed=seed)
-    C, M, R = C.float(), (M / s).float(), R.float()
-    _residual(base, s * (C @ M), R)
-    return BMAAdapter(base, R, M, C, s, train_outer=train_outer)
+    B, A = balanced_factors(*nystrom(W, r, seed=seed))
+    B, A = B.float(), A.float()
+    M = torch.eye(r) / s
+    _residual(base, B, A)
+    return BMAAdapter(base, A, M, B, s, train_outer=train_outer)
 
 
 @register("nlora", residual=True)
 def init_nlora(base, W, r, ctx, name):
     """NLoRA: Nystrom ``W ~ C M R`` (``C = W Omega``, ``R = Psi^T W``, ``M = (Psi^T W Omega)^+``);
 
-    ``Delta W = s B M A`` with ``B = C``, ``M = M / s``, ``A = R``, all three trained (SLoRA's
-    three-matrix form); ``W_res = W - C M R``. Trainable ``r (out + in) + r^2``.
+    ``Delta W = s B M A`` (SLoRA's three-matrix form, all three trained) started at ``B A = C M R`` with
+    the core split evenly into B and A (:func:`~rankwise.linalg.nystrom.balanced_factors`) and
+    ``M = I / s``; ``W_res = W - C M R``. Trainable ``r (out + in) + r^2``. (Starting from
+    ``B = C, A = R`` unbalanced diverged under Adam in our benchmark.)
     """
     return _nlora(base, W, r, ctx, name, train_outer=True)
 

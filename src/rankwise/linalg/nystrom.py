@@ -40,3 +40,17 @@ def nystrom(W: torch.Tensor, rank: int, seed: int = 0, rcond: float = 1e-6,
     core = psi.T @ C
     M = torch.linalg.pinv(core, rtol=rcond)
     return C, M, R
+
+
+def balanced_factors(C: torch.Tensor, M: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, A)`` with ``B @ A = C @ M @ R``, split like PiSSA: ``B = U sqrt(S)``, ``A = sqrt(S) V^T`` where
+    ``U S V^T`` is the SVD of the Nystrom approximation, computed from small factors only:
+    ``C = Q_c T_c``, ``R^T = Q_r T_r`` (QR), ``T_c M T_r^T = P S Q^T`` (r x r SVD), ``U = Q_c P``, ``V = Q_r Q``.
+
+    Balanced factors have comparable scale, which Adam needs to train both.
+    """
+    Qc, Tc = torch.linalg.qr(C)
+    Qr, Tr = torch.linalg.qr(R.T)
+    P, S, Qh = torch.linalg.svd(Tc @ M @ Tr.T, full_matrices=False)
+    sq = S.sqrt()
+    return (Qc @ P) * sq, sq[:, None] * (Qh @ Qr.T)
