@@ -164,8 +164,10 @@ def plot_losses(curves: dict[str, list[float]], path, title: str = "adapter trai
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, label=label, lw=1.3)
+    colors = plt.cm.tab20.colors
+    for i, (label, ys) in enumerate(curves.items()):
+        ax.plot(range(1, len(ys) + 1), ys, label=label, lw=1.6 if i < 2 else 1.1,
+                color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], ls="-" if i < 10 else "--")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title(title)
