@@ -118,6 +118,10 @@ def pipeline_child(args) -> None:
     from rankwise.evaluate.perplexity import perplexity
     from rankwise.models.loading import load_model
 
+    if args.child_cross_ridge is not None:
+        import rankwise.compress.methods as methods
+
+        methods.CROSS_RIDGE = args.child_cross_ridge
     model, tok, _ = load_model(args.model)
     rss0 = peak_rss_mb()
     t = time.perf_counter()
@@ -143,18 +147,22 @@ def pipeline(args) -> dict:
         if all(old.get(k) == out[k] for k in ("eval_windows", "calib_windows", "calib_seqlen", "ratio")):
             out["rows"] = old["rows"]
     for spec in args.pipeline_runs:
-        method, refit, mode = spec.split(":")
+        method, refit, mode, *ridge = spec.split(":")
         cmd = [sys.executable, __file__, "--child", "--child-method", method, "--child-mode", mode,
                "--windows", str(args.windows), "--calib-windows", str(args.calib_windows),
                "--calib-seqlen", str(args.calib_seqlen), "--pipeline-ratio", str(args.pipeline_ratio),
                "--threads", str(args.threads), "--fisher-windows", str(args.fisher_windows)]
         if refit == "refit":
             cmd.append("--child-refit")
+        if ridge:
+            cmd += ["--child-cross-ridge", ridge[0]]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         if res.returncode != 0 or not line:
             raise SystemExit(f"pipeline run {spec} failed:\n{res.stderr[-3000:]}")
         row = json.loads(line[0][7:])
+        if ridge:
+            row["cross_ridge"] = float(ridge[0])
         out["rows"].append(row)
         print(json.dumps(row), flush=True)
         write(args, out)
@@ -227,6 +235,7 @@ def main() -> None:
     ap.add_argument("--child-method", default="svd-llm", help=argparse.SUPPRESS)
     ap.add_argument("--child-mode", default="sequential", help=argparse.SUPPRESS)
     ap.add_argument("--child-refit", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-cross-ridge", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--render", action="store_true", help="print the markdown tables of the saved results")
     args = ap.parse_args()
     if args.render:

@@ -89,7 +89,11 @@ def _fwsvd(W: torch.Tensor, stats: LayerStats) -> Factorization:
     return row_weighted_svd(W, fisher_row_weights(stats.fisher))
 
 
-def corrected_target(W: torch.Tensor, stats: LayerStats, rel_ridge: float = 1e-6) -> torch.Tensor:
+#: Relative ridge on ``C'`` when solving for the corrected target (see :func:`corrected_target`).
+CROSS_RIDGE = 1e-6
+
+
+def corrected_target(W: torch.Tensor, stats: LayerStats, rel_ridge: float | None = None) -> torch.Tensor:
     """``W M C'^-1`` when ``stats.cross = M = X X'^T`` is known, else ``W``.
 
     ``||W X - W' X'||^2 = ||(W M C'^-1 - W') S'||^2 + const`` for ``S' S'^T = C' = X' X'^T``, so the
@@ -98,6 +102,7 @@ def corrected_target(W: torch.Tensor, stats: LayerStats, rel_ridge: float = 1e-6
     """
     if stats.cross is None:
         return W
+    rel_ridge = CROSS_RIDGE if rel_ridge is None else rel_ridge
     C = stats.covariance().to(torch.float64)
     M = stats.cross.to(torch.float64)
     A = C + rel_ridge * float(torch.diagonal(C).mean().clamp_min(1e-30)) * torch.eye(C.shape[0], dtype=C.dtype)
