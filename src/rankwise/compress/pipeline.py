@@ -24,6 +24,7 @@ Two calibration modes:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Sequence
@@ -126,6 +127,31 @@ class _Compressor:
         self.layers[name] = LayerReport(name, shape, k, layer_params(shape, None), layer_params(shape, k), damping)
 
 
+class _DampingFilter(logging.Filter):
+    """Per-layer damping notes go to the report (and one summary line), not one warning per layer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("covariance (")
+
+
+def _summarize_damping(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        filt = _DampingFilter()
+        logger = logging.getLogger("rankwise")
+        logger.addFilter(filt)
+        try:
+            model, report = fn(*args, **kwargs)
+        finally:
+            logger.removeFilter(filt)
+        if report.damped_layers:
+            log.info("%d of %d covariances were not positive definite and got a small ridge (see the report's "
+                     "per-layer 'damping')", len(report.damped_layers), len(report.layers))
+        return model, report
+    return wrapper
+
+
+@_summarize_damping
 def compress(
     model: nn.Module,
     method: str = DEFAULT_METHOD,
