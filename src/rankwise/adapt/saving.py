@@ -94,9 +94,14 @@ def peft_state(model: nn.Module, form: str = "original") -> tuple[dict[str, torc
         "use_rslora": rslora, "init_lora_weights": True, "inference_mode": True,
         "rank_pattern": {} if uniform else ranks, "alpha_pattern": {} if uniform else alphas,
         "base_model_name_or_path": meta.get("base_model"),
-        "rankwise": {"init": meta["init"], "form": form if meta["residual"] else "plain", "rank": meta["rank"]},
     }
     return tensors, config
+
+
+def _peft_provenance(model: nn.Module, form: str) -> dict:
+    """What rankwise adds beside a PEFT export (its own file: PEFT warns on unknown config keys)."""
+    meta = _meta(model)
+    return {"init": meta["init"], "form": form if meta["residual"] else "plain", "rank": meta["rank"]}
 
 
 def _model_without_adapters(model: nn.Module) -> nn.Module:
@@ -125,6 +130,7 @@ def save_peft(model: nn.Module, out: str | os.PathLike, form: str = "original", 
             extra(tmp)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "rankwise_adapter.json").write_text(json.dumps(_peft_provenance(model, form), indent=2))
         if form == "residual" and _meta(model)["residual"]:
             res = _model_without_adapters(model)
             res.save_pretrained(tmp / "residual_base", safe_serialization=True)
