@@ -41,12 +41,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--modes", default="in-memory,low-memory")
+    ap.add_argument("--reuse", default=None, help="results JSON whose rows fill in modes not run now")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("in-memory", "low-memory"):
+        for mode in args.modes.split(","):
             out = Path(tmp) / mode
             p = subprocess.run([sys.executable, "-c", CHILD, mode, args.model, str(out), str(args.calib_windows),
                                 str(args.threads)], capture_output=True, text=True, env=env)
@@ -56,6 +58,11 @@ def main(argv=None) -> dict:
             row["weights_mb"] = (out / "model.safetensors").stat().st_size / 2**20
             rows.append(row)
             print(json.dumps(row), flush=True)
+    if args.reuse:
+        old = {r["mode"]: dict(r, reused_from=args.reuse) for r in json.loads(Path(args.reuse).read_text())["rows"]}
+        have = {r["mode"] for r in rows}
+        rows = [r for m in ("in-memory", "low-memory") for r in ([x for x in rows if x["mode"] == m]
+                                                                  or ([old[m]] if m in old and m not in have else []))]
     res = {"benchmark": "lowmem_rss", "model": args.model, "method": "svd-llm", "ratio": 0.4,
            "calib": f"{args.calib_windows} x 512", "threads": args.threads, "rows": rows,
            "low_over_in_memory": rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]}

@@ -86,8 +86,16 @@ def load_tensors(index: dict[str, Path], keys: Sequence[str], dtype: torch.dtype
     return out
 
 
-def stream_merge(shards: Sequence[Path], dest: Path, metadata: dict[str, str] | None = None) -> None:
-    """Concatenate safetensors ``shards`` into one file, holding one tensor in memory at a time.
+def _write_tensor(out, t: torch.Tensor) -> None:
+    t = t.detach().contiguous()
+    if t.numel():
+        out.write(t.reshape(-1).view(torch.uint8).numpy().data)  # a view: no copy of the bytes
+
+
+def stream_merge(shards: Sequence[Path | dict[str, torch.Tensor]], dest: Path,
+                 metadata: dict[str, str] | None = None) -> None:
+    """Concatenate safetensors ``shards`` (files, or dicts of tensors already in memory) into one file,
+    holding at most one tensor read from a file in memory at a time.
 
     Layout (safetensors spec): u64-LE header size, JSON header ``{key: {dtype, shape, data_offsets}}``
     padded with spaces to a multiple of 8, then the raw little-endian tensor bytes.
@@ -96,6 +104,12 @@ def stream_merge(shards: Sequence[Path], dest: Path, metadata: dict[str, str] | 
 
     entries, offset = [], 0
     for shard in shards:
+        if isinstance(shard, dict):
+            for k, t in shard.items():
+                nbytes = t.numel() * t.element_size()
+                entries.append((k, None, _NAMES[t.dtype], list(t.shape), offset, offset + nbytes))
+                offset += nbytes
+            continue
         with safe_open(str(shard), framework="pt") as f:
             for k in f.keys():
                 sl = f.get_slice(k)
@@ -113,10 +127,13 @@ def stream_merge(shards: Sequence[Path], dest: Path, metadata: dict[str, str] | 
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for shard in shards:
+            if isinstance(shard, dict):
+                for t in shard.values():
+                    _write_tensor(out, t)
+                continue
             with safe_open(str(shard), framework="pt") as f:
                 for k in f.keys():
-                    t = f.get_tensor(k).contiguous()
-                    out.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                    _write_tensor(out, f.get_tensor(k))
 
 
 def _save_shard(state: dict[str, torch.Tensor], file: Path) -> None:
@@ -172,6 +189,7 @@ def compress_low_memory(
     with accelerate.init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.eval()
+    windows, source = calibration_windows(model, calib, tok, calib_windows, calib_seqlen, seed)
     blocks = decoder_blocks(model)
     prefix = block_prefix(model) + "."
     outside = [k for k in index if not k.startswith(prefix)]
@@ -189,7 +207,6 @@ def compress_low_memory(
     if needs - {ABS_MEAN, COV}:
         raise ConfigError(f"--low-memory cannot run {meth.name}: it needs gradients of the whole model; "
                           "use svd, asvd, svd-llm or svd-llm-v2")
-    windows, source = calibration_windows(model, calib, tok, calib_windows, calib_seqlen, seed)
     request = AllocationRequest(ratio, shapes, {}, {"model": model, "windows": windows, "method": meth,
                                                    "refit": refit, "tokenizer": tok, "progress": progress,
                                                    **(allocate_options or {})})
@@ -253,10 +270,9 @@ def compress_low_memory(
                 continue
             seen[ident] = k
             rest[k] = t
-        head = shard_dir / "rest.safetensors"
-        _save_shard(rest, head)
-        stream_merge([head] + shards, tmp / WEIGHTS_FILE, {"format": "pt", "rankwise": FORMAT})
-        for s in [head] + shards:
+        stream_merge([rest] + shards, tmp / WEIGHTS_FILE, {"format": "pt", "rankwise": FORMAT})
+        del rest
+        for s in shards:
             s.unlink()
         shard_dir.rmdir()
 
