@@ -9,17 +9,6 @@
 The package itself is callable: ``rankwise.compress(model, ...)`` is :func:`.api.compress`, also
 after ``import rankwise.compress`` has bound the subpackage to the attribute ``rankwise.compress``.
 """
-from __future__ import annotations
+from .._callable import make_callable
 
-import sys
-import types
-
-
-class _CallablePackage(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        from .api import compress
-
-        return compress(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage
+make_callable(__name__, "rankwise.compress.api:compress")

@@ -1,0 +1,38 @@
+"""The README's Python API, end to end on a tiny model, after every subpackage was imported
+(importing ``rankwise.compress`` etc. must not shadow the API verbs)."""
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+import rankwise
+from rankwise.compress.saving import save_compressed
+from rankwise.models.tiny import TINY_TEXT
+
+
+@pytest.fixture(autouse=True)
+def _import_everything():
+    for sub in ("compress", "analyze", "adapt", "evaluate", "calibration", "models"):
+        importlib.import_module(f"rankwise.{sub}")
+
+
+def test_readme_api_round_trip(tiny_dir, tmp_path):
+    model, tok, _ = rankwise.load_model(str(tiny_dir))
+    text = TINY_TEXT * 40
+    dense = rankwise.evaluate(model, tok, text=text, seqlen=32, windows=4).ppl
+    small, report = rankwise.compress(model, method="svd-llm", ratio=0.4, calib=text, tokenizer=tok,
+                                      calib_windows=4, calib_seqlen=32, progress=False)
+    assert small is not model  # the API copies unless inplace=True
+    assert rankwise.evaluate(model, tok, text=text, seqlen=32, windows=4).ppl == dense
+    assert 0.55 < report.targeted_params_after / report.targeted_params_before <= 0.6
+    save_compressed(small, tok, tmp_path / "c", report)
+    small2, _ = rankwise.load(tmp_path / "c")
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(small2(ids).logits, small(ids).logits, rtol=0, atol=0)
+    res = rankwise.analyze(model, layers="mlp")
+    assert len(res.layers) == 6 and "alpha" in res.summary
+    tuned = rankwise.adapt(model, init="pissa", rank=4)
+    assert rankwise.evaluate(tuned, tok, text=text, seqlen=32, windows=4).ppl == pytest.approx(dense, rel=1e-4)
