@@ -33,6 +33,15 @@ def tiny_gemma3():
     return tiny_model("gemma3")
 
 
+@pytest.fixture
+def one_thread():
+    """Batched tiny eigenproblems run far faster on one thread on a small shared box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_tok():
     return tiny_tokenizer()

@@ -7,13 +7,7 @@ import torch
 
 from rankwise.cli import main
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box is small and shared: batched tiny eigenproblems run far faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -7,13 +7,7 @@ from rankwise.analyze.farms import farms_eigenvalues, farms_fit, farms_windows
 from rankwise.analyze.powerlaw import fit_power_law
 from rankwise.linalg.spectrum import singular_values
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box is small and shared: batched tiny eigenproblems run far faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -5,13 +5,7 @@ import torch
 
 from rankwise.analyze.intruders import intruder_dimensions, update_stats
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box is small and shared: small decompositions run far faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

@@ -12,13 +12,7 @@ from rankwise.linalg.whitening import cholesky_whitener
 from rankwise.models.surgery import linear_weight
 from rankwise.models.tiny import tiny_model
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CI box is small and shared: batched tiny eigenproblems run far faster on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

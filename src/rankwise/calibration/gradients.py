@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NumericalError
-from ..models.surgery import Conv1D, linear_weight
+from ..models.surgery import Conv1D, get_modules, linear_weight
 from .stats import _check_windows, run_model
 
 
@@ -45,12 +45,7 @@ def accumulate_gradients(model: nn.Module, windows: torch.Tensor, names: Sequenc
     ``.grad`` are left as they were, and the model runs in eval mode (restored afterwards).
     """
     _check_windows(windows, batch_size)
-    modules = {}
-    for name in names:
-        try:
-            modules[name] = model.get_submodule(name)
-        except AttributeError as e:
-            raise ConfigError(f"model has no module named {name!r}") from e
+    modules = get_modules(model, names)
     params = [_weight_param(m) for m in modules.values()]
     conv = [bool(Conv1D) and isinstance(m, Conv1D) for m in modules.values()]
     acc = {n: torch.zeros(tuple(linear_weight(m).shape), dtype=torch.float64, device=p.device)

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, NumericalError
+from ..models.surgery import get_modules
 
 
 BatchSums = tuple  # (cov | None, abs_sum, sq_sum, n) of one batch
@@ -194,12 +195,7 @@ def collect_input_stats(model: nn.Module, windows: torch.Tensor, names: Sequence
     The model runs in eval mode (restored afterwards).
     """
     _check_windows(windows, batch_size)
-    modules = {}
-    for name in names:
-        try:
-            modules[name] = model.get_submodule(name)
-        except AttributeError as e:
-            raise ConfigError(f"model has no module named {name!r}") from e
+    modules = get_modules(model, names)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -87,6 +87,19 @@ def get_module(model: nn.Module, name: str) -> nn.Module:
     return model.get_submodule(name)
 
 
+def get_modules(model: nn.Module, names: Iterable[str]) -> dict[str, nn.Module]:
+    """``{name: module}`` for qualified names; a missing one raises ConfigError naming it."""
+    from ..errors import ConfigError
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = model.get_submodule(name)
+        except AttributeError as e:
+            raise ConfigError(f"model has no module named {name!r}") from e
+    return out
+
+
 def set_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Replace the submodule at dotted ``name`` with ``new``; returns the old module."""
     parent_name, _, child = name.rpartition(".")
