@@ -57,3 +57,12 @@ def test_decoder_blocks_and_layer_index(tiny_any):
     name = next(iter(surgery.find_linears(tiny_any)))
     assert surgery.layer_index(name) == 0
     assert surgery.module_type("model.layers.3.mlp.up_proj") == "up_proj"
+
+
+def test_get_modules_names_the_missing_one(tiny_llama):
+    from rankwise.errors import ConfigError
+
+    mods = surgery.get_modules(tiny_llama, ["model.layers.0.mlp.up_proj"])
+    assert mods["model.layers.0.mlp.up_proj"] is tiny_llama.model.layers[0].mlp.up_proj
+    with pytest.raises(ConfigError, match="model.layers.9.mlp.up_proj"):
+        surgery.get_modules(tiny_llama, ["model.layers.9.mlp.up_proj"])
