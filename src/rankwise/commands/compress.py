@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
         allocate: str = typer.Option("uniform", "--allocate", help="Rank allocator: uniform | spectrum | sensitivity (see rankwise.compress.allocate.ALLOCATORS)."),
         min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep (spectrum/sensitivity)."),
         speed_aware: bool = typer.Option(False, "--speed-aware/--no-speed-aware",
-                                         help="Keep layers dense whose factorized form is not faster (measured, cached per machine); the allocator moves their budget."),
+                                         help="Keep layers dense whose factorized form is not faster (measured, cached per machine: the first run measures each distinct layer shape, ~1-2 s per shape on CPU); the allocator moves their budget."),
         speed_profile: Optional[Path] = typer.Option(None, "--speed-profile", help="Speed profile JSON to use instead of the machine cache (re-measured if from another machine)."),
         low_memory: bool = typer.Option(False, "--low-memory", help="Compress block by block from the safetensors files (peak RSS ~ one block)."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory to write the compressed model to."),
