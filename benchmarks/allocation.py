@@ -128,6 +128,11 @@ def main(argv=None) -> dict:
                 from rankwise.compress.allocators_global import allocate_spectrum_by_type
 
                 plan = allocate_spectrum_by_type(ratio, shapes, spectra, args.min_rank, caps)
+            elif alloc.startswith("spectrum-band"):  # spectrum-band[:BAND]
+                from rankwise.compress.allocators_global import allocate_spectrum_banded
+
+                band = float(alloc.split(":")[1]) if ":" in alloc else 0.5
+                plan = allocate_spectrum_banded(ratio, shapes, spectra, band, args.min_rank, caps)
             elif alloc == "sensitivity":
                 plan, _ = allocate_sensitivity(ratio, shapes, spectra, memo_loss, base, args.min_rank, caps,
                                                args.sens_points)

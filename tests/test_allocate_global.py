@@ -243,3 +243,48 @@ def test_spectrum_by_type_equals_per_group_brute_force():
         sub = {k: v for k, v in shapes.items() if k.endswith(t)}
         assert {k: plan[k] for k in sub} == allocate_spectrum(0.4, sub, {k: spec[k] for k in sub})
         assert plan_params({k: plan[k] for k in sub}, sub) <= math.floor(0.6 * sum(m * n for m, n in sub.values()))
+
+
+# ---- spectrum within a band around the uniform rank ----------------------------------------------
+
+BIG = {"a": (24, 20), "b": (18, 18), "c": (32, 12)}
+
+
+def test_band_zero_is_uniform():
+    from rankwise.compress.allocators_global import allocate_spectrum_banded
+    from rankwise.compress.budget import uniform_rank
+
+    rng = np.random.default_rng(0)
+    spec = {k: np.sort(rng.random(min(s)))[::-1] for k, s in BIG.items()}
+    for ratio in (0.2, 0.4, 0.6):
+        assert allocate_spectrum_banded(ratio, BIG, spec, band=0.0) == {k: uniform_rank(*s, ratio) for k, s in BIG.items()}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_band_stays_in_band_and_matches_brute_force(seed):
+    from rankwise.compress.allocators_global import allocate_spectrum_banded
+
+    rng = np.random.default_rng(seed)
+    spec = {k: np.sort(rng.random(min(s)) ** rng.uniform(1, 6))[::-1] for k, s in BIG.items()}
+    ratio, band = 0.4, 0.5
+    plan = allocate_spectrum_banded(ratio, BIG, spec, band=band)
+    total = sum(m * n for m, n in BIG.values())
+    B = math.floor((1 - ratio) * total)
+    tables = {}
+    for k, (m, n) in BIG.items():
+        u = math.floor(m * n * (1 - ratio) / (m + n))
+        lo, hi = math.floor(u * (1 - band)), min(max_saving_rank(m, n), math.ceil(u * (1 + band)))
+        assert plan[k] is not None and lo <= plan[k] <= hi
+        e = relative_tail(spec[k])
+        tables[k] = [Option(r, r * (m + n), e[r]) for r in range(lo, hi + 1)]
+    assert plan_params(plan, BIG) <= B
+    (opt, combos) = brute(tables, B)
+    cost = plan_cost(plan, spec)
+    assert opt - 1e-12 <= cost <= min(c for p, c in lagrangian_points(combos) if p <= B) + 1e-12
+
+
+def test_band_rejects_negative_band():
+    from rankwise.compress.allocators_global import allocate_spectrum_banded
+
+    with pytest.raises(ConfigError, match="band"):
+        allocate_spectrum_banded(0.4, BIG, {k: np.ones(min(s)) for k, s in BIG.items()}, band=-0.1)

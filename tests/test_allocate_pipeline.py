@@ -26,7 +26,7 @@ def test_registry_lists_global_allocators():
         get_allocator("nope")
 
 
-@pytest.mark.parametrize("alloc", ["spectrum", "sensitivity"])
+@pytest.mark.parametrize("alloc", ["spectrum", "spectrum-band", "sensitivity"])
 def test_global_allocators_meet_the_budget(tiny_llama, windows, alloc):
     _, rep = compress(tiny_llama, "svd-llm", 0.4, calib=windows, allocate=alloc, progress=False,
                       allocate_options={"sensitivity_windows": 2, "sensitivity_seqlen": 32})

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from ..errors import UnknownMethodError
-from .allocators_global import allocate_spectrum, allocate_spectrum_by_type, uniform_speed_aware
+from .allocators_global import (allocate_spectrum, allocate_spectrum_banded, allocate_spectrum_by_type,
+                                uniform_speed_aware)
 from .allocate_context import _record_dense, allocate_sensitivity_request, speed_caps_for
 from .budget import RankPlan, uniform_rank
 
@@ -82,6 +83,15 @@ def spectrum_typed(req: AllocationRequest) -> RankPlan:
     return plan
 
 
+def spectrum_band(req: AllocationRequest) -> RankPlan:
+    """``spectrum`` with ranks within ``context['band']`` (default 0.5) of the uniform rank, none dense."""
+    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    plan = allocate_spectrum_banded(req.ratio, req.shapes, spectra, float(req.context.get("band", 0.5)),
+                                    int(req.context.get("min_rank", 1)), speed_caps_for(req))
+    _record_dense(req, plan)
+    return plan
+
+
 def sensitivity(req: AllocationRequest) -> RankPlan:
     """Measured loss increase when each layer alone is truncated (few windows), then the budgeted choice."""
     plan = allocate_sensitivity_request(req, speed_caps_for(req))
@@ -95,6 +105,8 @@ ALLOCATORS: dict[str, Allocator] = {
                           "global greedy over relative whitened truncation error per parameter saved"),
     "spectrum-typed": Allocator("spectrum-typed", spectrum_typed, True,
                                 "spectrum greedy within each module type (q, k, ..., down), same ratio per type"),
+    "spectrum-band": Allocator("spectrum-band", spectrum_band, True,
+                               "spectrum greedy with each rank within +-50% of the uniform rank, no layer dense"),
     "sensitivity": Allocator("sensitivity", sensitivity, True,
                              "measured LM-loss increase per layer at a few ranks + budgeted choice (slower)"),
 }

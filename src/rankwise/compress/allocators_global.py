@@ -110,6 +110,35 @@ def allocate_spectrum(ratio: float, shapes: Mapping[str, tuple[int, int]],
     return _solve(ratio, shapes, {k: relative_tail(spectra[k]) for k in shapes}, caps, min_rank)
 
 
+def allocate_spectrum_banded(ratio: float, shapes: Mapping[str, tuple[int, int]],
+                             spectra: Mapping[str, Sequence[float] | np.ndarray], band: float = 0.5,
+                             min_rank: int = 1, speed_caps: Mapping[str, int] | None = None) -> dict[str, int | None]:
+    """``spectrum`` with every layer's rank kept in a band around its uniform rank, no dense option.
+
+    With ``u_l = floor(m n (1 - R) / (m + n))`` (the uniform rank), layer ``l`` may take any
+    ``k in [max(min_rank, floor(u_l (1 - band))), min(cap_l, ceil(u_l (1 + band)))]`` and the greedy
+    minimizes ``sum_l e_l(k_l)`` under the same budget. ``band = 0`` is exactly ``uniform``; a layer
+    whose band is empty (speed cap below it) stays dense. The uniform plan lies inside the bands, so the
+    budget is feasible whenever uniform's is.
+    """
+    _check_min_rank(min_rank)
+    if not (isinstance(band, (int, float)) and 0 <= band):
+        raise ConfigError(f"band must be a number >= 0 (fraction of the uniform rank), got {band!r}")
+    n_sigma = {k: len(spectra[k]) for k in shapes}
+    check_feasible(ratio, shapes, n_sigma, min_rank, speed_caps)
+    tables = {}
+    for name, (m, n) in shapes.items():
+        cap = layer_cap((m, n), n_sigma[name], (speed_caps or {}).get(name))
+        u = max(1, math.floor(m * n * (1.0 - ratio) / (m + n)))
+        lo, hi = max(min_rank, math.floor(u * (1 - band))), min(cap, math.ceil(u * (1 + band)))
+        costs = relative_tail(spectra[name])
+        tables[name] = ([Option(k, k * (m + n), float(costs[k])) for k in range(lo, hi + 1)] if lo <= hi
+                        else [Option(None, m * n, 0.0)])
+    total = sum(m * n for m, n in shapes.values())
+    chosen = solve_budget(tables, math.floor((1.0 - ratio) * total))
+    return {name: chosen[name].rank for name in shapes}
+
+
 def candidate_ranks(cap: int, min_rank: int, points: int) -> list[int]:
     """``points`` ranks spread over ``[min_rank, cap]`` (fractions ``j / points`` of ``cap``), cap included."""
     if cap < min_rank:
