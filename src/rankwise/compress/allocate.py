@@ -9,11 +9,13 @@ Allocators (see :mod:`.allocators_global` for the math):
 * ``uniform``      every layer keeps ``k = floor(m n (1 - R) / (m + n))``;
 * ``spectrum``     one global greedy over the relative whitened truncation errors (no extra passes);
 * ``spectrum-typed`` the same greedy within each module type, each type removing ``ratio``;
+* ``spectrum-band`` the same greedy with every rank within ``band`` (fraction) of the uniform rank;
 * ``sensitivity``  measured LM-loss increase per layer at a few ranks, then the same budgeted choice.
 
 ``context`` keys read here: ``min_rank`` (int, default 1), ``speed_aware`` (bool), ``speed_profile``
 (path or None), ``model`` and ``windows`` (for speed measurement and sensitivity),
-``sensitivity_windows`` / ``sensitivity_seqlen`` / ``sensitivity_points``. What an allocator decided
+``sensitivity_windows`` / ``sensitivity_seqlen`` / ``sensitivity_points``, ``band`` (spectrum-band,
+default 0.5). What an allocator decided
 beyond the ranks (speed caps, dense reasons, measured tables, seconds) goes into ``request.info``.
 """
 from __future__ import annotations
