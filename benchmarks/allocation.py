@@ -128,11 +128,18 @@ def main(argv=None) -> dict:
                 from rankwise.compress.allocators_global import allocate_spectrum_by_type
 
                 plan = allocate_spectrum_by_type(ratio, shapes, spectra, args.min_rank, caps)
-            elif alloc.startswith("spectrum-band"):  # spectrum-band[:BAND]
-                from rankwise.compress.allocators_global import allocate_spectrum_banded
+            elif alloc.startswith(("spectrum-band", "sens-band")):  # spectrum-band[:BAND], sens-band[:BAND]
+                from rankwise.compress.allocators_global import allocate_spectrum_banded, relative_tail
 
                 band = float(alloc.split(":")[1]) if ":" in alloc else 0.5
-                plan = allocate_spectrum_banded(ratio, shapes, spectra, band, args.min_rank, caps)
+                weights = None
+                if alloc.startswith("sens-band"):  # w_l = measured loss increase at the uniform rank / e_l(u_l)
+                    weights = {}
+                    for n in names:
+                        u = uniform_rank(*shapes[n], ratio)
+                        e_u = relative_tail(spectra[n])[u]
+                        weights[n] = max(memo_loss(n, u) - base, 1e-6) / max(e_u, 1e-12)
+                plan = allocate_spectrum_banded(ratio, shapes, spectra, band, args.min_rank, caps, weights)
             elif alloc == "sensitivity":
                 plan, _ = allocate_sensitivity(ratio, shapes, spectra, memo_loss, base, args.min_rank, caps,
                                                args.sens_points)

@@ -288,3 +288,14 @@ def test_band_rejects_negative_band():
 
     with pytest.raises(ConfigError, match="band"):
         allocate_spectrum_banded(0.4, BIG, {k: np.ones(min(s)) for k, s in BIG.items()}, band=-0.1)
+
+
+def test_band_weights_move_rank_to_the_heavy_layer():
+    from rankwise.compress.allocators_global import allocate_spectrum_banded
+
+    rng = np.random.default_rng(3)
+    spec = {k: np.sort(rng.random(min(s)) ** 2)[::-1] for k, s in BIG.items()}
+    plain = allocate_spectrum_banded(0.4, BIG, spec, band=0.5)
+    assert allocate_spectrum_banded(0.4, BIG, spec, band=0.5, weights={k: 3.0 for k in BIG}) == plain
+    heavy = allocate_spectrum_banded(0.4, BIG, spec, band=0.5, weights={"a": 1e3, "b": 1.0, "c": 1.0})
+    assert heavy["a"] >= plain["a"] and heavy["a"] == math.ceil(6 * 1.5)

@@ -112,12 +112,14 @@ def allocate_spectrum(ratio: float, shapes: Mapping[str, tuple[int, int]],
 
 def allocate_spectrum_banded(ratio: float, shapes: Mapping[str, tuple[int, int]],
                              spectra: Mapping[str, Sequence[float] | np.ndarray], band: float = 0.5,
-                             min_rank: int = 1, speed_caps: Mapping[str, int] | None = None) -> dict[str, int | None]:
+                             min_rank: int = 1, speed_caps: Mapping[str, int] | None = None,
+                             weights: Mapping[str, float] | None = None) -> dict[str, int | None]:
     """``spectrum`` with every layer's rank kept in a band around its uniform rank, no dense option.
 
     With ``u_l = floor(m n (1 - R) / (m + n))`` (the uniform rank), layer ``l`` may take any
     ``k in [max(min_rank, floor(u_l (1 - band))), min(cap_l, ceil(u_l (1 + band)))]`` and the greedy
-    minimizes ``sum_l e_l(k_l)`` under the same budget. ``band = 0`` is exactly ``uniform``; a layer
+    minimizes ``sum_l w_l e_l(k_l)`` under the same budget (``w_l = weights[l]``, default 1, e.g. a
+    measured loss increase per unit of relative error). ``band = 0`` is exactly ``uniform``; a layer
     whose band is empty (speed cap below it) stays dense. The uniform plan lies inside the bands, so the
     budget is feasible whenever uniform's is.
     """
@@ -131,7 +133,7 @@ def allocate_spectrum_banded(ratio: float, shapes: Mapping[str, tuple[int, int]]
         cap = layer_cap((m, n), n_sigma[name], (speed_caps or {}).get(name))
         u = max(1, math.floor(m * n * (1.0 - ratio) / (m + n)))
         lo, hi = max(min_rank, math.floor(u * (1 - band))), min(cap, math.ceil(u * (1 + band)))
-        costs = relative_tail(spectra[name])
+        costs = relative_tail(spectra[name]) * float((weights or {}).get(name, 1.0))
         tables[name] = ([Option(k, k * (m + n), float(costs[k])) for k in range(lo, hi + 1)] if lo <= hi
                         else [Option(None, m * n, 0.0)])
     total = sum(m * n for m, n in shapes.values())
