@@ -26,7 +26,7 @@ def test_registry_lists_global_allocators():
         get_allocator("nope")
 
 
-@pytest.mark.parametrize("alloc", ["spectrum", "spectrum-band", "sensitivity"])
+@pytest.mark.parametrize("alloc", ["spectrum", "spectrum-band", "sensitivity-band", "sensitivity"])
 def test_global_allocators_meet_the_budget(tiny_llama, windows, alloc):
     _, rep = compress(tiny_llama, "svd-llm", 0.4, calib=windows, allocate=alloc, progress=False,
                       allocate_options={"sensitivity_windows": 2, "sensitivity_seqlen": 32})
@@ -75,3 +75,25 @@ def test_layer_loss_truncates_one_layer_and_restores_it(tiny_llama, windows):
     assert loss(name, full) == pytest.approx(base, abs=1e-4)  # full rank = the dense layer
     assert loss(name, 1) != pytest.approx(base, abs=1e-4)
     assert torch.equal(linear_weight(tiny_llama.get_submodule(name)), W0)
+
+
+def test_sensitivity_band_one_loss_per_layer_and_heavy_layer_keeps_rank(tiny_llama, windows):
+    from rankwise.compress.budget import uniform_rank
+
+    heavy = "model.layers.0.mlp.down_proj"
+    calls = []
+
+    def fake_loss(name, k):
+        calls.append((name, k))
+        return 1e3 if name == heavy else 1.01
+
+    _, rep = compress(tiny_llama, "svd-llm", 0.4, calib=windows, allocate="sensitivity-band", progress=False,
+                      allocate_options={"layer_loss": fake_loss, "base_loss": 1.0})
+    shapes = {n: (lay.out_features, lay.in_features) for n, lay in
+              ((n, tiny_llama.get_submodule(n)) for n in rep.ranks)}
+    assert rep.achieved_ratio >= 0.4
+    assert sorted(n for n, _ in calls) == sorted(rep.ranks)  # exactly one evaluation per layer
+    assert all(k == uniform_rank(*shapes[n], 0.4) for n, k in calls)
+    assert rep.allocation["sensitivity"]["loss_evaluations"] == len(rep.ranks)
+    assert rep.ranks[heavy] >= uniform_rank(*shapes[heavy], 0.4)
+    assert all(r is not None for r in rep.ranks.values())

@@ -109,7 +109,7 @@ def register(app: typer.Typer) -> None:
         text_file: Optional[Path] = TextFileOpt,
         sequential: bool = typer.Option(DEFAULT_SEQUENTIAL, "--sequential/--one-shot",
                                         help="Calibrate block by block on the compressed prefix, or all at once on the dense model."),
-        allocate: str = typer.Option("uniform", "--allocate", help="Rank allocator: uniform | spectrum | sensitivity (see rankwise.compress.allocate.ALLOCATORS)."),
+        allocate: str = typer.Option("uniform", "--allocate", help="Rank allocator: uniform | spectrum | spectrum-band | sensitivity-band (best measured at 40%, ~6x slower) | sensitivity (see rankwise.compress.allocate.ALLOCATORS)."),
         min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep (spectrum/sensitivity)."),
         speed_aware: bool = typer.Option(False, "--speed-aware/--no-speed-aware",
                                          help="Keep layers dense whose factorized form is not faster (measured, cached per machine: the first run measures each distinct layer shape, ~1-2 s per shape on CPU); the allocator moves their budget."),

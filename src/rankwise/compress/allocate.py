@@ -10,7 +10,9 @@ Allocators (see :mod:`.allocators_global` for the math):
 * ``spectrum``     one global greedy over the relative whitened truncation errors (no extra passes);
 * ``spectrum-typed`` the same greedy within each module type, each type removing ``ratio``;
 * ``spectrum-band`` the same greedy with every rank within ``band`` (fraction) of the uniform rank;
-* ``sensitivity``  measured LM-loss increase per layer at a few ranks, then the same budgeted choice.
+* ``sensitivity``  measured LM-loss increase per layer at a few ranks, then the same budgeted choice;
+* ``sensitivity-band`` ``spectrum-band`` with each layer's error weighted by its measured loss increase
+  at the uniform rank (one loss evaluation per layer; best measured at 40%, see BENCHMARKS.md).
 
 ``context`` keys read here: ``min_rank`` (int, default 1), ``speed_aware`` (bool), ``speed_profile``
 (path or None), ``model`` and ``windows`` (for speed measurement and sensitivity),
@@ -26,7 +28,8 @@ from typing import Any, Callable, Mapping
 from ..errors import UnknownMethodError
 from .allocators_global import (allocate_spectrum, allocate_spectrum_banded, allocate_spectrum_by_type,
                                 uniform_speed_aware)
-from .allocate_context import _record_dense, allocate_sensitivity_request, speed_caps_for
+from .allocate_context import (_record_dense, allocate_sensitivity_band_request, allocate_sensitivity_request,
+                               speed_caps_for)
 from .budget import RankPlan, uniform_rank
 
 
@@ -101,6 +104,13 @@ def sensitivity(req: AllocationRequest) -> RankPlan:
     return plan
 
 
+def sensitivity_band(req: AllocationRequest) -> RankPlan:
+    """``spectrum-band`` weighted per layer by the measured loss increase at its uniform rank."""
+    plan = allocate_sensitivity_band_request(req, speed_caps_for(req))
+    _record_dense(req, plan)
+    return plan
+
+
 ALLOCATORS: dict[str, Allocator] = {
     "uniform": Allocator("uniform", uniform, False, "same parameter fraction removed from every layer"),
     "spectrum": Allocator("spectrum", spectrum, True,
@@ -109,6 +119,9 @@ ALLOCATORS: dict[str, Allocator] = {
                                 "spectrum greedy within each module type (q, k, ..., down), same ratio per type"),
     "spectrum-band": Allocator("spectrum-band", spectrum_band, True,
                                "spectrum greedy with each rank within +-50% of the uniform rank, no layer dense"),
+    "sensitivity-band": Allocator("sensitivity-band", sensitivity_band, True,
+                                  "spectrum-band weighted by the measured loss increase of each layer at its "
+                                  "uniform rank (one loss evaluation per layer)"),
     "sensitivity": Allocator("sensitivity", sensitivity, True,
                              "measured LM-loss increase per layer at a few ranks + budgeted choice (slower)"),
 }

@@ -2,6 +2,7 @@
 speed caps from the measured speed model, the sensitivity loss callback, and dense reasons."""
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -120,5 +121,47 @@ def allocate_sensitivity_request(req: "AllocationRequest", caps: dict[str, int] 
                                        progress=bool(ctx.get("progress", False)))
     req.info["sensitivity"] = {"base_loss": base, "loss_evaluations": calls[0],
                                "seconds": time.perf_counter() - t0,
+                               "table": {n: {str(k): v for k, v in t.items()} for n, t in table.items()}}
+    return plan
+
+
+def allocate_sensitivity_band_request(req: "AllocationRequest", caps: dict[str, int] | None) -> dict:
+    """``spectrum-band`` (band ``context['band']``, default 0.5) with per-layer weights
+
+        w_l = (loss(layer l alone at its uniform rank u_l) - base_loss) / e_l(u_l)
+
+    (one loss evaluation per layer on ``sensitivity_windows`` x ``sensitivity_seqlen`` calibration
+    tokens), so the greedy trades measured loss, linearized in the relative whitened error."""
+    from .allocators_global import allocate_spectrum_banded, relative_tail
+    from .budget import uniform_rank
+
+    ctx = req.context
+    t0 = time.perf_counter()
+    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    if ctx.get("layer_loss") is not None:
+        loss, base = ctx["layer_loss"], float(ctx["base_loss"])
+    else:
+        model, windows = ctx.get("model"), ctx.get("windows")
+        if model is None or windows is None:
+            raise ConfigError("the sensitivity-band allocator needs the model and calibration windows")
+        nw = int(ctx.get("sensitivity_windows", SENSITIVITY_WINDOWS))
+        sl = int(ctx.get("sensitivity_seqlen", SENSITIVITY_SEQLEN))
+        loss, base = make_layer_loss(model, windows[:nw, :sl], req.factorizations)
+    weights, table = {}, {}
+    for name, (m, n) in req.shapes.items():
+        u = uniform_rank(m, n, req.ratio)
+        if caps is not None and u is not None:
+            u = min(u, caps.get(name, u))
+        if u is None or u < 1:
+            continue
+        table[name] = {u: float(loss(name, u))}
+        if not math.isfinite(table[name][u]):
+            raise ConfigError(f"non-finite calibration loss when truncating {name}; check the model and data")
+        e_u = float(relative_tail(spectra[name])[u])
+        weights[name] = max(table[name][u] - base, 1e-6) / max(e_u, 1e-12)
+    plan = allocate_spectrum_banded(req.ratio, req.shapes, spectra, float(ctx.get("band", 0.5)),
+                                    int(ctx.get("min_rank", 1)), caps, weights)
+    req.info["sensitivity"] = {"base_loss": base, "loss_evaluations": len(table),
+                               "seconds": time.perf_counter() - t0, "weights": weights,
                                "table": {n: {str(k): v for k, v in t.items()} for n, t in table.items()}}
     return plan
