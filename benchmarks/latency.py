@@ -75,19 +75,24 @@ def main(argv=None) -> dict:
     variants = {"dense": model, **{k: build(model, shapes, p) for k, p in plans.items()}}
     removed = {k: 1 - plan_params(shapes, p)[1] / plan_params(shapes, p)[0] for k, p in plans.items()}
     pre, dec = {k: [] for k in variants}, {k: [] for k in variants}
+    ttft = {k: [] for k in variants}
     for r in range(args.rounds):
         for k, m in variants.items():
             pre[k].append(prefill_seconds(m, args.prefill, repeats=1, warmup=1 if r == 0 else 0))
+            ttft[k].append(prefill_seconds(m, args.prefill, repeats=1, warmup=1 if r == 0 else 0,
+                                           last_logits_only=True))
             dec[k].append(decode_tokens_per_second(m, args.new_tokens, repeats=1, warmup=1 if r == 0 else 0))
         print(f"round {r + 1}/{args.rounds}", flush=True)
     rows = []
     for k in variants:
         p, d = statistics.median(pre[k]), statistics.median(dec[k])
         rows.append({"variant": k, "removed": removed.get(k, 0.0), "prefill_s": p, "decode_tok_s": d,
+                     "prefill_last_logits_s": statistics.median(ttft[k]),
                      "dense_layers": sum(v is None for v in plans[k].values()) if k in plans else len(shapes)})
     base = rows[0]
     for r in rows:
         r["prefill_vs_dense"] = r["prefill_s"] / base["prefill_s"]
+        r["prefill_last_logits_vs_dense"] = r["prefill_last_logits_s"] / base["prefill_last_logits_s"]
         r["decode_latency_vs_dense"] = base["decode_tok_s"] / r["decode_tok_s"]
         print(json.dumps(r))
     res = {"benchmark": "latency", "model": str(path), "device": "cpu", "threads": torch.get_num_threads(),

@@ -45,11 +45,18 @@ def _device_of(model) -> torch.device:
 
 @torch.no_grad()
 def prefill_seconds(model, seqlen: int = 512, batch: int = 1, repeats: int = 5, warmup: int = 1,
-                    seed: int = 0) -> float:
-    """Median seconds of one forward pass over random prompt ids of shape (batch, seqlen)."""
+                    seed: int = 0, last_logits_only: bool = False) -> float:
+    """Median seconds of one forward pass over random prompt ids of shape (batch, seqlen).
+
+    ``last_logits_only=True`` measures the prefill of generation (time to first token): the KV
+    cache is built and only the last position's logits are computed (``logits_to_keep=1``), as
+    ``generate`` does. ``False`` scores every position (the perplexity-style forward).
+    """
     device = _device_of(model)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=g).to(device)
+    if last_logits_only:
+        return median_seconds(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), repeats, warmup, device)
     return median_seconds(lambda: model(input_ids=ids, use_cache=False), repeats, warmup, device)
 
 
