@@ -131,3 +131,21 @@ def test_fingerprint_contents():
 def test_real_timer_returns_positive_seconds():
     lat = module_latency(repeats={"1": 1, "4": 1})
     assert lat(8, 6, None, 1) > 0 and lat(8, 6, 2, 4) > 0
+
+
+def test_generation_prefill_computes_only_the_last_logits(tiny_any, monkeypatch):
+    """last_logits_only runs the forward with logits_to_keep=1 (what generate's prefill does)."""
+    from rankwise.evaluate import latency
+
+    seen = []
+    forward = tiny_any.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        seen.append((kwargs.get("logits_to_keep"), out.logits.shape[1]))
+        return out
+
+    monkeypatch.setattr(tiny_any, "forward", spy)
+    assert latency.prefill_seconds(tiny_any, seqlen=16, repeats=1, warmup=0, last_logits_only=True) > 0
+    assert latency.prefill_seconds(tiny_any, seqlen=16, repeats=1, warmup=0) > 0
+    assert seen == [(1, 1), (None, 16)]
