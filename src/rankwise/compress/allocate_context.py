@@ -82,6 +82,25 @@ def make_layer_loss(model, windows: torch.Tensor, factorizations) -> tuple[Layer
     return loss, base
 
 
+def _measured_loss(req: "AllocationRequest", allocator: str):
+    """``(spectra, loss(name, k), base_loss)`` for the measured-sensitivity allocators.
+
+    ``context['layer_loss']`` (with ``context['base_loss']``) replaces the measurement; otherwise
+    each call truncates one layer and evaluates the LM loss on the first calibration windows.
+    """
+    ctx = req.context
+    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    if ctx.get("layer_loss") is not None:
+        return spectra, ctx["layer_loss"], float(ctx["base_loss"])
+    model, windows = ctx.get("model"), ctx.get("windows")
+    if model is None or windows is None:
+        raise ConfigError(f"the {allocator} allocator needs the model and calibration windows")
+    nw = int(ctx.get("sensitivity_windows", SENSITIVITY_WINDOWS))
+    sl = int(ctx.get("sensitivity_seqlen", SENSITIVITY_SEQLEN))
+    loss, base = make_layer_loss(model, windows[:nw, :sl], req.factorizations)
+    return spectra, loss, base
+
+
 def allocate_sensitivity_request(req: "AllocationRequest", caps: dict[str, int] | None) -> dict:
     """Run :func:`allocate_sensitivity` with the pipeline's model and calibration windows.
 
@@ -91,16 +110,7 @@ def allocate_sensitivity_request(req: "AllocationRequest", caps: dict[str, int] 
     """
     ctx = req.context
     t0 = time.perf_counter()
-    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
-    if ctx.get("layer_loss") is not None:
-        loss, base = ctx["layer_loss"], float(ctx["base_loss"])
-    else:
-        model, windows = ctx.get("model"), ctx.get("windows")
-        if model is None or windows is None:
-            raise ConfigError("the sensitivity allocator needs the model and calibration windows")
-        nw = int(ctx.get("sensitivity_windows", SENSITIVITY_WINDOWS))
-        sl = int(ctx.get("sensitivity_seqlen", SENSITIVITY_SEQLEN))
-        loss, base = make_layer_loss(model, windows[:nw, :sl], req.factorizations)
+    spectra, loss, base = _measured_loss(req, "sensitivity")
     calls = [0]
     cache = ctx.get("sensitivity_cache")  # dict shared by runs on the same model + windows
     if cache is not None:
@@ -137,16 +147,7 @@ def allocate_sensitivity_band_request(req: "AllocationRequest", caps: dict[str, 
 
     ctx = req.context
     t0 = time.perf_counter()
-    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
-    if ctx.get("layer_loss") is not None:
-        loss, base = ctx["layer_loss"], float(ctx["base_loss"])
-    else:
-        model, windows = ctx.get("model"), ctx.get("windows")
-        if model is None or windows is None:
-            raise ConfigError("the sensitivity-band allocator needs the model and calibration windows")
-        nw = int(ctx.get("sensitivity_windows", SENSITIVITY_WINDOWS))
-        sl = int(ctx.get("sensitivity_seqlen", SENSITIVITY_SEQLEN))
-        loss, base = make_layer_loss(model, windows[:nw, :sl], req.factorizations)
+    spectra, loss, base = _measured_loss(req, "sensitivity-band")
     weights, table = {}, {}
     for name, (m, n) in req.shapes.items():
         u = uniform_rank(m, n, req.ratio)
