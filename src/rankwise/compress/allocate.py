@@ -49,6 +49,10 @@ class AllocationRequest:
     context: Mapping[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
+    def spectra(self):
+        """``{name: singular values}`` (float64 numpy, descending) of every targeted layer."""
+        return {n: self.factorizations[n].spectrum.double().cpu().numpy() for n in self.shapes}
+
 
 @dataclass(frozen=True)
 class Allocator:
@@ -72,7 +76,7 @@ def uniform(req: AllocationRequest) -> RankPlan:
 
 def spectrum(req: AllocationRequest) -> RankPlan:
     """Global greedy on relative whitened truncation errors ``tail_l(k) / sum sigma_l^2``."""
-    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    spectra = req.spectra()
     plan = allocate_spectrum(req.ratio, req.shapes, spectra, int(req.context.get("min_rank", 1)),
                              speed_caps_for(req))
     _record_dense(req, plan)
@@ -81,7 +85,7 @@ def spectrum(req: AllocationRequest) -> RankPlan:
 
 def spectrum_typed(req: AllocationRequest) -> RankPlan:
     """``spectrum`` within each module type, every type removing ``ratio`` of its parameters."""
-    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    spectra = req.spectra()
     plan = allocate_spectrum_by_type(req.ratio, req.shapes, spectra, int(req.context.get("min_rank", 1)),
                                      speed_caps_for(req))
     _record_dense(req, plan)
@@ -90,7 +94,7 @@ def spectrum_typed(req: AllocationRequest) -> RankPlan:
 
 def spectrum_band(req: AllocationRequest) -> RankPlan:
     """``spectrum`` with ranks within ``context['band']`` (default 0.5) of the uniform rank, none dense."""
-    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    spectra = req.spectra()
     plan = allocate_spectrum_banded(req.ratio, req.shapes, spectra, float(req.context.get("band", 0.5)),
                                     int(req.context.get("min_rank", 1)), speed_caps_for(req))
     _record_dense(req, plan)

@@ -89,7 +89,7 @@ def _measured_loss(req: "AllocationRequest", allocator: str):
     each call truncates one layer and evaluates the LM loss on the first calibration windows.
     """
     ctx = req.context
-    spectra = {n: req.factorizations[n].spectrum.double().cpu().numpy() for n in req.shapes}
+    spectra = req.spectra()
     if ctx.get("layer_loss") is not None:
         return spectra, ctx["layer_loss"], float(ctx["base_loss"])
     model, windows = ctx.get("model"), ctx.get("windows")
