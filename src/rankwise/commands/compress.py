@@ -61,14 +61,6 @@ def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_
                                      overwrite=overwrite)
         model, tok, path = (load_model(out) if (do_eval or export_dense_dir is not None)
                             else (None, None, Path(out)))
-        if do_eval:
-            res = perplexity(model, tok, text=load_corpus("test", text_file), seqlen=eval_seqlen,
-                             windows=eval_windows, progress=not quiet)
-            report.perplexity = {"compressed": res.ppl, "windows": res.windows, "seqlen": res.seqlen,
-                                 "corpus": str(text_file) if text_file else "wiki test"}
-        if export_dense_dir is not None:
-            export_dense(model, tok, export_dense_dir, overwrite=overwrite)
-        return model, tok, path, report
     else:
         model, tok, path = load_model(model_arg)
         model, report = compress(model, method, ratio, calib=calib, tokenizer=tok, targets=targets, refit=refit,
@@ -80,7 +72,7 @@ def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_
                          windows=eval_windows, progress=not quiet)
         report.perplexity = {"compressed": res.ppl, "windows": res.windows, "seqlen": res.seqlen,
                              "corpus": str(text_file) if text_file else "wiki test"}
-    if out is not None:
+    if out is not None and not low_memory:  # the low-memory path has written --out already
         save_compressed(model, tok, out, report, overwrite=overwrite,
                         extra={"source_model": str(path)})
         from ..compress.rankplot import write_rank_report
