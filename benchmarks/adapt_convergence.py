@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from rankwise.adapt.attach import adapt, count_trainable
-from rankwise.adapt.train import TrainConfig, plot_losses, train
+from rankwise.adaptation.attach import adapt, count_trainable
+from rankwise.adaptation.train import TrainConfig, plot_losses, train
 from rankwise.calibration.corpus import load_corpus
 from rankwise.calibration.sampling import calib_windows, tokenize
-from rankwise.evaluate.perplexity import perplexity
+from rankwise.evaluation.perplexity import perplexity
 from rankwise.models.loading import load_model
 
 RESULTS = Path(__file__).parent / "results"
@@ -207,7 +207,7 @@ def report(tag: str) -> None:
 
 def compress_heal(base, tok, train_win, test_ids, cfg, args) -> dict:
     """Compress 40% with the default method, then heal with PiSSA and with LoRA adapters."""
-    from rankwise.compress.api import compress
+    from rankwise.api import compress
 
     t0 = time.perf_counter()
     small, report = compress(base, ratio=0.4, tokenizer=tok, calib_windows=16, calib_seqlen=256, progress=False)

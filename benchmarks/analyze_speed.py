@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
 
-    from rankwise.analyze.run import analyze
+    from rankwise.analysis.run import analyze
     from rankwise.models.loading import load_model
     from rankwise.models.surgery import find_linears
 

@@ -22,14 +22,14 @@ torch.set_num_threads(int(sys.argv[5]))
 mode, model_name, out, nwin = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t0 = time.perf_counter()
 if mode == "in-memory":
-    from rankwise.compress.pipeline import compress
-    from rankwise.compress.saving import save_compressed
+    from rankwise.compression.pipeline import compress
+    from rankwise.compression.saving import save_compressed
     from rankwise.models.loading import load_model
     model, tok, path = load_model(model_name)
     model, rep = compress(model, "svd-llm", 0.4, tokenizer=tok, calib_windows=nwin, sequential=True, progress=False)
     save_compressed(model, tok, out, rep)
 else:
-    from rankwise.compress.lowmem import compress_low_memory
+    from rankwise.compression.lowmem import compress_low_memory
     rep = compress_low_memory(model_name, out, "svd-llm", 0.4, calib_windows=nwin, progress=False)
 print(json.dumps({"mode": mode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.perf_counter() - t0, "removed": rep.achieved_ratio}))

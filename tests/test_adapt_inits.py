@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from rankwise.adapt import INITS, adapt, adapter_layers, count_trainable
-from rankwise.adapt.layers import base_dense
+from rankwise.adaptation import INITS, adapt, adapter_layers, count_trainable
+from rankwise.adaptation.layers import base_dense
 from rankwise.errors import ConfigError, NoTargetLayersError, UnknownMethodError
 from rankwise.models.surgery import find_linears, linear_weight
 from rankwise.models.tiny import tiny_model

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from rankwise.adapt import (
+from rankwise.adaptation import (
     adapt, adapter_layers, load_rankwise, merge, merge_and_unload, save_merged, save_peft, save_rankwise, unmerge,
 )
 from rankwise.errors import ConfigError

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rankwise.adapt import TrainConfig, adapt, adapter_layers, count_trainable, train
-from rankwise.adapt.train import lr_factor
+from rankwise.adaptation import TrainConfig, adapt, adapter_layers, count_trainable, train
+from rankwise.adaptation.train import lr_factor
 from rankwise.errors import ConfigError
 from rankwise.models.tiny import tiny_model
 from rankwise.structures.lowrank import LowRankLinear
@@ -99,7 +99,7 @@ def _compressed_tiny():
 
 @pytest.mark.parametrize("init", ["lora", "pissa"])
 def test_heal_compressed_model(tmp_path, init):
-    from rankwise.adapt import load_rankwise, save_rankwise
+    from rankwise.adaptation import load_rankwise, save_rankwise
 
     model = _compressed_tiny()
     w = _windows()
@@ -119,7 +119,7 @@ def test_heal_compressed_model(tmp_path, init):
     again = load_rankwise(_compressed_tiny(), tmp_path / "h")
     with torch.no_grad():
         torch.testing.assert_close(again(w[:2]).logits, healed, atol=1e-5, rtol=1e-4)
-    from rankwise.adapt import merge_and_unload
+    from rankwise.adaptation import merge_and_unload
 
     merged = merge_and_unload(model)
     up = merged.get_submodule("model.layers.0.mlp.up_proj")
@@ -183,9 +183,9 @@ def test_real_model_pissa_two_layers(real_model, real_calib_ids):
 
 def test_compress_save_load_then_heal(tmp_path, tiny_tok):
     """compress (rankwise.compress) -> save -> load_model -> adapt -> train -> save/load the adapter."""
-    from rankwise.adapt import load_rankwise, save_rankwise
-    from rankwise.compress.api import compress
-    from rankwise.compress.saving import save_compressed
+    from rankwise.adaptation import load_rankwise, save_rankwise
+    from rankwise.api import compress
+    from rankwise.compression.saving import save_compressed
     from rankwise.models.loading import load_model
 
     w = _windows(8, 32)

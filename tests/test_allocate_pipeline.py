@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from rankwise.compress.allocate import ALLOCATORS, get_allocator
-from rankwise.compress.allocate_context import make_layer_loss
-from rankwise.compress.pipeline import compress
-from rankwise.compress.speed import fingerprint
+from rankwise.compression.allocate import ALLOCATORS, get_allocator
+from rankwise.compression.allocate_context import make_layer_loss
+from rankwise.compression.pipeline import compress
+from rankwise.compression.speed import fingerprint
 from rankwise.errors import ConfigError, UnknownMethodError
 from rankwise.linalg import whitened_svd
 from rankwise.models.surgery import find_linears, linear_weight
@@ -78,7 +78,7 @@ def test_layer_loss_truncates_one_layer_and_restores_it(tiny_llama, windows):
 
 
 def test_sensitivity_band_one_loss_per_layer_and_heavy_layer_keeps_rank(tiny_llama, windows):
-    from rankwise.compress.budget import uniform_rank
+    from rankwise.compression.budget import uniform_rank
 
     heavy = "model.layers.0.mlp.down_proj"
     calls = []

@@ -38,7 +38,7 @@ def test_real_model_few_layers_agree_with_weightwatcher(real_model):
     ww_powerlaw = pytest.importorskip("weightwatcher.WW_powerlaw")
     import numpy as np
 
-    from rankwise.analyze.run import analyze
+    from rankwise.analysis.run import analyze
     from rankwise.models.surgery import linear_weight
 
     model = real_model[0]

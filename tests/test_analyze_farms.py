@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from rankwise.analyze.farms import farms_eigenvalues, farms_fit, farms_windows
-from rankwise.analyze.powerlaw import fit_power_law
+from rankwise.analysis.farms import farms_eigenvalues, farms_fit, farms_windows
+from rankwise.analysis.powerlaw import fit_power_law
 from rankwise.linalg.spectrum import singular_values
 
 pytestmark = pytest.mark.usefixtures("one_thread")

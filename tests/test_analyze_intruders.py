@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankwise.analyze.intruders import intruder_dimensions, update_stats
+from rankwise.analysis.intruders import intruder_dimensions, update_stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from rankwise.analyze.powerlaw import fit_power_law
+from rankwise.analysis.powerlaw import fit_power_law
 
 
 def _pareto(alpha, n, xmin=1.0, seed=0):
@@ -48,7 +48,7 @@ def test_agrees_with_weightwatcher_analyze_on_a_module():
     pytest.importorskip("weightwatcher")
     import weightwatcher as ww
 
-    from rankwise.analyze.run import analyze
+    from rankwise.analysis.run import analyze
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(80, 40), torch.nn.ReLU(), torch.nn.Linear(40, 120))

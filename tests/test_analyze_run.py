@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from rankwise.analyze.run import analyze
+from rankwise.analysis.run import analyze
 from rankwise.calibration.stats import collect_input_stats
 from rankwise.errors import ConfigError, NoTargetLayersError, UnknownMethodError
 from rankwise.linalg.spectrum import rank_for_energy, singular_values

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import rankwise
-from rankwise.compress.saving import save_compressed
 from rankwise.models.tiny import TINY_TEXT
 
 
 @pytest.fixture(autouse=True)
 def _import_everything():
-    for sub in ("compress", "analyze", "adapt", "evaluate", "calibration", "models"):
+    for sub in ("compression", "analysis", "adaptation", "evaluation", "calibration", "models"):
         importlib.import_module(f"rankwise.{sub}")
 
 
@@ -27,12 +26,14 @@ def test_readme_api_round_trip(tiny_dir, tmp_path):
     assert small is not model  # the API copies unless inplace=True
     assert rankwise.evaluate(model, tok, text=text, seqlen=32, windows=4).ppl == dense
     assert 0.55 < report.targeted_params_after / report.targeted_params_before <= 0.6
-    save_compressed(small, tok, tmp_path / "c", report)
-    small2, _ = rankwise.load(tmp_path / "c")
+    rankwise.save(small, tmp_path / "c", tokenizer=tok, report=report)
+    small2, tok2, path2 = rankwise.load(tmp_path / "c")
+    assert path2 == tmp_path / "c" and tok2("a b").input_ids == tok("a b").input_ids
     ids = torch.arange(20)[None]
     with torch.no_grad():
         torch.testing.assert_close(small2(ids).logits, small(ids).logits, rtol=0, atol=0)
     res = rankwise.analyze(model, layers="mlp")
     assert len(res.layers) == 6 and "alpha" in res.summary
     tuned = rankwise.adapt(model, init="pissa", rank=4)
+    assert tuned is not model and not any("lora" in n for n, _ in model.named_parameters())  # copies too
     assert rankwise.evaluate(tuned, tok, text=text, seqlen=32, windows=4).ppl == pytest.approx(dense, rel=1e-4)

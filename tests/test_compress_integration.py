@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from rankwise.compress.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, compress
-from rankwise.evaluate.perplexity import perplexity
+from rankwise.compression.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, compress
+from rankwise.evaluation.perplexity import perplexity
 from rankwise.models.loading import load_model
 from rankwise.structures.lowrank import LowRankLinear
 

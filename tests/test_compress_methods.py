@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rankwise.calibration.stats import InputStats
-from rankwise.compress.methods import METHODS, LayerStats, get_method, truncate
+from rankwise.compression.methods import METHODS, LayerStats, get_method, truncate
 from rankwise.errors import UnknownMethodError
 
 M, N, T, K = 12, 9, 60, 3

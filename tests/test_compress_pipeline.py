@@ -6,10 +6,10 @@ import torch
 
 import rankwise
 from rankwise.calibration.stats import collect_input_stats
-from rankwise.compress.blocks import capture_block_inputs
-from rankwise.compress.budget import uniform_rank
-from rankwise.compress.methods import METHODS, LayerStats, truncate
-from rankwise.compress.pipeline import compress
+from rankwise.compression.blocks import capture_block_inputs
+from rankwise.compression.budget import uniform_rank
+from rankwise.compression.methods import METHODS, LayerStats, truncate
+from rankwise.compression.pipeline import compress
 from rankwise.errors import CorpusError, NoTargetLayersError, NumericalError
 from rankwise.models.surgery import decoder_blocks, find_linears, linear_shape, linear_weight
 from rankwise.models.tiny import tiny_model
@@ -115,7 +115,7 @@ def test_targets_select_layers(tiny_llama, random_ids):
 
 
 def test_api_copies_unless_inplace(tiny_llama, tiny_tok):
-    import rankwise.compress.pipeline  # noqa: F401  binds the subpackage to rankwise.compress
+    import rankwise.compression.pipeline  # noqa: F401  importing the package never shadows the verb
 
     text = "some calibration text about matrices and their singular values. " * 60
     small, rep = rankwise.compress(tiny_llama, method="svd-llm", ratio=0.4, calib=text, tokenizer=tiny_tok, **KW)

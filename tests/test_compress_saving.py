@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rankwise.compress.pipeline import compress
-from rankwise.compress.saving import export_dense, load_compressed, save_compressed
+from rankwise.compression.pipeline import compress
+from rankwise.compression.saving import export_dense, load_compressed, save_compressed
 from rankwise.errors import ArtifactError, OutputExistsError
 from rankwise.models.loading import load_model
 from rankwise.models.tiny import tiny_model, tiny_tokenizer

@@ -6,10 +6,10 @@ import struct
 import pytest
 import torch
 
-from rankwise.compress import lowmem
-from rankwise.compress.lowmem import compress_low_memory, stream_merge
-from rankwise.compress.pipeline import compress
-from rankwise.compress.saving import load_compressed, save_compressed
+from rankwise.compression import lowmem
+from rankwise.compression.lowmem import compress_low_memory, stream_merge
+from rankwise.compression.pipeline import compress
+from rankwise.compression.saving import load_compressed, save_compressed
 from rankwise.errors import ConfigError
 from rankwise.models.loading import load_model
 from rankwise.models.tiny import save_tiny

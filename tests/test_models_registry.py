@@ -40,7 +40,7 @@ def test_local_model_directory_is_returned_as_is(tmp_path):
 def _fake_convert(calls):
     def convert(name, dest):
         calls.append(name)
-        from rankwise._io import atomic_dir
+        from rankwise.files import atomic_dir
 
         with atomic_dir(dest, overwrite=True) as tmp:
             save_tiny(tmp / "x")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rankwise.errors import CorpusError
-from rankwise.evaluate import perplexity
+from rankwise.evaluation import perplexity
 
 
 def _reference_ppl(model, windows: torch.Tensor) -> float:

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from rankwise.compress import speed
-from rankwise.compress.speed import (
+from rankwise.compression import speed
+from rankwise.compression.speed import (
     SpeedProfile, break_even_rank, fingerprint, load_speed_profile, module_latency,
 )
 from rankwise.errors import ConfigError
@@ -135,7 +135,7 @@ def test_real_timer_returns_positive_seconds():
 
 def test_generation_prefill_computes_only_the_last_logits(tiny_any, monkeypatch):
     """last_logits_only runs the forward with logits_to_keep=1 (what generate's prefill does)."""
-    from rankwise.evaluate import latency
+    from rankwise.evaluation import latency
 
     seen = []
     forward = tiny_any.forward

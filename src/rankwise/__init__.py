@@ -1,41 +1,39 @@
-"""rankwise: the matrix structure of neural-network weights — compress, adapt, analyze.
+"""rankwise: the matrix structure of neural-network weights -- compress, adapt, analyze.
 
-Python API (lazy imports keep ``import rankwise`` fast)::
+The API is a handful of verbs, imported lazily so that ``import rankwise`` stays fast and has no
+side effects (no environment variable is set, no plotting backend chosen)::
 
     model, tok, path = rankwise.load_model("smollm2-135m-instruct")
-    rankwise.evaluate(model, tok)                      # perplexity on the default corpus
+    small, report = rankwise.compress(model, ratio=0.4, tokenizer=tok)   # returns a compressed copy
+    rankwise.save(small, "out/smollm2-40", tokenizer=tok, report=report)
+    small, tok, path = rankwise.load("out/smollm2-40")
+    rankwise.evaluate(small, tok).ppl
+    rankwise.analyze(model)                                             # per-layer spectra
+    tuned, info = rankwise.adapt(model, init="pissa", rank=16)          # returns an adapted copy
+
+The verbs live in :mod:`rankwise.api`; the job packages are :mod:`rankwise.compression`,
+:mod:`rankwise.adaptation`, :mod:`rankwise.analysis` and :mod:`rankwise.evaluation`.
 """
 from __future__ import annotations
 
-import os as _os
+__version__ = "0.2.0"
 
-_os.environ.setdefault("HF_HUB_OFFLINE", "1")
-_os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from .errors import RankwiseError
 
-__version__ = "0.1.0"
-
-from .errors import RankwiseError  # noqa: E402
-
-_LAZY = {
-    "load_model": ("rankwise.models.loading", "load_model"),
-    "evaluate": ("rankwise.evaluate.perplexity", "perplexity"),
-    "perplexity": ("rankwise.evaluate.perplexity", "perplexity"),
-    "load_corpus": ("rankwise.calibration.corpus", "load_corpus"),
-    "compress": ("rankwise.compress.api", "compress"),
-    "load": ("rankwise.compress.api", "load"),
-    "compress_low_memory": ("rankwise.compress.lowmem", "compress_low_memory"),
-    "analyze": ("rankwise.analyze.run", "analyze"),
-    "adapt": ("rankwise.adapt.attach", "adapt"),
-}
+_API = ("compress", "compress_low_memory", "load", "load_model", "save", "evaluate", "perplexity",
+        "analyze", "adapt", "load_corpus")
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name in _API:
+        from . import api
 
-        mod, attr = _LAZY[name]
-        return getattr(importlib.import_module(mod), attr)
+        return getattr(api, name)
     raise AttributeError(f"module 'rankwise' has no attribute {name!r}")
 
 
-__all__ = ["RankwiseError", "__version__", *_LAZY]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+__all__ = ["RankwiseError", "__version__", *_API]

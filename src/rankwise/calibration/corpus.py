@@ -14,7 +14,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .._io import cache_dir
+from ..files import cache_dir
 from ..errors import CorpusError
 
 WIKI_FILE = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -91,7 +91,7 @@ def _corpus_dir() -> Path:
 
 def build_wiki_corpus(dest: Path | None = None) -> Path:
     """Write ``calib.txt`` and ``test.txt`` (articles joined by blank lines) atomically."""
-    from .._io import atomic_dir
+    from ..files import atomic_dir
 
     dest = dest or _corpus_dir()
     articles = parse_articles()

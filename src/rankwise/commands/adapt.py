@@ -15,10 +15,10 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
               overwrite, quiet):
     import torch
 
-    from ..adapt.attach import adapt, count_trainable
-    from ..adapt.inits import get_init
-    from ..adapt.saving import PEFT_INITS, save_merged, save_peft, save_rankwise
-    from ..adapt.train import TrainConfig, plot_losses, train
+    from ..adaptation.attach import adapt, count_trainable
+    from ..adaptation.inits import get_init
+    from ..adaptation.saving import PEFT_INITS, save_merged, save_peft, save_rankwise
+    from ..adaptation.train import TrainConfig, plot_losses, train
     from ..calibration.corpus import load_corpus
     from ..calibration.sampling import calib_windows as sample_windows, check_seqlen, tokenize
     from ..errors import ConfigError, OutputExistsError
@@ -44,7 +44,7 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
     if fmt == "auto":
         fmt = "peft" if init in PEFT_INITS and not compressed else "rankwise"
     if fmt == "peft" and not merge:
-        from ..adapt.saving import peft_state
+        from ..adaptation.saving import peft_state
 
         peft_state(model, peft_form)  # fail before training when PEFT cannot represent the result
     cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup=warmup,

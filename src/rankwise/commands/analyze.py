@@ -84,7 +84,7 @@ def register(app: typer.Typer) -> None:
         """Singular values, stable/effective rank, energy ranks, power-law alpha (WeightWatcher-compatible),
         FARMS alpha, whitened spectrum (--calib) and intruder dimensions (--compare), per layer."""
         setup(quiet)
-        from ..analyze.run import analyze
+        from ..analysis.run import analyze
         from ..models.loading import load_model
 
         m, tok, path = load_model(model)
@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
             res.write_csv(csv_out)
             console.print(f"wrote {csv_out}")
         if report:
-            from ..analyze.report import write_report
+            from ..analysis.report import write_report
 
             write_report(res, report, title=f"rankwise analyze {path}", overwrite=overwrite)
             console.print(f"wrote {report / 'index.html'}")

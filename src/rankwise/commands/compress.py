@@ -35,13 +35,13 @@ def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_
                  eval_seqlen=DEFAULT_SEQLEN, allocate_options=None, low_memory=False):
     """The command's body (also used by ``rankwise demo``): returns ``(model, tokenizer, path, report)``."""
     from ..calibration.corpus import load_corpus
-    from ..compress.pipeline import compress
-    from ..compress.saving import export_dense, save_compressed
+    from ..compression.pipeline import compress
+    from ..compression.saving import export_dense, save_compressed
     from ..errors import OutputExistsError
-    from ..evaluate.perplexity import perplexity
-    from ..compress.allocate import get_allocator
-    from ..compress.budget import check_ratio
-    from ..compress.methods import get_method
+    from ..evaluation.perplexity import perplexity
+    from ..compression.allocate import get_allocator
+    from ..compression.budget import check_ratio
+    from ..compression.methods import get_method
     from ..models.loading import load_model
 
     get_method(method), check_ratio(ratio), get_allocator(allocate)  # fail before loading the model
@@ -50,7 +50,7 @@ def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_
             raise OutputExistsError(f"output directory {d} already exists; choose another {flag} or pass --overwrite")
     calib = load_corpus("calib", text_file) if text_file else None
     if low_memory:  # writes --out block by block; the compressed model is loaded back only if needed
-        from ..compress.lowmem import compress_low_memory
+        from ..compression.lowmem import compress_low_memory
         from ..errors import ConfigError
 
         if out is None:
@@ -75,7 +75,7 @@ def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_
     if out is not None and not low_memory:  # the low-memory path has written --out already
         save_compressed(model, tok, out, report, overwrite=overwrite,
                         extra={"source_model": str(path)})
-        from ..compress.rankplot import write_rank_report
+        from ..compression.rankplot import write_rank_report
 
         write_rank_report(report, out)
     if export_dense_dir is not None:
@@ -84,7 +84,7 @@ def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_
 
 
 def register(app: typer.Typer) -> None:
-    from ..compress.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, DEFAULT_SEQUENTIAL
+    from ..compression.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, DEFAULT_SEQUENTIAL
 
     @app.command("compress")
     def compress_cmd(
@@ -101,7 +101,7 @@ def register(app: typer.Typer) -> None:
         text_file: Optional[Path] = TextFileOpt,
         sequential: bool = typer.Option(DEFAULT_SEQUENTIAL, "--sequential/--one-shot",
                                         help="Calibrate block by block on the compressed prefix, or all at once on the dense model."),
-        allocate: str = typer.Option("uniform", "--allocate", help="Rank allocator: uniform | spectrum | spectrum-band | sensitivity-band (best measured at 40%, ~6x slower) | sensitivity (see rankwise.compress.allocate.ALLOCATORS)."),
+        allocate: str = typer.Option("uniform", "--allocate", help="Rank allocator: uniform | spectrum | spectrum-band | sensitivity-band (best measured at 40%, ~6x slower) | sensitivity (see rankwise.compression.allocate.ALLOCATORS)."),
         min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep (spectrum/sensitivity)."),
         speed_aware: bool = typer.Option(False, "--speed-aware/--no-speed-aware",
                                          help="Keep layers dense whose factorized form is not faster (measured, cached per machine: the first run measures each distinct layer shape, ~1-2 s per shape on CPU); the allocator moves their budget."),

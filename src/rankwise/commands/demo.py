@@ -38,11 +38,11 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QuietOpt,
     ) -> None:
         """Compress the default model (best method, 40% removed), evaluate dense vs compressed, write a report."""
-        from .._io import write_json
+        from ..files import write_json
         from ..calibration.corpus import load_corpus
-        from ..compress.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, DEFAULT_SEQUENTIAL, compress
-        from ..compress.saving import save_compressed
-        from ..evaluate.perplexity import perplexity
+        from ..compression.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, DEFAULT_SEQUENTIAL, compress
+        from ..compression.saving import save_compressed
+        from ..evaluation.perplexity import perplexity
         from ..models.loading import load_model
 
         setup(quiet)

@@ -13,7 +13,7 @@ from ._common import ModelArg, QuietOpt, TextFileOpt, console, setup, table
 
 def evaluate_model(model_arg, text_file, seqlen, windows, batch_size, quiet):
     from ..calibration.corpus import load_corpus
-    from ..evaluate.perplexity import perplexity
+    from ..evaluation.perplexity import perplexity
     from ..models.loading import load_model
 
     model, tok, path = load_model(model_arg)

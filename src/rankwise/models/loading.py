@@ -36,7 +36,7 @@ def load_model(
     """
     path = resolve_model(name_or_path)
     if (Path(path) / "rankwise.json").is_file():
-        from ..compress.saving import load_compressed
+        from ..compression.saving import load_compressed
 
         model = load_compressed(path, dtype=dtype)
     else:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .._io import atomic_dir, cache_dir
+from ..files import atomic_dir, cache_dir
 from ..errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .base import LAYERS, StructuredLinear
 
 
 def lowrank_saves(m: int, n: int, k: int) -> bool:
@@ -21,16 +22,19 @@ def max_saving_rank(m: int, n: int) -> int:
     return max(0, (m * n - 1) // (m + n))
 
 
-class LowRankLinear(nn.Module):
+@LAYERS.register("lowrank")
+class LowRankLinear(StructuredLinear):
     """``y = B(A x) + bias``: ``A: in -> rank`` (no bias), ``B: rank -> out`` (with bias).
 
     State-dict keys: ``A.weight (rank, in)``, ``B.weight (out, rank)``, ``B.bias (out,)``.
     The dense equivalent is ``W' = B.weight @ A.weight`` (:meth:`dense`).
     """
 
+    kind = "lowrank"
+
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(in_features, out_features)
         if rank < 1:
             raise ConfigError(f"LowRankLinear rank must be >= 1, got {rank}")
         if in_features < 1 or out_features < 1:
@@ -39,14 +43,6 @@ class LowRankLinear(nn.Module):
         self.B = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
 
     # -- shape -----------------------------------------------------------------------------
-    @property
-    def in_features(self) -> int:
-        return self.A.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.B.out_features
-
     @property
     def rank(self) -> int:
         return self.A.out_features
@@ -86,24 +82,19 @@ class LowRankLinear(nn.Module):
         """The dense weight ``B.weight @ A.weight`` of shape (out, in) (a new tensor)."""
         return self.B.weight @ self.A.weight
 
-    @property
-    def weight(self) -> torch.Tensor:
-        """Read-only dense weight (out, in), computed on access (for code that inspects ``.weight``)."""
-        with torch.no_grad():
-            return self.dense()
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` with weight ``dense()`` and the same bias."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.B.bias is not None,
-                        dtype=self.A.weight.dtype, device=self.A.weight.device)
-        with torch.no_grad():
-            lin.weight.copy_(self.dense())
-            if self.B.bias is not None:
-                lin.bias.copy_(self.B.bias)
-        return lin
+    def num_stored(self) -> int:
+        """``k (m + n)`` weight values."""
+        return self.rank * (self.in_features + self.out_features)
+
+    def spec(self) -> dict:
+        return {"rank": self.rank}
+
+    @classmethod
+    def from_spec(cls, in_features, out_features, bias, spec, dtype=None, device="meta") -> "LowRankLinear":
+        return cls(in_features, out_features, int(spec["rank"]), bias=bias, dtype=dtype, device=device)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .._io import cache_dir, write_json
+from ..files import cache_dir, write_json
 from ..errors import ConfigError
 from ..structures.lowrank import LowRankLinear, max_saving_rank
 
@@ -86,7 +86,7 @@ def module_latency(device: torch.device | str = "cpu", dtype: torch.dtype = torc
     buffer of ``cold_bytes``) and report the time per call. ``repeats`` per token count (default:
     9 for decode, 5 for prefill), two warm-up calls each.
     """
-    from ..evaluate.latency import median_seconds
+    from ..evaluation.latency import median_seconds
 
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)

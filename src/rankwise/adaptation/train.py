@@ -101,7 +101,7 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, eval_ids: t
         return windows[idx].to(device)
 
     def evaluate(step: int) -> None:
-        from ..evaluate.perplexity import perplexity
+        from ..evaluation.perplexity import perplexity
 
         r = perplexity(model, ids=eval_ids, seqlen=cfg.eval_seqlen, windows=cfg.eval_windows)
         res.evals.append({"step": step, "ppl": r.ppl})

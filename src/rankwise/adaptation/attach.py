@@ -52,11 +52,11 @@ def adapt(model: nn.Module, init: str = "pissa", rank: int = 16, alpha: float | 
 
     ``alpha`` defaults to ``rank`` (scaling 1). ``calib`` (n, L) token windows feed the data-driven
     inits (eva: activations; lora-ga, lora-sb: gradients). Extra ``options`` go to
-    :class:`~rankwise.adapt.inits.InitContext` (gamma, sb_step, ramp_steps, svd_niter).
+    :class:`~rankwise.adaptation.inits.InitContext` (gamma, sb_step, ramp_steps, svd_niter).
     """
     spec = get_init(init)
     if adapter_layers(model):
-        raise ConfigError("the model already has adapters; merge them (rankwise.adapt.merge_and_unload) first")
+        raise ConfigError("the model already has adapters; merge them (rankwise.adaptation.merge_and_unload) first")
     if not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     layers = find_targets(model, targets)

@@ -176,7 +176,7 @@ def compress(
     corpus; needs ``tokenizer``), text, list of texts, 1-D token ids or (n, L) windows.
     ``fwsvd`` takes the Fisher of the dense model on the first ``fisher_windows`` windows.
     ``allocate_options``: extra allocator context (``min_rank``, ``speed_aware``, ``speed_profile``,
-    ``sensitivity_*``; see :mod:`rankwise.compress.allocate`).
+    ``sensitivity_*``; see :mod:`rankwise.compression.allocate`).
     """
     t0 = time.perf_counter()
     meth = get_method(method)

@@ -2,6 +2,4 @@
 from .perplexity import PerplexityResult, perplexity
 
 __all__ = ["PerplexityResult", "perplexity"]
-from .._callable import make_callable
 
-make_callable(__name__, "rankwise.evaluate.perplexity:perplexity")

@@ -10,7 +10,7 @@ block back to ``meta``. Peak RSS ~ embeddings + one block + the cached hidden st
 statistics, instead of the whole model. The shards are finally streamed (one tensor at a time) into
 one ``model.safetensors`` that :func:`rankwise.load` reads like any other compressed directory.
 
-Everything is written inside :func:`rankwise._io.atomic_dir`: an interrupted run leaves no output
+Everything is written inside :func:`rankwise.files.atomic_dir`: an interrupted run leaves no output
 (and no temp dir), and a rerun starts clean. The result equals ``compress(..., sequential=True)``.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._io import atomic_dir
+from ..files import atomic_dir
 from ..calibration.sampling import DEFAULT_CALIB_WINDOWS, DEFAULT_SEED, DEFAULT_SEQLEN
 from ..calibration.stats import StatsAccumulator
 from ..errors import ArtifactError, ConfigError, NumericalError

@@ -5,6 +5,4 @@
 ``intruders`` (base vs tuned), with the plain and whitened spectra from ``linalg.spectrum``;
 ``report`` renders the HTML/PNG report.
 """
-from .._callable import make_callable
 
-make_callable(__name__, "rankwise.analyze.run:analyze")

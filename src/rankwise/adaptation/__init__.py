@@ -12,7 +12,6 @@
 The package itself is callable (``rankwise.adapt(...)`` is :func:`.attach.adapt`), also after
 ``import rankwise.adapt`` has bound the subpackage to the attribute ``rankwise.adapt``.
 """
-from .._callable import make_callable
 from .attach import adapt, count_trainable, merge, merge_and_unload, trainable_parameters, unmerge
 from .inits import INITS, get_init
 from .layers import adapter_layers
@@ -23,4 +22,3 @@ __all__ = ["INITS", "TrainConfig", "TrainResult", "adapt", "adapter_layers", "co
            "load_rankwise", "merge", "merge_and_unload", "save_merged", "save_peft", "save_rankwise",
            "train", "trainable_parameters", "unmerge"]
 
-make_callable(__name__, "rankwise.adapt.attach:adapt")

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .._io import atomic_dir
+from ..files import atomic_dir
 from .run import AnalysisResult
 
 

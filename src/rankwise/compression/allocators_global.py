@@ -12,7 +12,7 @@ spectrum), truncating to rank ``k`` raises ``||(W - W') X||_F^2`` by exactly
   linearly in ``e_l(k)`` (through ``(0, 0)``: no error, no loss increase).
 
 Both then solve ``min sum_l cost_l(k_l)  s.t.  sum_l params_l(k_l) <= (1 - ratio) sum_l m_l n_l`` with
-:func:`~rankwise.compress.knapsack.solve_budget` (global greedy over cost per parameter saved).
+:func:`~rankwise.compression.knapsack.solve_budget` (global greedy over cost per parameter saved).
 
 Constraints: ranks in ``[min_rank, cap_l]`` where ``cap_l`` is the largest rank that still saves
 parameters (``k (m + n) < m n``) and, when speed-aware, the layer's measured break-even rank;

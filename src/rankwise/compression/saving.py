@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_dir
+from ..files import atomic_dir
 from ..errors import ArtifactError
 from ..models.surgery import Conv1D, set_module
 from ..structures.lowrank import LowRankLinear
@@ -219,3 +219,15 @@ def _skeleton_from_config(config):
 
     with accelerate.init_empty_weights():
         return AutoModelForCausalLM.from_config(config)
+
+
+def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report: CompressionReport | None = None,
+               overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """:func:`save_compressed` for a model with structured layers, else an atomic ``save_pretrained``."""
+    if lowrank_layers(model):
+        return save_compressed(model, tokenizer, out_dir, report, overwrite=overwrite, extra=extra)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir)

@@ -1,4 +1,4 @@
-"""Rank allocators: turn a parameter budget into a :data:`~rankwise.compress.budget.RankPlan`.
+"""Rank allocators: turn a parameter budget into a :data:`~rankwise.compression.budget.RankPlan`.
 
 ``ALLOCATORS[name].fn(request) -> plan``. An allocator that sets ``needs_factorizations`` gets the
 full factorization of every targeted layer (with ``.spectrum``) under the compression method's

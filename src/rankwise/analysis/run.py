@@ -48,7 +48,7 @@ class AnalysisResult:
         return {"layers": self.layers, "summary": self.summary}
 
     def write_json(self, path: str | Path) -> None:
-        from .._io import write_json
+        from ..files import write_json
 
         write_json(path, _jsonable(self.to_dict()))
 

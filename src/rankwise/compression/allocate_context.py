@@ -1,4 +1,4 @@
-"""Glue between an :class:`~rankwise.compress.allocate.AllocationRequest` and the pure allocators:
+"""Glue between an :class:`~rankwise.compression.allocate.AllocationRequest` and the pure allocators:
 speed caps from the measured speed model, the sensitivity loss callback, and dense reasons."""
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _record_dense(req: "AllocationRequest", plan: dict) -> None:
 def make_layer_loss(model, windows: torch.Tensor, factorizations) -> tuple[LayerLoss, float]:
     """``(loss(name, k), base_loss)``: mean next-token NLL on ``windows`` with only layer ``name``
     replaced by its rank-``k`` truncation ``fac.dense(k)`` (restored afterwards)."""
-    from ..evaluate.perplexity import window_nll
+    from ..evaluation.perplexity import window_nll
 
     def mean_nll() -> float:
         total, count = window_nll(model, windows, batch_size=max(1, windows.shape[0]))

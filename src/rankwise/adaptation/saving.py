@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._io import atomic_dir
+from ..files import atomic_dir
 from ..errors import ArtifactError, ConfigError
 from ..models.surgery import set_module
 from ..structures.lowrank import LowRankLinear
@@ -247,7 +247,7 @@ def save_merged(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwr
     for p in merged.parameters():
         p.requires_grad_(True)
     if any(isinstance(m, LowRankLinear) for m in merged.modules()):
-        from ..compress.saving import save_compressed
+        from ..compression.saving import save_compressed
 
         save_compressed(merged, tokenizer, out, overwrite=overwrite, extra={"healed": True})
         if extra is not None:

@@ -1,0 +1,95 @@
+"""The Python API: one verb per job, each a thin call into its package.
+
+Mutation is uniform: ``compress`` and ``adapt`` return a modified **copy** of the model unless
+``inplace=True``. ``load`` reverses ``save``; both take any model rankwise can write (compressed
+directories, plain Hugging Face directories, built-in names).
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu"):
+    """``(model, tokenizer, path)`` for a built-in model name, a local Hugging Face directory, or a
+    directory written by :func:`save` / ``rankwise compress`` (its structured layers rebuilt)."""
+    from .models.loading import load_model as _load
+
+    return _load(name_or_path, dtype=dtype, device=device)
+
+
+#: The same loader under its descriptive name (same arguments, same ``(model, tokenizer, path)``).
+load_model = load
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report=None, overwrite: bool = False,
+         extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` to ``out_dir`` atomically (safetensors + JSON); :func:`load` reads it back.
+
+    A model with structured layers (low rank, quantized, ...) is written in rankwise's format with a
+    ``rankwise.json`` manifest; a plain model is written as an ordinary Hugging Face checkpoint.
+    """
+    from .compression.saving import save_model
+
+    return save_model(model, out_dir, tokenizer=tokenizer, report=report, overwrite=overwrite, extra=extra)
+
+
+def compress(model: nn.Module, method: str | None = None, ratio: float = 0.4, calib=None, tokenizer=None,
+             inplace: bool = False, **options):
+    """Compress ``model``'s linear layers; returns ``(compressed_model, report)``.
+
+    A deep copy is compressed unless ``inplace=True``. See :func:`rankwise.compression.compress`
+    for the options (structure, allocator, calibration, engine granularity, refit, ...).
+    """
+    from .compression.pipeline import compress as _compress
+
+    target = model if inplace else copy.deepcopy(model)
+    if method is not None:
+        options["method"] = method
+    return _compress(target, ratio=ratio, calib=calib, tokenizer=tokenizer, **options)
+
+
+def compress_low_memory(model: str | os.PathLike | None, out_dir: str | os.PathLike, **options):
+    """Compress the checkpoint at ``model`` block by block from disk into ``out_dir``; returns the report."""
+    from .compression.lowmem import compress_low_memory as _compress_low_memory
+
+    return _compress_low_memory(model, out_dir, **options)
+
+
+def evaluate(model: nn.Module, tokenizer, **options):
+    """Perplexity on the default protocol (or ``text=``); returns a :class:`PerplexityResult`."""
+    from .evaluation.perplexity import perplexity as _perplexity
+
+    return _perplexity(model, tokenizer, **options)
+
+
+perplexity = evaluate
+
+
+def analyze(model: nn.Module, **options):
+    """Per-layer spectral diagnostics; returns an :class:`~rankwise.analysis.run.AnalysisResult`."""
+    from .analysis.run import analyze as _analyze
+
+    return _analyze(model, **options)
+
+
+def adapt(model: nn.Module, init: str = "pissa", rank: int = 16, inplace: bool = False, **options) -> nn.Module:
+    """Attach ``init``-initialized rank-``rank`` adapters; returns the adapted model (a copy unless
+    ``inplace=True``). See :func:`rankwise.adaptation.attach.adapt` for the options."""
+    from .adaptation.attach import adapt as _adapt
+
+    target = model if inplace else copy.deepcopy(model)
+    return _adapt(target, init=init, rank=rank, **options)
+
+
+def load_corpus(split: str = "test", text_file: str | os.PathLike | None = None) -> str:
+    """The default corpus's ``calib`` / ``test`` split, or the text of ``text_file``."""
+    from .calibration.corpus import load_corpus as _load_corpus
+
+    return _load_corpus(split, text_file)

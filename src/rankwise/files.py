@@ -1,0 +1,106 @@
+"""Everything rankwise writes goes through here: atomic directories and atomic files.
+
+A file or directory is written under a temporary sibling name and renamed into place at the end,
+so an interrupted run never leaves a half-written output, and a failed write leaves no temp file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import OutputExistsError
+
+
+def cache_dir() -> Path:
+    """Root of rankwise's cache: ``$RANKWISE_CACHE`` or ``~/.cache/rankwise``."""
+    root = os.environ.get("RANKWISE_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "rankwise"
+
+
+def check_new_output(dest: str | os.PathLike | None, overwrite: bool = False, flag: str = "--out") -> None:
+    """:class:`OutputExistsError` when ``dest`` exists and ``overwrite`` is off (checked before any work)."""
+    if dest is not None and Path(dest).exists() and not overwrite:
+        raise OutputExistsError(f"output {dest} already exists; choose another {flag} or pass --overwrite")
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp dir next to ``dest``; on success it replaces ``dest`` atomically.
+
+    On any exception the temp dir is removed and ``dest`` is left untouched.
+    """
+    dest = Path(dest)
+    check_new_output(dest, overwrite)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs are ordinary directories
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
+    """Open a temp file next to ``path`` (``mode`` "w" or "wb"); on success it replaces ``path``.
+
+    On any exception the temp file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            yield f
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp path next to ``path`` (same suffix) for writers that take a file name (``savefig``,
+    ``save_file``); on success it replaces ``path``, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically."""
+    with atomic_file(path) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write("\n")
+    return Path(path)
