@@ -23,6 +23,9 @@ from ..models.surgery import get_modules
 
 BatchSums = tuple  # (cov | None, abs_sum, sq_sum, n) of one batch
 
+#: Statistic kinds a compression method can ask for.
+ABS_MEAN, COV, FISHER = "abs_mean", "cov", "fisher"
+
 
 def batch_sums(x: torch.Tensor, in_features: int, cov: bool = True,
                device: torch.device | str | None = None) -> BatchSums:
@@ -210,3 +213,31 @@ def collect_input_stats(model: nn.Module, windows: torch.Tensor, names: Sequence
     if missing:
         raise NumericalError(f"layers never called during calibration: {missing[:5]}")
     return {n: acc.stats[n] for n in names}
+
+
+@dataclass
+class LayerStats:
+    """What calibration gathered for one layer: input sums (:class:`InputStats`), the empirical
+    Fisher diagonal ``F`` (out, in), and (sequential refit) the cross moment ``M = X X'^T`` between
+    the dense model's inputs ``X`` and the compressed prefix's inputs ``X'``; all float64.
+    ``ridge``: relative ridge of the refit's solve (see :meth:`target`)."""
+
+    inputs: InputStats | None = None
+    fisher: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    ridge: float | None = None
+
+    def covariance(self, name: str = "layer") -> torch.Tensor:
+        """``C = sum_t x_t x_t^T`` (in, in), float64."""
+        if self.inputs is None or self.inputs.cov is None:
+            raise ConfigError(f"{name}: this method needs the input covariance, which was not collected")
+        return self.inputs.cov
+
+    def target(self, W: torch.Tensor) -> torch.Tensor:
+        """The matrix to fit under :meth:`covariance`: ``W``, or with a cross moment the corrected
+        target ``T = (W M + lam W)(C' + lam I)^-1`` (see :func:`rankwise.linalg.refit.cross_target`)."""
+        if self.cross is None:
+            return W
+        from ..linalg.refit import cross_target
+
+        return cross_target(W, self.covariance(), self.cross, self.ridge)

@@ -48,3 +48,33 @@ def activation_error(W: torch.Tensor, Wp: torch.Tensor, C: torch.Tensor) -> floa
     D = as_matrix(W, "W") - as_matrix(Wp, "W'")
     C = as_covariance(C, D.shape[1], "C")
     return float(((D @ C) * D).sum().clamp_min(0).sqrt())
+
+
+#: Default relative ridge of :func:`cross_target`.
+CROSS_RIDGE = 1e-6
+
+
+def cross_target(W: torch.Tensor, C: torch.Tensor, M: torch.Tensor, rel_ridge: float | None = None) -> torch.Tensor:
+    """Corrected target for fitting the dense outputs ``W X`` from other inputs ``X'``:
+
+        T = argmin_T ||W X - T X'||_F^2 + lam ||T - W||_F^2 = (W M + lam W)(C' + lam I)^-1,
+
+    ``M = X X'^T``, ``C' = X' X'^T``, ``lam = rel_ridge * mean(diag C')``. Since
+    ``||W X - W' X'||^2 = ||(T - W') S'||^2 + const`` (``S' S'^T = C'``, at ``lam = 0``), the
+    whitened rank-k truncation of ``T`` under ``C'`` is the exact rank-k minimizer of the
+    sequential objective. The ridge pulls ``T`` toward ``W`` (not toward 0): as ``lam`` grows the
+    refit tends to the plain fit of ``W``.
+    """
+    rel_ridge = CROSS_RIDGE if rel_ridge is None else float(rel_ridge)
+    W64 = as_matrix(W, "W")
+    n = W64.shape[1]
+    C = as_covariance(C, n, "C'")
+    M = as_matrix(M, "cross")
+    if M.shape != (n, n):
+        raise ConfigError(f"cross moment must be ({n}, {n}), got {tuple(M.shape)}")
+    lam = rel_ridge * float(torch.diagonal(C).mean().clamp_min(1e-30))
+    A = C + lam * torch.eye(n, dtype=C.dtype, device=C.device)
+    rhs = M.T @ W64.T + lam * W64.T  # (C' + lam I) T^T = M^T W^T + lam W^T
+    chol, info = torch.linalg.cholesky_ex(A)
+    sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
+    return sol.T.to(W.dtype)

@@ -26,32 +26,12 @@ from typing import Callable
 
 import torch
 
-from ..calibration.stats import InputStats
-from ..errors import ConfigError, UnknownMethodError
-from ..linalg import (
+from ...calibration.stats import ABS_MEAN, COV, FISHER, LayerStats
+from ...errors import ConfigError, UnknownMethodError
+from ...linalg import (
     Factorization, asvd_scales, fisher_row_weights, plain_svd, refit_left, row_weighted_svd, scaled_svd,
     whitened_svd,
 )
-
-#: Statistic kinds a method can ask for.
-ABS_MEAN, COV, FISHER = "abs_mean", "cov", "fisher"
-
-
-@dataclass
-class LayerStats:
-    """What calibration gathered for one layer: input sums (:class:`InputStats`), the empirical
-    Fisher diagonal ``F`` (out, in), and (sequential refit) the cross moment ``M = X X'^T`` between
-    the dense model's inputs ``X`` and the compressed prefix's inputs ``X'``; all float64."""
-
-    inputs: InputStats | None = None
-    fisher: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
-
-    def covariance(self, name: str = "layer") -> torch.Tensor:
-        if self.inputs is None or self.inputs.cov is None:
-            raise ConfigError(f"{name}: this method needs the input covariance, which was not collected")
-        return self.inputs.cov
-
 
 @dataclass(frozen=True)
 class CompressionMethod:
@@ -89,35 +69,12 @@ def _fwsvd(W: torch.Tensor, stats: LayerStats) -> Factorization:
     return row_weighted_svd(W, fisher_row_weights(stats.fisher))
 
 
-#: Relative ridge on ``C'`` when solving for the corrected target (see :func:`corrected_target`).
-CROSS_RIDGE = 1e-6
-
-
-def corrected_target(W: torch.Tensor, stats: LayerStats, rel_ridge: float | None = None) -> torch.Tensor:
-    """``W M C'^-1`` when ``stats.cross = M = X X'^T`` is known, else ``W``.
-
-    ``||W X - W' X'||^2 = ||(W M C'^-1 - W') S'||^2 + const`` for ``S' S'^T = C' = X' X'^T``, so the
-    whitened truncation of ``W M C'^-1`` under ``C'`` is the exact rank-k minimizer of the
-    sequential objective. ``C'`` gets a tiny ridge ``rel_ridge * mean(diag C')`` for the solve.
-    """
-    if stats.cross is None:
-        return W
-    rel_ridge = CROSS_RIDGE if rel_ridge is None else rel_ridge
-    C = stats.covariance().to(torch.float64)
-    M = stats.cross.to(torch.float64)
-    A = C + rel_ridge * float(torch.diagonal(C).mean().clamp_min(1e-30)) * torch.eye(C.shape[0], dtype=C.dtype)
-    rhs = M.T @ W.to(torch.float64).T  # C'^-1 M^T W^T = (W M C'^-1)^T
-    chol, info = torch.linalg.cholesky_ex(A)
-    sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
-    return sol.T.to(W.dtype)
-
-
 def _svd_llm(W: torch.Tensor, stats: LayerStats) -> Factorization:
-    return whitened_svd(corrected_target(W, stats), stats.covariance(), kind="cholesky")
+    return whitened_svd(stats.target(W), stats.covariance(), kind="cholesky")
 
 
 def _svd_llm_v2(W: torch.Tensor, stats: LayerStats) -> Factorization:
-    return whitened_svd(corrected_target(W, stats), stats.covariance(), kind="eigh")
+    return whitened_svd(stats.target(W), stats.covariance(), kind="eigh")
 
 
 METHODS: dict[str, CompressionMethod] = {

@@ -1,0 +1,111 @@
+"""What a compression method is, and the registry of them (``--structure NAME``).
+
+A method turns one dense layer ``y = W x + b`` (``W`` (out, in)) into a :class:`StructuredLinear`
+under a per-layer budget, fitted to the calibration statistics the engine gathered for that layer.
+The engine (:mod:`rankwise.compression.engine`) owns everything else: walking the model, calibration
+(sequential or one-shot, block or sub-group), the global budget, replacement, the report.
+
+Adding a method is one file in this package::
+
+    @STRUCTURES.register("my-structure")
+    class MyStructure(Method):
+        budget = "params"                     # "params" (--ratio) or "bytes" (--bits-per-weight)
+        Options = MyOptions                   # a dataclass; its fields are the method's options
+
+        def needs(self): return {COV}         # statistics: COV, ABS_MEAN, FISHER
+        def plan_layer(self, shape, target): return {"rank": ...}   # spec meeting the layer's budget
+        def fit(self, W, bias, stats, spec): return MyLayer(...)     # the fitted layer
+
+and one test. The budget of a layer (``target``) is a number of stored weight values (``budget =
+"params"``: ``(1 - ratio) * out * in`` under the uniform allocator) or of bytes (``budget =
+"bytes"``: ``bits_per_weight * out * in / 8``). ``plan_layer`` returns the layer's hyperparameters
+(its ``spec``, JSON-able) or ``None`` to keep the layer dense; it raises :class:`ConfigError` naming
+the binding constraint when no setting fits. ``fit`` gets ``W`` in float32 (on the compute device),
+the bias (or ``None``), the layer's :class:`LayerStats` and the spec, and returns the new layer in
+float32; the engine casts it to the model's dtype.
+
+Sequential calibration with a refit records the cross moment ``M = X X'^T`` between the dense
+model's inputs ``X`` and the compressed prefix's inputs ``X'``; :meth:`LayerStats.target` then gives
+the corrected target ``W M C'^-1`` whose fit under ``C'`` minimizes ``||W X - W' X'||``: a method
+that fits ``stats.target(W)`` under ``stats.covariance()`` gets the refit for free.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from ...calibration.stats import ABS_MEAN, COV, FISHER, LayerStats
+from ...errors import ConfigError
+from ...registry import Registry
+from ...structures.base import StructuredLinear
+
+#: name -> Method subclass; filled by the modules of this package.
+STRUCTURES: Registry[type["Method"]] = Registry("structure", package="rankwise.compression.methods")
+
+
+@dataclass
+class NoOptions:
+    """A method without options."""
+
+
+class Method:
+    """Base class of a compression method; see the module docstring."""
+
+    name: ClassVar[str] = ""
+    budget: ClassVar[str] = "params"
+    Options: ClassVar[type] = NoOptions
+    #: Layers fitted jointly: consecutive blocks per unit (shared-basis methods set this > 1).
+    blocks_per_unit: int = 1
+
+    def __init__(self, options: Any = None, **kwargs: Any) -> None:
+        self.options = make_options(self.Options, options, kwargs, self.name)
+
+    # -- to implement -------------------------------------------------------------------------
+    def needs(self) -> set[str]:
+        """Statistics the fit reads: a subset of {COV, ABS_MEAN, FISHER}."""
+        return set()
+
+    def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any] | None:
+        """The spec of an (out, in) layer within ``target`` (values or bytes); ``None`` = keep dense."""
+        raise NotImplementedError
+
+    def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
+            spec: Mapping[str, Any]) -> StructuredLinear:
+        raise NotImplementedError
+
+    # -- provided -----------------------------------------------------------------------------
+    def dense_cost(self, shape: tuple[int, int], bytes_per_value: int = 4) -> float:
+        """What keeping the layer dense costs in this method's budget unit."""
+        m, n = shape
+        return float(m * n) if self.budget == "params" else float(m * n * bytes_per_value)
+
+    def describe(self) -> dict[str, Any]:
+        return {"structure": self.name, "budget": self.budget, "options": dataclasses.asdict(self.options)}
+
+
+def make_options(cls: type, options: Any, kwargs: Mapping[str, Any], owner: str) -> Any:
+    """``cls`` built from an instance, a dict and/or keyword arguments; unknown keys raise ConfigError."""
+    if isinstance(options, cls) and not kwargs:
+        return options
+    base = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options or {})
+    base.update(kwargs)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(base) - fields)
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for {owner or cls.__name__}; valid: {sorted(fields) or 'none'}")
+    try:
+        return cls(**base)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad options for {owner or cls.__name__}: {e}") from None
+
+
+def get_method(name: str, options: Any = None, **kwargs: Any) -> Method:
+    """An instance of the registered method ``name`` with its options."""
+    return STRUCTURES.get(name)(options, **kwargs)
+
+
+__all__ = ["ABS_MEAN", "COV", "FISHER", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
+           "make_options"]
