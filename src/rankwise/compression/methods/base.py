@@ -47,6 +47,16 @@ STRUCTURES: Registry[type["Method"]] = Registry("structure", package="rankwise.c
 
 
 @dataclass
+class LayerInput:
+    """One layer handed to :meth:`Method.fit_unit`: float32 weight (out, in), bias, statistics, spec."""
+
+    W: torch.Tensor
+    bias: torch.Tensor | None
+    stats: LayerStats
+    spec: Mapping[str, Any]
+
+
+@dataclass
 class NoOptions:
     """A method without options."""
 
@@ -75,6 +85,15 @@ class Method:
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> StructuredLinear:
         raise NotImplementedError
+
+    def fit_unit(self, layers: Mapping[str, LayerInput]) -> dict[str, StructuredLinear]:
+        """Fit every planned layer of one unit (``blocks_per_unit`` consecutive blocks, in model order).
+
+        The default fits each layer alone; a method that shares tensors across layers (a basis
+        shared by the same-type layers of adjacent blocks) overrides this. Shared tensors must be
+        the very same ``nn.Parameter`` objects in every layer: saving stores them once.
+        """
+        return {name: self.fit(x.W, x.bias, x.stats, x.spec) for name, x in layers.items()}
 
     # -- provided -----------------------------------------------------------------------------
     def dense_cost(self, shape: tuple[int, int], bytes_per_value: int = 4) -> float:
@@ -107,5 +126,5 @@ def get_method(name: str, options: Any = None, **kwargs: Any) -> Method:
     return STRUCTURES.get(name)(options, **kwargs)
 
 
-__all__ = ["ABS_MEAN", "COV", "FISHER", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
+__all__ = ["ABS_MEAN", "COV", "FISHER", "LayerInput", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
            "make_options"]
