@@ -40,24 +40,24 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report=No
     return save_model(model, out_dir, tokenizer=tokenizer, report=report, overwrite=overwrite, extra=extra)
 
 
-def compress(model: nn.Module, method: str | None = None, ratio: float = 0.4, calib=None, tokenizer=None,
-             inplace: bool = False, **options):
+def compress(model: nn.Module, structure: str | None = None, ratio: float | None = None, *,
+             method: str | None = None, calib=None, tokenizer=None, inplace: bool = False, **options):
     """Compress ``model``'s linear layers; returns ``(compressed_model, report)``.
 
-    A deep copy is compressed unless ``inplace=True``. See :func:`rankwise.compression.compress`
-    for the options (structure, allocator, calibration, engine granularity, refit, ...).
+    A deep copy is compressed unless ``inplace=True``. ``structure`` defaults to low rank, ``ratio``
+    (fraction of the targeted weight values removed) to 0.4; ``method`` picks the low-rank objective.
+    See :func:`rankwise.compression.compress.compress` for every option (``bits_per_weight``,
+    ``options``, ``allocate``, ``mode``, ``granularity``, ``refit``, ``calib_options``, ``device``, ...).
     """
-    from .compression.pipeline import compress as _compress
+    from .compression.compress import compress as _compress
 
     target = model if inplace else copy.deepcopy(model)
-    if method is not None:
-        options["method"] = method
-    return _compress(target, ratio=ratio, calib=calib, tokenizer=tokenizer, **options)
+    return _compress(target, structure, ratio, method=method, calib=calib, tokenizer=tokenizer, **options)
 
 
 def compress_low_memory(model: str | os.PathLike | None, out_dir: str | os.PathLike, **options):
     """Compress the checkpoint at ``model`` block by block from disk into ``out_dir``; returns the report."""
-    from .compression.lowmem import compress_low_memory as _compress_low_memory
+    from .compression.compress import compress_low_memory as _compress_low_memory
 
     return _compress_low_memory(model, out_dir, **options)
 

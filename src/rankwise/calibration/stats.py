@@ -108,7 +108,7 @@ class InputStats:
         return self.cov / self.n
 
 
-def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     if args and isinstance(args[0], torch.Tensor):
         return args[0]
     for v in kwargs.values():
@@ -140,7 +140,7 @@ class StatsAccumulator:
 
     def _hook(self, name: str):
         def hook(module, args, kwargs):
-            x = _first_tensor(args, kwargs)
+            x = first_tensor(args, kwargs)
             st = self.stats.get(name)
             if st is None:
                 st = InputStats.zeros(x.shape[-1], device=self.device or x.device, cov=self.cov)

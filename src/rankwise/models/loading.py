@@ -9,6 +9,7 @@ import torch
 
 from ..errors import ModelNotFoundError
 from .registry import resolve_model
+from .saved import is_structured_dir, load_structured
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,8 @@ def load_model(
     with its factorized layers.
     """
     path = resolve_model(name_or_path)
-    if (Path(path) / "rankwise.json").is_file():
-        from ..compression.saving import load_compressed
-
-        model = load_compressed(path, dtype=dtype)
+    if is_structured_dir(path):
+        model = load_structured(path, dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM
 

@@ -32,6 +32,8 @@ class StructuredLinear(nn.Module):
     """``y = W' x + bias`` with ``W'`` (out_features, in_features) stored in a structured form."""
 
     kind: ClassVar[str] = ""
+    #: State-dict keys (relative to the layer) stored in a fixed dtype that loading never casts.
+    fixed_dtype_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -104,6 +106,25 @@ class StructuredLinear(nn.Module):
         for t in self.state_dict().values():
             return t.device
         return torch.device("cpu")
+
+    def cast_(self, dtype: torch.dtype, memo: dict | None = None) -> "StructuredLinear":
+        """Cast floating parameters and buffers to ``dtype`` in place, except ``fixed_dtype_keys``.
+
+        ``memo`` (``{id(old tensor): new tensor}``) keeps tensors shared between layers shared."""
+        fixed = set(self.fixed_dtype_keys)
+        memo = {} if memo is None else memo
+        for mod_name, mod in self.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                store = getattr(mod, kind)
+                for key, t in list(store.items()):
+                    full = f"{mod_name}.{key}" if mod_name else key
+                    if t is None or not t.is_floating_point() or full in fixed or t.dtype == dtype:
+                        continue
+                    if id(t) not in memo:
+                        memo[id(t)] = (torch.nn.Parameter(t.detach().to(dtype), requires_grad=t.requires_grad)
+                                       if kind == "_parameters" else t.to(dtype))
+                    store[key] = memo[id(t)]
+        return self
 
     def describe(self) -> dict[str, Any]:
         """What the save format records per layer: kind, shape, bias, spec."""

@@ -1,3 +1,7 @@
-"""Compression methods: one module per method, registered in :data:`.base.STRUCTURES`."""
-from .lowrank import METHODS, CompressionMethod, get_method, truncate  # noqa: F401  (engine rewrite in progress)
-from ...calibration.stats import ABS_MEAN, COV, FISHER, LayerStats  # noqa: F401
+"""Compression methods: one module per method, registered in :data:`.base.STRUCTURES` (``--structure``).
+
+See :mod:`.base` for the interface; :mod:`.lowrank` is the reference implementation.
+"""
+from .base import STRUCTURES, LayerInput, Method, get_method
+
+__all__ = ["LayerInput", "Method", "STRUCTURES", "get_method"]

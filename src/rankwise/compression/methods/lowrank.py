@@ -1,116 +1,138 @@
-"""Registry of low-rank compression methods: ``METHODS[name]`` maps a weight and its statistics to
-a full :class:`~rankwise.linalg.Factorization`, truncated later to the planned rank.
+"""Low rank: ``W' = L R`` (``L`` (out, k), ``R`` (k, in)) stored as :class:`LowRankLinear`, fitted under
+one of the objectives below (``--method``). For a layer ``y = W x`` with calibration inputs ``X``:
 
-For a layer ``y = W x`` (``W`` of shape (out, in)) with calibration inputs ``X`` (in, tokens):
+* ``svd``      ``W' = SVD_k(W)``                                      min ||W - W'||_F
+* ``asvd``     ``W' = SVD_k(W D) D^-1``, ``D = diag(mean|x_j|^alpha)``   (ASVD, alpha = 0.5)
+* ``fwsvd``    ``W' = diag(r)^-1 SVD_k(diag(r) W)``, ``r_i = sqrt(sum_j F_ij)`` from the empirical
+               Fisher ``F = sum_b (dL_b/dW)^2``                          (FWSVD)
+* ``svd-llm``  ``W' = SVD_k(T S) S^-1``, ``S S^T = C = X X^T``: the exact minimizer of ``||(W - W') X||_F``
+               (SVD-LLM); ``whitening`` picks ``S``: ``cholesky`` (SVD-LLM, damped if needed) or ``eigh``
+               (symmetric square root, never fails). ``T`` is ``W``, or the sequential refit's corrected
+               target (:meth:`LayerStats.target`), which makes the truncation the exact minimizer of
+               ``||W X - W' X'||``.
 
-* ``svd``        ``W' = SVD_k(W)``                                   min ||W - W'||_F
-* ``asvd``       ``W' = SVD_k(W D) D^-1``, ``D = diag(mean|x_j|^alpha)``   (ASVD, alpha = 0.5)
-* ``fwsvd``      ``W' = diag(r)^-1 SVD_k(diag(r) W)``, ``r_i = sqrt(sum_j F_ij)`` from the
-                 empirical Fisher ``F = sum_b (dL_b/dW)^2``                 (FWSVD)
-* ``svd-llm``    ``W' = SVD_k(W S) S^-1``, ``S S^T = C = X X^T`` by Cholesky (damped if needed)
-                 -- the exact minimizer of ``||(W - W') X||_F``            (SVD-LLM)
-* ``svd-llm-v2`` same objective, ``S = Q Lambda^1/2`` from ``eigh(C)``, never fails (SVD-LLM v2)
+``lstsq``: after truncation, the left factor is replaced by the closed-form least squares
+``L = W C R^T (R C R^T)^-1`` = argmin ``||(W - L R) X||_F`` with ``R`` fixed (useful for the data-free
+objectives; for ``svd-llm`` the truncation is already optimal).
 
-Any method can be followed by the closed-form least-squares refit of the left factor with the
-right factor fixed: ``L = argmin_L ||(W - L R) X||_F = W C R^T (R C R^T)^-1`` (``refit=True``).
-
-Sequential calibration with ``refit`` also records ``M = X X'^T`` between the dense model's inputs
-``X`` and the compressed prefix's inputs ``X'``: the refit then solves ``min ||W X - L R X'||`` and
-the whitened methods truncate the corrected target ``W M C'^-1`` (:func:`corrected_target`), the
-exact rank-k minimizer of that objective.
+Budget: a layer of shape (m, n) kept at rank ``k`` stores ``k (m + n)`` values; the plan of a layer
+with ``target`` values is ``k = floor(target / (m + n))``, dense when that saves nothing.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 
 from ...calibration.stats import ABS_MEAN, COV, FISHER, LayerStats
-from ...errors import ConfigError, UnknownMethodError
-from ...linalg import (
-    Factorization, asvd_scales, fisher_row_weights, plain_svd, refit_left, row_weighted_svd, scaled_svd,
-    whitened_svd,
-)
+from ...errors import ConfigError, NumericalError
+from ...linalg import (Factorization, asvd_scales, fisher_row_weights, plain_svd, refit_left, row_weighted_svd,
+                       scaled_svd, whitened_svd)
+from ...linalg.whitening import KINDS as WHITENINGS
+from ...registry import Registry
+from ...structures.lowrank import LowRankLinear, lowrank_saves
+from .base import STRUCTURES, Method
+
 
 @dataclass(frozen=True)
-class CompressionMethod:
-    """A named factorization ``fn(W, stats) -> Factorization`` and the statistics it needs."""
+class Objective:
+    """A named factorization ``fn(W, stats, options) -> Factorization`` and the statistics it reads."""
 
     name: str
     needs: frozenset[str]
-    fn: Callable[[torch.Tensor, LayerStats], Factorization] = field(repr=False)
+    fn: Callable[[torch.Tensor, LayerStats, "LowRankOptions"], Factorization]
     description: str = ""
 
-    def factorize(self, W: torch.Tensor, stats: LayerStats) -> Factorization:
-        return self.fn(W, stats)
 
-    def stats_needed(self, refit: bool) -> frozenset[str]:
-        """Statistics to collect: the method's own, plus the covariance when refitting."""
-        return self.needs | {COV} if refit else self.needs
+#: name -> Objective (``--method``).
+OBJECTIVES: Registry[Objective] = Registry("low-rank objective")
 
 
-ASVD_ALPHA = 0.5
+def _objective(name: str, needs: set[str], description: str):
+    def deco(fn):
+        OBJECTIVES.register(name, Objective(name, frozenset(needs), fn, description))
+        return fn
+    return deco
 
 
-def _svd(W: torch.Tensor, stats: LayerStats) -> Factorization:
+@_objective("svd", set(), "plain truncated SVD, min ||W - W'||_F")
+def _svd(W, stats, opts):
     return plain_svd(W)
 
 
-def _asvd(W: torch.Tensor, stats: LayerStats) -> Factorization:
+@_objective("asvd", {ABS_MEAN}, "activation-scaled SVD, W diag(mean|x|^alpha) (ASVD)")
+def _asvd(W, stats, opts):
     if stats.inputs is None:
         raise ConfigError("asvd needs the input abs-mean statistics, which were not collected")
-    return scaled_svd(W, asvd_scales(stats.inputs.mean_abs, ASVD_ALPHA))
+    return scaled_svd(W, asvd_scales(stats.inputs.mean_abs, opts.asvd_alpha))
 
 
-def _fwsvd(W: torch.Tensor, stats: LayerStats) -> Factorization:
+@_objective("fwsvd", {FISHER}, "Fisher-row-weighted SVD (FWSVD)")
+def _fwsvd(W, stats, opts):
     if stats.fisher is None:
         raise ConfigError("fwsvd needs the Fisher diagonal, which was not collected")
     return row_weighted_svd(W, fisher_row_weights(stats.fisher))
 
 
-def _svd_llm(W: torch.Tensor, stats: LayerStats) -> Factorization:
-    return whitened_svd(stats.target(W), stats.covariance(), kind="cholesky")
+@_objective("svd-llm", {COV}, "whitened SVD, min ||(W - W')X||_F (SVD-LLM)")
+def _svd_llm(W, stats, opts):
+    return whitened_svd(stats.target(W), stats.covariance(), kind=opts.whitening)
 
 
-def _svd_llm_v2(W: torch.Tensor, stats: LayerStats) -> Factorization:
-    return whitened_svd(stats.target(W), stats.covariance(), kind="eigh")
+@dataclass
+class LowRankOptions:
+    method: str = "svd-llm"        # the objective (OBJECTIVES)
+    whitening: str = "cholesky"    # svd-llm: "cholesky" | "eigh"
+    lstsq: bool = False            # least-squares refit of the left factor
+    asvd_alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        OBJECTIVES.get(self.method)
+        if self.whitening not in WHITENINGS:
+            raise ConfigError(f"unknown whitening {self.whitening!r}; valid: {', '.join(WHITENINGS)}")
 
 
-METHODS: dict[str, CompressionMethod] = {
-    m.name: m
-    for m in (
-        CompressionMethod("svd", frozenset(), _svd, "plain truncated SVD, min ||W - W'||_F"),
-        CompressionMethod("asvd", frozenset({ABS_MEAN}), _asvd,
-                          "activation-scaled SVD, W diag(mean|x|^0.5) (ASVD)"),
-        CompressionMethod("fwsvd", frozenset({FISHER}), _fwsvd,
-                          "Fisher-row-weighted SVD (FWSVD)"),
-        CompressionMethod("svd-llm", frozenset({COV}), _svd_llm,
-                          "Cholesky-whitened SVD, min ||(W - W')X||_F (SVD-LLM)"),
-        CompressionMethod("svd-llm-v2", frozenset({COV}), _svd_llm_v2,
-                          "eigh-whitened SVD, same objective, never fails (SVD-LLM v2)"),
-    )
-}
+@STRUCTURES.register("lowrank")
+class LowRank(Method):
+    """Low-rank factors under an objective; see the module docstring."""
 
+    name = "lowrank"
+    budget = "params"
+    Options = LowRankOptions
 
-def get_method(name: str) -> CompressionMethod:
-    """The registered method ``name``; unknown names raise :class:`UnknownMethodError` listing the valid ones."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise UnknownMethodError(
-            f"unknown compression method {name!r}; valid methods: {', '.join(METHODS)}"
-        ) from None
+    @property
+    def objective(self) -> Objective:
+        return OBJECTIVES.get(self.options.method)
 
+    def needs(self) -> set[str]:
+        return set(self.objective.needs) | ({COV} if self.options.lstsq else set())
 
-def truncate(W: torch.Tensor, fac: Factorization, k: int, stats: LayerStats | None = None,
-             refit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-``k`` factors ``(L (out, k), R (k, in))`` of ``fac``; with ``refit`` the left factor is
-    replaced by the closed-form least-squares ``L = W C R^T (R C R^T)^-1`` (covariance ``C``), or,
-    when ``stats.cross`` holds ``M = X X'^T``, ``L = W M R^T (R C' R^T)^-1`` = argmin ``||W X - L R X'||``."""
-    L, R = fac.factors(k, dtype=torch.float64 if refit else torch.float32)
-    if refit:
-        if stats is None:
-            raise ConfigError("refit needs the input covariance, which was not collected")
-        L = refit_left(W, R, stats.covariance(), cross=stats.cross)
-    return L, R
+    def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any] | None:
+        m, n = shape
+        k = int(target // (m + n))
+        if k < 1 or not lowrank_saves(m, n, k):
+            return None
+        return {"rank": min(k, m, n)}
+
+    def factorize(self, W: torch.Tensor, stats: LayerStats) -> Factorization:
+        """The full factorization under the objective (truncate with :meth:`truncate`)."""
+        return self.objective.fn(W, stats, self.options)
+
+    def truncate(self, W: torch.Tensor, fac: Factorization, k: int, stats: LayerStats
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-``k`` factors ``(L, R)`` of ``fac`` (float32), with the ``lstsq`` left refit if set."""
+        if not self.options.lstsq:
+            return fac.factors(k, dtype=torch.float32)
+        L, R = fac.factors(k, dtype=torch.float64)
+        return refit_left(stats.target(W), R, stats.covariance(), dtype=torch.float32), R.to(torch.float32)
+
+    def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
+            spec: Mapping[str, Any], fac: Factorization | None = None) -> LowRankLinear:
+        fac = self.factorize(W, stats) if fac is None else fac
+        L, R = self.truncate(W, fac, int(spec["rank"]), stats)
+        if not (bool(torch.isfinite(L).all()) and bool(torch.isfinite(R).all())):
+            raise NumericalError("factorizing produced non-finite factors; the calibration statistics may be degenerate")
+        layer = LowRankLinear.from_factors(L, R, None if bias is None else bias.detach().to(torch.float32))
+        layer.fit_info = {"damping": float(fac.info.get("damping", 0.0) or 0.0)}
+        return layer

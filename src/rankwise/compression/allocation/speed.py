@@ -26,9 +26,9 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..files import cache_dir, write_json
-from ..errors import ConfigError
-from ..structures.lowrank import LowRankLinear, max_saving_rank
+from ...files import cache_dir, write_json
+from ...errors import ConfigError
+from ...structures.lowrank import LowRankLinear, max_saving_rank
 
 log = logging.getLogger(__name__)
 

@@ -4,45 +4,36 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING
-
 import torch
 
-from ..errors import ConfigError
-from ..models.surgery import linear_weight
-from ..structures.lowrank import max_saving_rank
-from .allocators_global import LayerLoss, allocate_sensitivity
+from ...errors import ConfigError
+from ...models.surgery import linear_weight
+from ...structures.lowrank import max_saving_rank
+from .budget import uniform_rank
+from .solvers import LayerLoss, allocate_sensitivity, allocate_spectrum_banded, relative_tail
+from .types import AllocationRequest
 
-if TYPE_CHECKING:
-    from .allocate import AllocationRequest
-
-#: Defaults of the sensitivity measurement: windows x tokens per loss, candidate ranks per layer.
-SENSITIVITY_WINDOWS = 2
-SENSITIVITY_SEQLEN = 256
-SENSITIVITY_POINTS = 3
-
-
-def speed_caps_for(req: "AllocationRequest") -> dict[str, int] | None:
-    """``{layer: break-even rank}`` when ``context['speed_aware']``, else ``None`` (measured once, cached)."""
-    if not req.context.get("speed_aware"):
+def speed_caps_for(req: AllocationRequest) -> dict[str, int] | None:
+    """``{layer: break-even rank}`` when ``options.speed_aware``, else ``None`` (measured once, cached)."""
+    if not req.options.speed_aware:
         return None
     if "speed" in req.info:
         return req.info["speed"]["caps"]
     from .speed import REGIMES, load_speed_profile
 
-    model = req.context.get("model")
+    model = req.context.model
     p = next(model.parameters()) if model is not None else torch.zeros(())
     profile = load_speed_profile(list(req.shapes.values()), p.device, p.dtype,
-                                 profile_file=req.context.get("speed_profile"))
+                                 profile_file=req.options.speed_profile)
     caps = {name: profile.cap(m, n) for name, (m, n) in req.shapes.items()}
     req.info["speed"] = {"fingerprint": profile.fingerprint, "regimes": dict(REGIMES),
                          "break_even": profile.break_even, "caps": caps}
     return caps
 
 
-def _record_dense(req: "AllocationRequest", plan: dict) -> None:
+def record_dense(req: AllocationRequest, plan: dict) -> None:
     """``info['dense'] = {layer: why it stays dense}``."""
-    min_rank = int(req.context.get("min_rank", 1))
+    min_rank = req.options.min_rank
     caps = (req.info.get("speed") or {}).get("caps", {})
     why = {}
     for name, k in plan.items():
@@ -61,7 +52,7 @@ def _record_dense(req: "AllocationRequest", plan: dict) -> None:
 def make_layer_loss(model, windows: torch.Tensor, factorizations) -> tuple[LayerLoss, float]:
     """``(loss(name, k), base_loss)``: mean next-token NLL on ``windows`` with only layer ``name``
     replaced by its rank-``k`` truncation ``fac.dense(k)`` (restored afterwards)."""
-    from ..evaluation.perplexity import window_nll
+    from ...evaluation.perplexity import window_nll
 
     def mean_nll() -> float:
         total, count = window_nll(model, windows, batch_size=max(1, windows.shape[0]))
@@ -82,37 +73,35 @@ def make_layer_loss(model, windows: torch.Tensor, factorizations) -> tuple[Layer
     return loss, base
 
 
-def _measured_loss(req: "AllocationRequest", allocator: str):
+def _measured_loss(req: AllocationRequest, allocator: str):
     """``(spectra, loss(name, k), base_loss)`` for the measured-sensitivity allocators.
 
-    ``context['layer_loss']`` (with ``context['base_loss']``) replaces the measurement; otherwise
+    ``context.layer_loss`` (with ``context.base_loss``) replaces the measurement; otherwise
     each call truncates one layer and evaluates the LM loss on the first calibration windows.
     """
-    ctx = req.context
+    ctx, opts = req.context, req.options
     spectra = req.spectra()
-    if ctx.get("layer_loss") is not None:
-        return spectra, ctx["layer_loss"], float(ctx["base_loss"])
-    model, windows = ctx.get("model"), ctx.get("windows")
-    if model is None or windows is None:
+    if ctx.layer_loss is not None:
+        return spectra, ctx.layer_loss, float(ctx.base_loss)
+    if ctx.model is None or ctx.windows is None:
         raise ConfigError(f"the {allocator} allocator needs the model and calibration windows")
-    nw = int(ctx.get("sensitivity_windows", SENSITIVITY_WINDOWS))
-    sl = int(ctx.get("sensitivity_seqlen", SENSITIVITY_SEQLEN))
-    loss, base = make_layer_loss(model, windows[:nw, :sl], req.factorizations)
+    loss, base = make_layer_loss(ctx.model, ctx.windows[:opts.sensitivity_windows, :opts.sensitivity_seqlen],
+                                 req.factorizations)
     return spectra, loss, base
 
 
-def allocate_sensitivity_request(req: "AllocationRequest", caps: dict[str, int] | None) -> dict:
+def allocate_sensitivity_request(req: AllocationRequest, caps: dict[str, int] | None) -> dict:
     """Run :func:`allocate_sensitivity` with the pipeline's model and calibration windows.
 
-    A ``context['layer_loss']`` callable (with ``context['base_loss']``) replaces the measurement;
-    a ``context['sensitivity_cache']`` dict memoizes it across runs on the same model and windows
+    A ``context.layer_loss`` callable (with ``context.base_loss``) replaces the measurement;
+    a ``context.sensitivity_cache`` dict memoizes it across runs on the same model and windows
     (e.g. one benchmark at several ratios).
     """
     ctx = req.context
     t0 = time.perf_counter()
     spectra, loss, base = _measured_loss(req, "sensitivity")
     calls = [0]
-    cache = ctx.get("sensitivity_cache")  # dict shared by runs on the same model + windows
+    cache = ctx.sensitivity_cache  # dict shared by runs on the same model + windows
     if cache is not None:
         base = cache.setdefault("base", base)
 
@@ -126,26 +115,21 @@ def allocate_sensitivity_request(req: "AllocationRequest", caps: dict[str, int] 
         return v
 
     plan, table = allocate_sensitivity(req.ratio, req.shapes, spectra, counted, base,
-                                       int(ctx.get("min_rank", 1)), caps,
-                                       int(ctx.get("sensitivity_points", SENSITIVITY_POINTS)),
-                                       progress=bool(ctx.get("progress", False)))
+                                       req.options.min_rank, caps, req.options.sensitivity_points,
+                                       progress=ctx.progress)
     req.info["sensitivity"] = {"base_loss": base, "loss_evaluations": calls[0],
                                "seconds": time.perf_counter() - t0,
                                "table": {n: {str(k): v for k, v in t.items()} for n, t in table.items()}}
     return plan
 
 
-def allocate_sensitivity_band_request(req: "AllocationRequest", caps: dict[str, int] | None) -> dict:
-    """``spectrum-band`` (band ``context['band']``, default 0.5) with per-layer weights
+def allocate_sensitivity_band_request(req: AllocationRequest, caps: dict[str, int] | None) -> dict:
+    """``spectrum-band`` (band ``options.band``) with per-layer weights
 
         w_l = (loss(layer l alone at its uniform rank u_l) - base_loss) / e_l(u_l)
 
     (one loss evaluation per layer on ``sensitivity_windows`` x ``sensitivity_seqlen`` calibration
     tokens), so the greedy trades measured loss, linearized in the relative whitened error."""
-    from .allocators_global import allocate_spectrum_banded, relative_tail
-    from .budget import uniform_rank
-
-    ctx = req.context
     t0 = time.perf_counter()
     spectra, loss, base = _measured_loss(req, "sensitivity-band")
     weights, table = {}, {}
@@ -160,8 +144,8 @@ def allocate_sensitivity_band_request(req: "AllocationRequest", caps: dict[str, 
             raise ConfigError(f"non-finite calibration loss when truncating {name}; check the model and data")
         e_u = float(relative_tail(spectra[name])[u])
         weights[name] = max(table[name][u] - base, 1e-6) / max(e_u, 1e-12)
-    plan = allocate_spectrum_banded(req.ratio, req.shapes, spectra, float(ctx.get("band", 0.5)),
-                                    int(ctx.get("min_rank", 1)), caps, weights)
+    plan = allocate_spectrum_banded(req.ratio, req.shapes, spectra, req.options.band, req.options.min_rank,
+                                    caps, weights)
     req.info["sensitivity"] = {"base_loss": base, "loss_evaluations": len(table),
                                "seconds": time.perf_counter() - t0, "weights": weights,
                                "table": {n: {str(k): v for k, v in t.items()} for n, t in table.items()}}

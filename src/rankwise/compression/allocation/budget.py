@@ -11,11 +11,8 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-from ..errors import ConfigError
-from ..structures.lowrank import lowrank_saves
-
-#: ``{layer_name: rank}``; ``None`` keeps the layer dense.
-RankPlan = dict[str, "int | None"]
+from ...errors import ConfigError
+from ...structures.lowrank import lowrank_saves
 
 
 def check_ratio(ratio: float) -> float:
@@ -32,9 +29,14 @@ def check_ratio(ratio: float) -> float:
     return r
 
 
+def rank_for_ratio(m: int, n: int, ratio: float) -> int:
+    """The uniform rank ``k = max(1, floor(m n (1 - R) / (m + n)))``: the one copy of this formula."""
+    return max(1, math.floor(m * n * (1.0 - ratio) / (m + n)))
+
+
 def uniform_rank(m: int, n: int, ratio: float) -> int | None:
-    """``k = floor(m n (1 - R) / (m + n))`` (at least 1), or ``None`` when rank ``k`` would not save parameters."""
-    k = max(1, math.floor(m * n * (1.0 - ratio) / (m + n)))
+    """:func:`rank_for_ratio`, or ``None`` when that rank would not save parameters."""
+    k = rank_for_ratio(m, n, ratio)
     return k if lowrank_saves(m, n, k) else None
 
 

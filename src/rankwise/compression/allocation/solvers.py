@@ -26,8 +26,10 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..structures.lowrank import max_saving_rank
+from ...errors import ConfigError
+from ...models.surgery import module_type
+from ...structures.lowrank import max_saving_rank
+from .budget import rank_for_ratio
 from .knapsack import Option, solve_budget
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ def allocate_spectrum_banded(ratio: float, shapes: Mapping[str, tuple[int, int]]
     tables = {}
     for name, (m, n) in shapes.items():
         cap = layer_cap((m, n), n_sigma[name], (speed_caps or {}).get(name))
-        u = max(1, math.floor(m * n * (1.0 - ratio) / (m + n)))
+        u = rank_for_ratio(m, n, ratio)
         lo, hi = max(min_rank, math.floor(u * (1 - band))), min(cap, math.ceil(u * (1 + band)))
         costs = relative_tail(spectra[name]) * float((weights or {}).get(name, 1.0))
         tables[name] = ([Option(k, k * (m + n), float(costs[k])) for k in range(lo, hi + 1)] if lo <= hi
@@ -214,7 +216,7 @@ def uniform_speed_aware(ratio: float, shapes: Mapping[str, tuple[int, int]], spe
         # smallest r' >= r whose floor-rounded ranks remove enough
         plan = {}
         while r < 1:
-            plan = {k: max(1, math.floor(m * n * (1 - r) / (m + n))) for k, (m, n) in shapes.items() if k not in dense}
+            plan = {k: rank_for_ratio(m, n, r) for k, (m, n) in shapes.items() if k not in dense}
             removed = sum(shapes[k][0] * shapes[k][1] - v * sum(shapes[k]) for k, v in plan.items())
             if removed >= need:
                 break
@@ -238,8 +240,6 @@ def allocate_spectrum_by_type(ratio: float, shapes: Mapping[str, tuple[int, int]
     """:func:`allocate_spectrum` run separately within each module type (all ``q_proj``, all ``down_proj``,
     ...), each group removing ``ratio`` of its own parameters: relative errors are compared only
     between layers of the same role (across depth), as in SVD-LLM v2's per-type allocation."""
-    from ..models.surgery import module_type
-
     groups: dict[str, list[str]] = {}
     for name in shapes:
         groups.setdefault(module_type(name), []).append(name)

@@ -1,0 +1,454 @@
+"""``compress``: replace a model's target linear layers by fitted structures under one global budget.
+
+Flow (the same for the model in memory and for a checkpoint streamed from disk):
+
+1. the method (``structure`` + its options) and the target layers (default: every linear layer inside
+   the model's repeated blocks, :func:`rankwise.models.surgery.find_linears`);
+2. calibration windows (default corpus, user text, token ids or ready windows), and the empirical
+   Fisher of the dense model if the method reads it;
+3. the plan: the budget (``ratio`` of stored weight values removed, or ``bits_per_weight``) shared out
+   by the allocator (``uniform``, or a spectrum/sensitivity allocator for low rank, fed by a dry
+   one-shot pass that factorizes every layer of the dense model);
+4. the engine (:mod:`.engine`) calibrates and replaces the layers unit by unit;
+5. the report: per layer the structure, its hyperparameters, values and bytes before and after.
+
+:func:`compress` works in place on a model in memory (:func:`rankwise.compress` is the copying verb);
+:func:`compress_low_memory` reads a checkpoint block by block and writes the result block by block.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..calibration.sampling import (DEFAULT_CALIB_WINDOWS, DEFAULT_SEED, DEFAULT_SEQLEN, calib_windows, check_seqlen,
+                                    tokenize)
+from ..calibration.stats import ABS_MEAN, COV, FISHER
+from ..errors import ConfigError, NumericalError
+from ..models.surgery import count_parameters, find_linears, linear_shape
+from ..structures.base import StructuredLinear
+from .allocation import AllocateOptions, AllocationContext, AllocationRequest, get_allocator
+from .allocation.budget import check_plan, check_ratio
+from .engine import Engine, EngineOptions, ModelSource, StreamedSource, WeightSource
+from .methods.base import LayerInput, Method, get_method, make_options
+from .report import CompressionReport, LayerReport
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STRUCTURE = "lowrank"
+DEFAULT_RATIO = 0.4
+DEFAULT_FISHER_WINDOWS = 8
+
+
+@dataclass
+class CalibOptions:
+    """Calibration sampling (serialized into ``rankwise.json``)."""
+
+    windows: int = DEFAULT_CALIB_WINDOWS
+    seqlen: int = DEFAULT_SEQLEN
+    seed: int = DEFAULT_SEED
+    fisher_windows: int = DEFAULT_FISHER_WINDOWS
+
+    def validate(self) -> "CalibOptions":
+        for name in ("windows", "seqlen", "fisher_windows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (2 if name == "seqlen" else 1):
+                raise ConfigError(f"calibration {name} must be an integer >= {2 if name == 'seqlen' else 1}, got {v!r}")
+        return self
+
+
+@dataclass
+class CompressConfig:
+    """Everything that decides a compression run; saved in ``rankwise.json`` under ``config``."""
+
+    structure: str = DEFAULT_STRUCTURE
+    options: dict[str, Any] = field(default_factory=dict)       # the structure's options
+    ratio: float | None = None                                  # params budget: fraction removed
+    bits_per_weight: float | None = None                        # bytes budget
+    targets: Sequence[str] | str | None = None
+    allocate: str = "uniform"
+    allocate_options: AllocateOptions = field(default_factory=AllocateOptions)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    calib: CalibOptions = field(default_factory=CalibOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["targets"] = list(self.targets) if isinstance(self.targets, (list, tuple)) else self.targets
+        return d
+
+
+def calibration_windows(model: nn.Module, calib, tokenizer, n: int = DEFAULT_CALIB_WINDOWS,
+                        seqlen: int = DEFAULT_SEQLEN, seed: int = DEFAULT_SEED) -> tuple[torch.Tensor, str]:
+    """``(windows (n, L), source)`` from ``calib``: ``None`` (default corpus, calib split), a text, a
+    list of texts (joined by blank lines), 1-D token ids (sampled), or ready (n, L) windows."""
+    if isinstance(calib, torch.Tensor):
+        if calib.ndim == 2:
+            return calib.long(), "windows"
+        if calib.ndim != 1:
+            raise ConfigError(f"calibration ids must be 1-D token ids or (n, L) windows, got shape {tuple(calib.shape)}")
+        ids, source = calib.long(), "ids"
+    else:
+        if tokenizer is None:
+            raise ConfigError("calibration text needs a tokenizer: pass tokenizer=..., or pass token ids as calib")
+        if calib is None:
+            from ..calibration.corpus import load_corpus
+
+            text, source = load_corpus("calib"), "wiki calib"
+        elif isinstance(calib, str):
+            text, source = calib, "text"
+        else:
+            text, source = "\n\n".join(calib), "texts"
+        ids = tokenize(tokenizer, text)
+    check_seqlen(model, seqlen)
+    return calib_windows(ids, n, seqlen, seed), source
+
+
+def check_bits(bits: float) -> float:
+    try:
+        b = float(bits)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--bits-per-weight must be a number, got {bits!r}") from None
+    if not math.isfinite(b) or not 1.0 <= b < 32.0:
+        raise ConfigError(f"--bits-per-weight is the stored bits per targeted weight, all overhead counted, and must "
+                          f"be in [1, 32), got {bits!r}; e.g. 3 or 4.25")
+    return b
+
+
+def build_config(structure: str | None = None, ratio: float | None = None, bits_per_weight: float | None = None, *,
+                 method: str | None = None, options: Mapping[str, Any] | None = None, targets=None,
+                 allocate: str = "uniform", allocate_options: AllocateOptions | Mapping[str, Any] | None = None,
+                 engine: EngineOptions | Mapping[str, Any] | None = None,
+                 calib_options: CalibOptions | Mapping[str, Any] | None = None) -> tuple[CompressConfig, Method]:
+    """A validated :class:`CompressConfig` and its method instance (fails before any model work)."""
+    structure = structure or DEFAULT_STRUCTURE
+    opts = dict(options or {})
+    if method is not None:
+        if "method" in opts and opts["method"] != method:
+            raise ConfigError(f"method given twice: {method!r} and options['method']={opts['method']!r}")
+        opts["method"] = method
+    meth = get_method(structure, opts)
+    if meth.budget == "params":
+        if bits_per_weight is not None:
+            raise ConfigError(f"--structure {structure} takes a parameter budget (--ratio), not --bits-per-weight")
+        ratio = check_ratio(DEFAULT_RATIO if ratio is None else ratio)
+    else:
+        if ratio is not None:
+            raise ConfigError(f"--structure {structure} takes a byte budget (--bits-per-weight), not --ratio")
+        if bits_per_weight is None:
+            raise ConfigError(f"--structure {structure} needs --bits-per-weight B (stored bits per weight, "
+                              "all overhead counted)")
+        bits_per_weight = check_bits(bits_per_weight)
+    alloc = get_allocator(allocate)
+    if allocate != "uniform" and not hasattr(meth, "factorize"):
+        raise ConfigError(f"--allocate {allocate} allocates ranks of low-rank factors; --structure {structure} "
+                          "takes --allocate uniform")
+    del alloc
+    cfg = CompressConfig(structure, dataclasses.asdict(meth.options), ratio, bits_per_weight, targets, allocate,
+                         make_options(AllocateOptions, allocate_options, {}, "allocator"),
+                         make_options(EngineOptions, engine, {}, "engine").validate(),
+                         make_options(CalibOptions, calib_options, {}, "calibration").validate())
+    if cfg.allocate_options.min_rank < 1 or not isinstance(cfg.allocate_options.min_rank, int):
+        raise ConfigError(f"--min-rank must be an integer >= 1, got {cfg.allocate_options.min_rank!r}")
+    return cfg, meth
+
+
+# -- plan ------------------------------------------------------------------------------------------
+
+def _targets(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[int, int]]) -> dict[str, float]:
+    if method.budget == "params":
+        return {n: (1.0 - cfg.ratio) * m * k for n, (m, k) in shapes.items()}
+    return {n: cfg.bits_per_weight * m * k / 8.0 for n, (m, k) in shapes.items()}
+
+
+def make_plan(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[int, int]],
+              factorizations: Mapping[str, Any], context: AllocationContext) -> tuple[dict, dict]:
+    """``({name: spec or None}, allocation info)``."""
+    info: dict[str, Any] = {}
+    if hasattr(method, "factorize") and method.budget == "params":
+        req = AllocationRequest(cfg.ratio, shapes, factorizations, cfg.allocate_options, context)
+        ranks = get_allocator(cfg.allocate).fn(req)
+        check_plan(shapes, ranks)
+        return {n: (None if ranks.get(n) is None else {"rank": int(ranks[n])}) for n in shapes}, req.info
+    plan = {}
+    for n, target in _targets(method, cfg, shapes).items():
+        try:
+            plan[n] = method.plan_layer(shapes[n], target)
+        except ConfigError as e:
+            raise ConfigError(f"layer {n} ({shapes[n][0]} x {shapes[n][1]}): {e}") from None
+    return plan, info
+
+
+# -- fitting and reporting ---------------------------------------------------------------------------
+
+class _Fitter:
+    """The engine's ``fit``: the method's fit plus finiteness checks and the cast to the model's dtype;
+    ``replaced`` records the report of each layer that went into the model."""
+
+    def __init__(self, method: Method, dtype: torch.dtype) -> None:
+        self.method, self.dtype = method, dtype
+        self.layers: dict[str, LayerReport] = {}
+
+    def __call__(self, items: Mapping[str, LayerInput]) -> dict[str, StructuredLinear]:
+        for name, x in items.items():
+            if not bool(torch.isfinite(x.W).all()):
+                raise NumericalError(f"layer {name} has non-finite weights (nan/inf); fix or reload the model")
+        try:
+            layers = self.method.fit_unit(items)
+        except NumericalError as e:
+            raise NumericalError(f"layers {list(items)[:3]}: {e}") from None
+        memo: dict = {}
+        for name, layer in layers.items():
+            for t in layer.state_dict().values():
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NumericalError(f"fitting {name} produced non-finite values; its calibration statistics may "
+                                         "be degenerate (try more calibration windows or --whitening eigh)")
+            layer.cast_(self.dtype, memo)
+        return layers
+
+    def replaced(self, name: str, layer: StructuredLinear, shape: tuple[int, int], elem: int,
+                 ridge: float | None) -> None:
+        m, n = shape
+        info = getattr(layer, "fit_info", {}) or {}
+        self.layers[name] = LayerReport(name, shape, layer.kind, layer.spec(), m * n, layer.num_stored(),
+                                        m * n * elem, layer.nbytes(), float(info.get("damping", 0.0)), ridge)
+
+
+def _dense_report(name: str, shape: tuple[int, int], elem: int) -> LayerReport:
+    m, n = shape
+    return LayerReport(name, shape, None, None, m * n, m * n, m * n * elem, m * n * elem)
+
+
+class _SpectraFitter:
+    """A dry pass's ``fit``: the full factorization of each layer, kept for the allocator."""
+
+    def __init__(self, method: Method) -> None:
+        self.method, self.factorizations = method, {}
+
+    def __call__(self, items: Mapping[str, LayerInput]) -> dict:
+        for name, x in items.items():
+            if not bool(torch.isfinite(x.W).all()):
+                raise NumericalError(f"layer {name} has non-finite weights (nan/inf); fix or reload the model")
+            fac = self.method.factorize(x.W, x.stats)
+            fac.U, fac.Vh = fac.U[:, :0], fac.Vh[:0]  # keep only the spectrum: the final pass refactorizes
+            self.factorizations[name] = fac
+        return {}
+
+
+def _needs(method: Method) -> set[str]:
+    return set(method.needs())
+
+
+def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method, cfg: CompressConfig,
+         windows: torch.Tensor, fisher: Mapping[str, torch.Tensor], progress: bool,
+         context: AllocationContext) -> tuple[dict[str, LayerReport], dict]:
+    """The plan (with a dry spectra pass if the allocator needs it) and the engine pass."""
+    shapes = {n: linear_shape(m) for n, m in modules.items()}
+    needs = _needs(method)
+    need_cov = COV in needs
+    facs: dict = {}
+    alloc = get_allocator(cfg.allocate)
+    if alloc.needs_spectra:
+        spectra = _SpectraFitter(method)
+        dry = dataclasses.replace(cfg.engine, mode="one-shot", granularity="block", refit=False)
+        Engine(source, modules, {n: {} for n in modules}, spectra, dry, need_cov=need_cov, fisher=fisher,
+               progress=progress, dry=True).run(windows)
+        facs = spectra.factorizations
+    plan, info = make_plan(method, cfg, shapes, facs, context)
+    dtype = next(p for p in source.model.parameters() if p.is_floating_point()).dtype
+    elem = torch.empty((), dtype=dtype).element_size()
+    fitter = _Fitter(method, dtype)
+    engine = Engine(source, modules, plan, fitter, cfg.engine, blocks_per_unit=method.blocks_per_unit,
+                    need_cov=need_cov, fisher=fisher, progress=progress,
+                    on_replace=lambda n, layer, ridge: fitter.replaced(n, layer, shapes[n], elem, ridge))
+    engine.run(windows)
+    reports = {n: fitter.layers.get(n) or _dense_report(n, shapes[n], elem) for n in modules}
+    if any(fitter.layers.get(n) is None for n in plan if plan[n] is not None):
+        raise NumericalError("some planned layers were never replaced; the engine did not reach them")
+    return reports, info
+
+
+def _report(cfg: CompressConfig, method: Method, layers: Mapping[str, LayerReport], info: dict, source_desc: dict,
+            t0: float, model_before: int, model_after: int) -> CompressionReport:
+    return CompressionReport(
+        structure=method.name, method=str(cfg.options.get("method", method.name)),
+        budget={"ratio": cfg.ratio} if cfg.ratio is not None else {"bits_per_weight": cfg.bits_per_weight},
+        allocate=cfg.allocate, mode=cfg.engine.mode, granularity=cfg.engine.granularity, refit=cfg.engine.refit,
+        calibration=source_desc, layers=list(layers.values()), model_params_before=model_before,
+        model_params_after=model_after, seconds=time.perf_counter() - t0, allocation=info or None,
+        config=cfg.to_dict())
+
+
+def _damping_summary(report: CompressionReport) -> None:
+    if report.damped_layers:
+        log.info("%d of %d covariances were not positive definite and got a small ridge (see the report's "
+                 "per-layer 'damping')", len(report.damped_layers), len(report.layers))
+
+
+class _QuietDamping(logging.Filter):
+    """Per-layer damping notes go to the report (and one summary line), not one warning per layer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("covariance (")
+
+
+# -- the two entry points -------------------------------------------------------------------------------
+
+def compress(model: nn.Module, structure: str | None = None, ratio: float | None = None,
+             bits_per_weight: float | None = None, *, method: str | None = None,
+             options: Mapping[str, Any] | None = None, calib=None, tokenizer=None, targets=None,
+             allocate: str = "uniform", allocate_options=None, engine=None, calib_options=None,
+             progress: bool = True, context: AllocationContext | None = None, **engine_kw
+             ) -> tuple[nn.Module, CompressionReport]:
+    """Compress ``model`` IN PLACE; returns ``(model, report)`` (:func:`rankwise.compress` copies first).
+
+    ``structure``: a name in :data:`~.methods.base.STRUCTURES` (default ``lowrank``), ``options`` its
+    options (``method`` is a shortcut for the low-rank objective). Budget: ``ratio`` (fraction of the
+    targeted weight values removed, default 0.4) or ``bits_per_weight``. ``calib``: None (default
+    corpus; needs ``tokenizer``), text, list of texts, 1-D token ids or (n, L) windows. Engine options
+    (:class:`EngineOptions`: ``mode``, ``granularity``, ``refit``, ``refit_ridge``, ``holdout``,
+    ``batch_size``, ``device``) as ``engine=`` or keywords; calibration (:class:`CalibOptions`:
+    ``windows``, ``seqlen``, ``seed``, ``fisher_windows``) as ``calib_options=``.
+    """
+    t0 = time.perf_counter()
+    engine = {**(dataclasses.asdict(engine) if isinstance(engine, EngineOptions) else dict(engine or {})),
+              **engine_kw}
+    cfg, meth = build_config(structure, ratio, bits_per_weight, method=method, options=options, targets=targets,
+                             allocate=allocate, allocate_options=allocate_options, engine=engine,
+                             calib_options=calib_options)
+    modules = find_linears(model, targets)
+    needs = _needs(meth)
+    windows, source_name = calibration_windows(model, calib, tokenizer, cfg.calib.windows, cfg.calib.seqlen,
+                                               cfg.calib.seed)
+    was_training = model.training
+    model.eval()
+    model_before = count_parameters(model)
+    fisher: dict = {}
+    if FISHER in needs:
+        from ..calibration.gradients import accumulate_gradients
+
+        fisher = accumulate_gradients(model, windows[:cfg.calib.fisher_windows], list(modules), batch_size=1,
+                                      squared=True, progress=progress)
+    ctx = context or AllocationContext()
+    ctx.model, ctx.windows, ctx.progress = model, windows, progress
+    device = torch.device(cfg.engine.device)
+    filt = _QuietDamping()
+    logging.getLogger("rankwise").addFilter(filt)
+    try:
+        layers, info = _run(ModelSource(model, device), modules, meth, cfg, windows, fisher, progress, ctx)
+    finally:
+        logging.getLogger("rankwise").removeFilter(filt)
+    model.train(was_training)
+    desc = {"source": source_name, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+            "seed": cfg.calib.seed, "fisher_windows": min(cfg.calib.fisher_windows, int(windows.shape[0])) if fisher else 0}
+    report = _report(cfg, meth, layers, info, desc, t0, model_before, count_parameters(model))
+    _damping_summary(report)
+    return model, report
+
+
+def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.PathLike,
+                        structure: str | None = None, ratio: float | None = None,
+                        bits_per_weight: float | None = None, *, method: str | None = None,
+                        options: Mapping[str, Any] | None = None, calib=None, targets=None,
+                        allocate: str = "uniform", allocate_options=None, engine=None, calib_options=None,
+                        progress: bool = True, overwrite: bool = False, dtype: torch.dtype | None = None,
+                        extra: Mapping[str, Any] | None = None, **engine_kw) -> CompressionReport:
+    """Compress the checkpoint at ``model_arg`` (built-in name or HF directory) block by block into
+    ``out_dir``: same options and same result as :func:`compress` followed by saving, with at most one
+    block's weights in memory. The Fisher-weighted objective (gradients of the whole model) is not
+    available. ``dtype``: compute/storage dtype (default: the checkpoint's)."""
+    from transformers import AutoConfig
+
+    from ..files import atomic_dir, check_new_output
+    from ..models.loading import load_tokenizer
+    from ..models.registry import resolve_model
+    from ..models.saved import MANIFEST, WEIGHTS_FILE, dedup_state, manifest, write_side_files
+    from ..models.skeleton import empty_model, meta_parameters
+    from ..models.streaming import load_tensors, stream_merge, weight_index
+    from .rankplot import write_rank_report
+
+    t0 = time.perf_counter()
+    engine = {**(dataclasses.asdict(engine) if isinstance(engine, EngineOptions) else dict(engine or {})),
+              **engine_kw}
+    cfg, meth = build_config(structure, ratio, bits_per_weight, method=method, options=options, targets=targets,
+                             allocate=allocate, allocate_options=allocate_options, engine=engine,
+                             calib_options=calib_options)
+    if FISHER in _needs(meth):
+        raise ConfigError("--low-memory cannot use the fwsvd objective: it needs gradients of the whole model; "
+                          "use svd, asvd or svd-llm, or drop --low-memory")
+    check_new_output(out_dir, overwrite)
+    path = Path(resolve_model(model_arg))
+    index = weight_index(path)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    tok = load_tokenizer(path)
+    model = empty_model(config)
+    from ..models.surgery import block_prefix
+
+    prefix = block_prefix(model) + "."
+    outside = [k for k in index if not k.startswith(prefix)]
+    first = load_tensors(index, outside[:1])
+    dtype = dtype or next((t.dtype for t in first.values() if t.is_floating_point()), torch.float32)
+    model.load_state_dict(load_tensors(index, outside, dtype), strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [n for n in meta_parameters(model) if not n.startswith(prefix)]
+    if left:
+        from ..errors import ArtifactError
+
+        raise ArtifactError(f"{path}: no tensor for {left[:4]} in the safetensors files")
+    device = torch.device(cfg.engine.device)
+    if device.type != "cpu":
+        model.to(device)
+    windows, source_name = calibration_windows(model, calib, tok, cfg.calib.windows, cfg.calib.seqlen, cfg.calib.seed)
+    modules = find_linears(model, targets)
+    ctx = AllocationContext(model=None, windows=windows, progress=progress)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        shard_dir = tmp / ".blocks"
+        shard_dir.mkdir()
+        source = StreamedSource(model, index, dtype, shard_dir, device, path)
+        model_before = source.parameter_count()
+        filt = _QuietDamping()
+        logging.getLogger("rankwise").addFilter(filt)
+        try:
+            layers, info = _run(source, modules, meth, cfg, windows, {}, progress, ctx)
+        finally:
+            logging.getLogger("rankwise").removeFilter(filt)
+        rest = {k: v.to("cpu") for k, v in model.state_dict().items() if not k.startswith(prefix)}
+        rest, aliases = dedup_state(rest)
+        stream_merge([rest] + source.shards, tmp / WEIGHTS_FILE, {"format": "pt", "rankwise": "rankwise"})
+        for s in source.shards:
+            s.unlink()
+        shard_dir.rmdir()
+        delta = sum(lr.params_after - lr.params_before for lr in layers.values())
+        desc = {"source": source_name, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                "seed": cfg.calib.seed, "fisher_windows": 0, "low_memory": True}
+        report = _report(cfg, meth, layers, info, desc, t0, model_before, model_before + delta)
+        described = {n: {"kind": lr.kind, "shape": list(lr.shape), "bias": f"{n}.bias" in index, "spec": lr.spec}
+                     for n, lr in layers.items() if lr.kind is not None}
+        meta = manifest(described, aliases, dtype, {**_meta_extra(report), "source_model": str(path), **(extra or {})})
+        write_side_files(tmp, config, tok, None)
+        if (path / "generation_config.json").is_file():
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_pretrained(str(path)).save_pretrained(tmp)
+        from ..files import write_json
+
+        write_json(tmp / MANIFEST, meta)
+        write_rank_report(report, tmp)
+    _damping_summary(report)
+    return report
+
+
+def _meta_extra(report: CompressionReport) -> dict[str, Any]:
+    """What ``rankwise.json`` records of a compression beyond the layers."""
+    return {"structure": report.structure, "method": report.method, "budget": report.budget,
+            "allocate": report.allocate, "mode": report.mode, "granularity": report.granularity,
+            "refit": report.refit, "calibration": report.calibration, "perplexity": report.perplexity,
+            "config": report.config, "report": report.to_dict()}

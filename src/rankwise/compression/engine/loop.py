@@ -1,0 +1,294 @@
+"""The one block-sequential engine that every compression mode uses.
+
+For each *unit* (one decoder block, or ``blocks_per_unit`` consecutive blocks for methods that fit
+layers jointly across blocks):
+
+1. the source loads the unit's blocks onto the compute device;
+2. its target layers are split into groups: all of them (``granularity="block"``), or the data-flow
+   sub-groups ``[q, k, v] -> [o] -> [gate, up] -> [down]`` (``"subgroup"``, one block per unit);
+3. for each group in order: calibration statistics of its layers are gathered by running the cached
+   hidden states through the unit, whose earlier groups are already compressed; the group is fitted
+   (``fit``) and its layers replaced;
+4. the cached hidden states are advanced through the compressed unit: they become the inputs of the
+   next unit; the source releases the unit (moves it back, or writes it to disk and frees it).
+
+``mode="one-shot"`` calibrates every layer on the dense model: the hidden states are advanced through
+each unit *before* it is compressed. With ``refit`` (sequential only) the dense model's hidden states
+are cached too and each group is fitted to the dense outputs from the compressed inputs,
+``min ||W X - W' X'||`` (cross moments, :mod:`rankwise.calibration.paired`), with a ridge toward ``W``
+chosen per group on held-out calibration windows (:func:`choose_ridge`) unless fixed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...calibration.paired import PairedAccumulator
+from ...calibration.stats import LayerStats, StatsAccumulator, collect_input_stats
+from ...errors import ConfigError, NumericalError
+from ...models.surgery import linear_bias, linear_weight, set_module
+from ...structures.base import StructuredLinear
+from ..methods.base import LayerInput
+from .groups import dataflow_groups
+from .runner import Activations, Stop, advance, capture_inputs, run_block
+from .source import WeightSource
+
+MODES = ("sequential", "one-shot")
+GRANULARITIES = ("block", "subgroup")
+#: Ridges (relative to mean diag C') tried by the held-out choice; ``inf`` = no cross moment (target W).
+RIDGE_CANDIDATES = (1e-3, 1e-2, 1e-1, 1.0, math.inf)
+
+#: ``fit({name: LayerInput}) -> {name: layer}``: the method's fit plus the driver's checks and report.
+FitFn = Callable[[Mapping[str, LayerInput]], dict[str, StructuredLinear]]
+
+
+@dataclass
+class EngineOptions:
+    """How the engine walks the model (serialized into ``rankwise.json``)."""
+
+    mode: str = "sequential"          # "sequential" | "one-shot"
+    granularity: str = "block"        # "block" | "subgroup" (true-sequential sub-groups)
+    refit: bool = False               # fit the dense model's outputs from the compressed inputs
+    refit_ridge: float | None = None  # relative ridge toward W; None = chosen on held-out windows
+    holdout: int = 8                  # calibration windows held out to choose the ridge
+    batch_size: int = 4
+    device: str = "cpu"
+
+    def validate(self) -> "EngineOptions":
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown mode {self.mode!r}; valid: {', '.join(MODES)}")
+        if self.granularity not in GRANULARITIES:
+            raise ConfigError(f"unknown granularity {self.granularity!r}; valid: {', '.join(GRANULARITIES)}")
+        if self.refit and self.mode != "sequential":
+            raise ConfigError("--refit fits the dense model's outputs from the compressed model's inputs, which "
+                              "exist only in sequential mode: drop --one-shot or --refit")
+        if self.granularity == "subgroup" and self.mode != "sequential":
+            raise ConfigError("--granularity subgroup calibrates each sub-group on the already compressed ones, "
+                              "which needs sequential mode: drop --one-shot or use --granularity block")
+        if self.refit_ridge is not None and not (isinstance(self.refit_ridge, (int, float))
+                                                 and self.refit_ridge >= 0):
+            raise ConfigError(f"--refit-ridge must be a number >= 0, got {self.refit_ridge!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.holdout, int) or self.holdout < 1:
+            raise ConfigError(f"--refit-holdout must be a positive number of windows, got {self.holdout!r}")
+        return self
+
+
+def block_index(name: str, prefix: str) -> int | None:
+    head = prefix + "."
+    if not name.startswith(head):
+        return None
+    idx = name[len(head):].split(".", 1)[0]
+    return int(idx) if idx.isdigit() else None
+
+
+def _run_until(chain: list[tuple[int, nn.Module]], acts: Activations, b: int, stop: Mapping[str, nn.Module],
+               device: torch.device) -> None:
+    """Run batch ``b`` through ``chain`` and stop as soon as every module in ``stop`` has run."""
+    left = set(stop)
+
+    def make(name: str):
+        def hook(module, args, out):
+            left.discard(name)
+            if not left:
+                raise Stop
+        return hook
+
+    handles = [m.register_forward_hook(make(n)) for n, m in stop.items()]
+    try:
+        x = acts.hidden[b]
+        for i, block in chain:
+            args, kwargs = acts.args(b, i)
+            x = run_block(block, x, args, kwargs, device)
+    except Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if left:
+        raise NumericalError(f"layers never called during calibration: {sorted(left)[:5]}")
+
+
+def heldout_objective(W: torch.Tensor, Wp: torch.Tensor, held: LayerStats) -> float:
+    """``||W X_h - W' X'_h||^2 - ||W X_h||^2 = tr(W' C'_h W'^T) - 2 tr(W M_h W'^T)`` on held-out windows."""
+    W64, P = W.to(torch.float64), Wp.to(torch.float64)
+    C, M = held.covariance(), held.cross
+    return float(((P @ C) * P).sum() - 2.0 * ((W64 @ M) * P).sum())
+
+
+class Engine:
+    """One compression pass over ``source`` (see the module docstring)."""
+
+    def __init__(self, source: WeightSource, modules: Mapping[str, nn.Module], plan: Mapping[str, object],
+                 fit: FitFn, options: EngineOptions, *, blocks_per_unit: int = 1, need_cov: bool = True,
+                 fisher: Mapping[str, torch.Tensor] | None = None, progress: bool = False,
+                 on_replace: Callable[[str, StructuredLinear, float | None], None] | None = None,
+                 dry: bool = False) -> None:
+        self.source, self.plan, self.fit, self.opts = source, plan, fit, options.validate()
+        self.names = [n for n in modules if plan.get(n) is not None]
+        self.bpu, self.need_cov, self.fisher = max(1, int(blocks_per_unit)), need_cov, dict(fisher or {})
+        self.device = torch.device(options.device)
+        self.progress = progress
+        self.ridges: dict[str, float] = {}
+        self.on_replace, self.dry = on_replace, dry
+        if dry and options.mode != "one-shot":
+            raise ConfigError("a dry pass (statistics of the dense model only) runs in one-shot mode")
+        if self.bpu > 1 and options.granularity == "subgroup":
+            raise ConfigError("this structure fits several blocks jointly; use --granularity block")
+
+    # -- statistics ----------------------------------------------------------------------------
+    def _modules(self, names) -> dict[str, nn.Module]:
+        return {n: self.source.model.get_submodule(n) for n in names}
+
+    def _collect(self, names, chain, acts, dense) -> tuple[dict[str, LayerStats], dict[str, LayerStats]]:
+        """``(stats, held)``: per layer statistics over all windows, and over the held-out windows
+        (refit with a ridge to choose only; else empty)."""
+        mods = self._modules(names)
+        nb = len(acts.hidden)
+        if dense is None:
+            with StatsAccumulator(mods, cov=self.need_cov, device=self.device) as acc:
+                for b in range(nb):
+                    _run_until(chain, acts, b, mods, self.device)
+            return {n: LayerStats(acc.stats[n], self.fisher.get(n)) for n in names}, {}
+        dense_chain, dense_acts, dense_blocks = dense
+        pre = self.source.prefix + "."
+        dmods = {}
+        for n in names:
+            i, rest = n[len(pre):].split(".", 1)
+            dmods[n] = dense_blocks[int(i)].get_submodule(rest)
+        choose = self.opts.refit_ridge is None
+        held_from = nb - max(1, min(nb - 1, math.ceil(self.opts.holdout / self.opts.batch_size))) if choose else nb
+        if choose and nb < 2:
+            raise ConfigError("choosing the refit ridge needs at least two calibration batches: raise "
+                              "--calib-windows or pass --refit-ridge")
+        with PairedAccumulator(dmods, mods, cov=True, device=self.device) as acc:
+            for b in range(nb):
+                acc.bucket = "held" if b >= held_from else "fit"
+                _run_until(dense_chain, dense_acts, b, dmods, self.device)
+                _run_until(chain, acts, b, mods, self.device)
+        ridge = self.opts.refit_ridge
+        stats = {n: acc.layer_stats(n) for n in names}
+        for st in stats.values():
+            st.ridge = ridge
+        if not choose:
+            return stats, {}
+        fit_only = {n: acc.layer_stats(n, ("fit",)) for n in names}
+        held = {n: acc.layer_stats(n, ("held",)) for n in names}
+        return stats, {"fit": fit_only, "held": held}
+
+    # -- fitting ---------------------------------------------------------------------------------
+    def _inputs(self, names, stats: Mapping[str, LayerStats]) -> dict[str, LayerInput]:
+        out = {}
+        for n in names:
+            mod = self.source.model.get_submodule(n)
+            W = linear_weight(mod).detach().to(torch.float32)
+            bias = linear_bias(mod)
+            out[n] = LayerInput(W, None if bias is None else bias.detach(), stats[n], self.plan[n])
+        return out
+
+    def choose_ridge(self, names, split: Mapping[str, Mapping[str, LayerStats]]) -> float:
+        """The candidate ridge whose fit (on the non-held-out windows) has the smallest summed held-out
+        objective over the group's layers (:func:`heldout_objective`)."""
+        best, best_val = None, math.inf
+        weights = {n: linear_weight(self.source.model.get_submodule(n)).detach().to(torch.float32) for n in names}
+        for lam in RIDGE_CANDIDATES:
+            stats = {}
+            for n in names:
+                st = split["fit"][n]
+                stats[n] = LayerStats(st.inputs, st.fisher, None if math.isinf(lam) else st.cross,
+                                      None if math.isinf(lam) else lam)
+            layers = self.fit(self._inputs(names, stats))
+            val = sum(heldout_objective(weights[n], layers[n].dense(), split["held"][n]) for n in names)
+            if val < best_val:
+                best, best_val = lam, val
+        return best
+
+    def _fit_group(self, names, stats, split) -> None:
+        if split:
+            lam = self.choose_ridge(names, split)
+            for n in names:
+                self.ridges[n] = lam
+                if math.isinf(lam):
+                    stats[n].cross, stats[n].ridge = None, None
+                else:
+                    stats[n].ridge = lam
+        elif self.opts.refit:
+            for n in names:
+                self.ridges[n] = float(self.opts.refit_ridge)
+        layers = self.fit(self._inputs(names, stats))
+        for n in names:
+            self._bar.update()
+            if self.dry:
+                continue
+            set_module(self.source.model, n, layers[n].to(self.device))
+            if self.on_replace is not None:
+                self.on_replace(n, layers[n], self.ridges.get(n))
+
+    # -- the pass ----------------------------------------------------------------------------------
+    def _groups(self, unit: list[int], names: list[str], acts: Activations) -> list[list[str]]:
+        if self.opts.granularity == "block" or self.opts.mode == "one-shot":
+            return [names]
+        i = unit[0]
+        args, kwargs = acts.args(0, i)
+        return dataflow_groups(self.source.blocks[i], self._modules(names), acts.hidden[0], args, kwargs,
+                               self.device)
+
+    @torch.no_grad()
+    def run(self, windows: torch.Tensor) -> None:
+        src, opts = self.source, self.opts
+        prefix = src.prefix
+        by_block: dict[int, list[str]] = {}
+        rest = []
+        for n in self.names:
+            i = block_index(n, prefix)
+            (rest if i is None else by_block.setdefault(i, [])).append(n)
+        if rest and not src.in_memory:
+            raise ConfigError(f"low-memory mode compresses layers inside the decoder blocks only; {rest[:3]} are "
+                              "outside them: drop them from --targets or drop --low-memory")
+        self._bar = tqdm(total=len(self.names), desc="compress", disable=not self.progress, leave=False)
+        if by_block:
+            self._blocks(windows, by_block)
+        if rest:  # targeted layers outside the decoder blocks: one pass on the partly compressed model
+            st = collect_input_stats(src.model, windows, rest, opts.batch_size, cov=self.need_cov)
+            self._fit_group(rest, {n: LayerStats(st[n], self.fisher.get(n)) for n in rest}, {})
+        self._bar.close()
+
+    def _blocks(self, windows: torch.Tensor, by_block: dict[int, list[str]]) -> None:
+        src, opts = self.source, self.opts
+        acts = capture_inputs(src.model, src.blocks, windows, opts.batch_size, self.device)
+        dense_acts = Activations(list(acts.hidden), acts.extras) if opts.refit else None
+        last = max(by_block)
+        for start in range(0, last + 1, self.bpu):
+            unit = list(range(start, min(start + self.bpu, len(src.blocks))))
+            chain = [(i, src.load(i)) for i in unit]
+            names = [n for i in unit for n in by_block.get(i, [])]
+            dense = None
+            if names and opts.refit:
+                dense_blocks = {i: src.dense_copy(i) for i in unit}
+                dense = ([(i, dense_blocks[i]) for i in unit], dense_acts, dense_blocks)
+            if opts.mode == "one-shot":
+                stats, _ = self._collect(names, chain, acts, None) if names else ({}, {})
+                acts.hidden = advance(chain, acts, self.device)
+                if names:
+                    self._fit_group(names, stats, {})
+            else:
+                for group in (self._groups(unit, names, acts) if names else []):
+                    stats, split = self._collect(group, chain, acts, dense)
+                    self._fit_group(group, stats, split)
+                if start + self.bpu <= last:
+                    acts.hidden = advance(chain, acts, self.device)
+                if dense is not None and start + self.bpu <= last:
+                    dense_acts.hidden = advance(dense[0], dense_acts, self.device)
+            del dense
+            for i in unit:
+                src.release(i, write=not self.dry)
+        for i in range(last + 1, len(src.blocks)):  # blocks after the last target: streamed sources copy them
+            if not src.in_memory and not self.dry:
+                src.load(i)
+                src.release(i)

@@ -1,0 +1,142 @@
+"""Run a decoder model block by block on cached hidden states (the GPTQ / SVD-LLM trick).
+
+:func:`capture_inputs` runs the model once per batch with every block replaced by a stand-in that
+returns its input, and keeps the hidden states entering block 0 plus the other arguments each block
+receives (attention masks, rotary ``position_embeddings``, ...), recorded once per batch size because
+they can differ per block (Gemma 3 alternates sliding and global attention). The stand-ins make the
+capture cost only the embeddings, whatever the depth, and work on a skeleton whose blocks are not
+loaded (low-memory mode). :func:`run_block` then feeds a cached batch through a real block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ...calibration.stats import run_model
+
+
+class Stop(Exception):
+    """Raised inside a hook to stop a forward pass early."""
+
+
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    if args:
+        return args[0], tuple(args[1:]), dict(kwargs)
+    kwargs = dict(kwargs)
+    return kwargs.pop("hidden_states"), (), kwargs
+
+
+class Passthrough(nn.Module):
+    """Stands in for a block while recording its arguments: returns the hidden states unchanged."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        for attr in ("attention_type", "layer_idx", "is_sliding"):
+            if hasattr(block, attr):
+                setattr(self, attr, getattr(block, attr))
+
+    def forward(self, hidden_states=None, *args, **kwargs):
+        return hidden_states
+
+
+@dataclass
+class Activations:
+    """Hidden states entering the current unit (one tensor per batch, on ``store``) and the per-block
+    extra arguments keyed by batch size: ``extras[batch][i] = (args, kwargs)`` of block ``i``."""
+
+    hidden: list[torch.Tensor]
+    extras: dict[int, list[tuple[tuple, dict]]] = field(default_factory=dict)
+
+    def args(self, b: int, i: int) -> tuple[tuple, dict]:
+        return self.extras[int(self.hidden[b].shape[0])][i]
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int,
+                   device: torch.device, store_dtype: torch.dtype | None = None) -> Activations:
+    """Hidden states entering block 0 for all ``windows`` (n, L) and each block's extra arguments.
+
+    Hidden states are kept on the CPU in ``store_dtype`` (default: as produced); extras on ``device``.
+    """
+    real = list(blocks)
+    for i, b in enumerate(real):
+        blocks[i] = Passthrough(b)
+    hidden: list[torch.Tensor] = []
+    extras: dict[int, list[tuple[tuple, dict]]] = {}
+    try:
+        for start in range(0, windows.shape[0], batch_size):
+            batch = windows[start: start + batch_size].to(device)
+            b = int(batch.shape[0])
+            record = b not in extras
+            seen: list[tuple[tuple, dict]] = []
+            stop_at = len(blocks) - 1 if record else 0
+            handles = []
+
+            def make_hook(idx: int):
+                def hook(module, args, kwargs):
+                    h, rest, kw = _split_hidden(args, kwargs)
+                    if idx == 0:
+                        hidden.append(h.detach().to("cpu", dtype=store_dtype or h.dtype))
+                    if record:
+                        seen.append((rest, kw))
+                    if idx == stop_at:
+                        raise Stop
+                return hook
+
+            for idx in range(stop_at + 1):
+                handles.append(blocks[idx].register_forward_pre_hook(make_hook(idx), with_kwargs=True))
+            try:
+                run_model(model, batch)
+            except Stop:
+                pass
+            finally:
+                for hd in handles:
+                    hd.remove()
+            if record:
+                extras[b] = seen
+    finally:
+        for i, b in enumerate(real):
+            blocks[i] = b
+    return Activations(hidden, extras)
+
+
+def run_block(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict, device: torch.device) -> torch.Tensor:
+    """``block(h, *args, **kwargs)``'s hidden-state output (the first element of a tuple output)."""
+    param = next(block.parameters(), None)
+    dtype = param.dtype if param is not None else h.dtype
+    out = block(h.to(device=device, dtype=dtype), *args, **kwargs)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
+
+
+@torch.no_grad()
+def advance(blocks: list[tuple[int, nn.Module]], acts: Activations, device: torch.device,
+            on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """Outputs of the chain of ``blocks`` (``(index, module)``) for every cached batch, on the CPU in
+    the cache's dtype (the cache itself is not changed)."""
+    outs = []
+    for b, h in enumerate(acts.hidden):
+        x = h
+        for i, block in blocks:
+            args, kwargs = acts.args(b, i)
+            x = run_block(block, x, args, kwargs, device)
+        outs.append(x.detach().to("cpu", dtype=h.dtype))
+        if on_batch is not None:
+            on_batch(b)
+    return outs
