@@ -50,11 +50,11 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
 
     from rankwise.calibration.stats import collect_input_stats
-    from rankwise.compression.allocate_context import make_layer_loss
-    from rankwise.compression.allocators_global import allocate_sensitivity, allocate_spectrum
-    from rankwise.compression.budget import plan_params, uniform_rank
+    from rankwise.compression.allocation.measure import make_layer_loss
+    from rankwise.compression.allocation.solvers import allocate_sensitivity, allocate_spectrum
+    from rankwise.compression.allocation.budget import plan_params, uniform_rank
     from rankwise.compression.methods import LayerStats, get_method
-    from rankwise.compression.pipeline import calibration_windows
+    from rankwise.compression.compress import calibration_windows
     from rankwise.compression.rankplot import plot_ranks
     from rankwise.evaluation.perplexity import perplexity
     from rankwise.models.loading import load_model
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
 
     caps = None
     if args.speed_aware:
-        from rankwise.compression.speed import load_speed_profile
+        from rankwise.compression.allocation.speed import load_speed_profile
 
         prof = load_speed_profile(list(shapes.values()))
         caps = {n: prof.cap(*shapes[n]) for n in names}
@@ -119,17 +119,17 @@ def main(argv=None) -> dict:
             if alloc == "uniform":
                 plan = {n: uniform_rank(*shapes[n], ratio) for n in names}
                 if caps:
-                    from rankwise.compression.allocators_global import uniform_speed_aware
+                    from rankwise.compression.allocation.solvers import uniform_speed_aware
 
                     plan = uniform_speed_aware(ratio, shapes, caps)
             elif alloc == "spectrum":
                 plan = allocate_spectrum(ratio, shapes, spectra, args.min_rank, caps)
             elif alloc == "spectrum-typed":
-                from rankwise.compression.allocators_global import allocate_spectrum_by_type
+                from rankwise.compression.allocation.solvers import allocate_spectrum_by_type
 
                 plan = allocate_spectrum_by_type(ratio, shapes, spectra, args.min_rank, caps)
             elif alloc.startswith(("spectrum-band", "sens-band")):  # spectrum-band[:BAND], sens-band[:BAND]
-                from rankwise.compression.allocators_global import allocate_spectrum_banded, relative_tail
+                from rankwise.compression.allocation.solvers import allocate_spectrum_banded, relative_tail
 
                 band = float(alloc.split(":")[1]) if ":" in alloc else 0.5
                 weights = None

@@ -5,7 +5,7 @@ Sweep (default): the dense model's calibration statistics (input covariance / ab
 each method factorizes every layer once; each (ratio, refit) is then a truncation + swap + eval.
 This is exactly the one-shot pipeline, sharing work across configurations.
 
-``--pipeline``: runs ``rankwise.compression.pipeline.compress`` end to end, one fresh subprocess per
+``--pipeline``: runs ``rankwise.compression.compress.compress`` end to end, one fresh subprocess per
 (method, refit, mode) at ``--pipeline-ratio``, to compare one-shot vs sequential calibration and to
 measure real wall time and peak RSS.
 
@@ -38,9 +38,9 @@ def peak_rss_mb() -> float:
 def sweep(args) -> dict:
     from rankwise.calibration.gradients import accumulate_gradients
     from rankwise.calibration.stats import collect_input_stats
-    from rankwise.compression.budget import plan_params, uniform_rank
+    from rankwise.compression.allocation.budget import plan_params, uniform_rank
     from rankwise.compression.methods import METHODS, LayerStats, truncate
-    from rankwise.compression.pipeline import calibration_windows
+    from rankwise.compression.compress import calibration_windows
     from rankwise.evaluation.perplexity import perplexity
     from rankwise.models.loading import load_model
     from rankwise.models.surgery import find_linears, linear_bias, linear_shape, linear_weight, set_module
@@ -114,7 +114,7 @@ def sweep(args) -> dict:
 
 def pipeline_child(args) -> None:
     """One end-to-end compress() run (fresh process), printing a JSON line."""
-    from rankwise.compression.pipeline import compress
+    from rankwise.compression.compress import compress
     from rankwise.evaluation.perplexity import perplexity
     from rankwise.models.loading import load_model
 

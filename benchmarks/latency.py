@@ -53,9 +53,9 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from rankwise.compression.allocators_global import uniform_speed_aware
-    from rankwise.compression.budget import plan_params, uniform_rank
-    from rankwise.compression.speed import load_speed_profile
+    from rankwise.compression.allocation.solvers import uniform_speed_aware
+    from rankwise.compression.allocation.budget import plan_params, uniform_rank
+    from rankwise.compression.allocation.speed import load_speed_profile
     from rankwise.evaluation.latency import decode_tokens_per_second, prefill_seconds
     from rankwise.models.loading import load_model
     from rankwise.models.surgery import find_linears, linear_shape

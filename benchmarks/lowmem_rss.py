@@ -22,7 +22,7 @@ torch.set_num_threads(int(sys.argv[5]))
 mode, model_name, out, nwin = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 t0 = time.perf_counter()
 if mode == "in-memory":
-    from rankwise.compression.pipeline import compress
+    from rankwise.compression.compress import compress
     from rankwise.compression.saving import save_compressed
     from rankwise.models.loading import load_model
     model, tok, path = load_model(model_name)

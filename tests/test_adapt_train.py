@@ -189,8 +189,8 @@ def test_compress_save_load_then_heal(tmp_path, tiny_tok):
     from rankwise.models.loading import load_model
 
     w = _windows(8, 32)
-    small, report = compress(tiny_model("llama"), method="svd", ratio=0.4, calib=w, calib_windows=4,
-                             calib_seqlen=32, progress=False)
+    small, report = compress(tiny_model("llama"), method="svd", ratio=0.4, calib=w,
+                             calib_options=dict(windows=4, seqlen=32), progress=False)
     save_compressed(small, tiny_tok, tmp_path / "c", report)
     model, _, _ = load_model(tmp_path / "c")
     assert any(isinstance(m, LowRankLinear) for m in model.modules())

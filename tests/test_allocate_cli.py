@@ -8,7 +8,9 @@ import pytest
 from rankwise.cli import main
 
 
-@pytest.mark.parametrize("extra", [["--allocate", "spectrum", "--min-rank", "2"], ["--low-memory"]])
+@pytest.mark.parametrize("extra", [["--allocate", "spectrum", "--min-rank", "2"], ["--low-memory"],
+                                   ["--low-memory", "--allocate", "spectrum-band", "--granularity", "subgroup",
+                                    "--refit"]])
 def test_cli_allocate_and_low_memory(tiny_dir, tmp_path, extra):
     out = tmp_path / "out"
     rc = main(["compress", str(tiny_dir), "--ratio", "0.4", "--calib-windows", "4", "--calib-seqlen", "64",
@@ -19,7 +21,7 @@ def test_cli_allocate_and_low_memory(tiny_dir, tmp_path, extra):
     assert (out / "ranks.png").stat().st_size > 0 and "| layer |" in (out / "ranks.md").read_text()
     if "spectrum" in extra:
         assert meta["allocate"] == "spectrum" and "dense" in meta["report"]["allocation"]
-        assert all(v["rank"] >= 2 for v in meta["layers"].values())
+        assert all(v["spec"]["rank"] >= 2 for v in meta["layers"].values())
 
 
 def test_cli_infeasible_budget_is_a_clear_error(tiny_dir, tmp_path, capsys):

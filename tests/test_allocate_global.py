@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from rankwise.compression.allocators_global import (
+from rankwise.compression.allocation.solvers import (
     allocate_sensitivity, allocate_spectrum, candidate_ranks, relative_tail, sensitivity_costs,
 )
-from rankwise.compression.knapsack import Option, solve_budget
+from rankwise.compression.allocation.knapsack import Option, solve_budget
 from rankwise.errors import ConfigError
 from rankwise.structures.lowrank import max_saving_rank
 
@@ -216,8 +216,8 @@ def test_slack_is_spent_on_a_cheaper_option_off_the_hull():
 
 
 def test_uniform_speed_aware_redistributes_the_budget():
-    from rankwise.compression.allocators_global import uniform_speed_aware
-    from rankwise.compression.budget import uniform_rank
+    from rankwise.compression.allocation.solvers import uniform_speed_aware
+    from rankwise.compression.allocation.budget import uniform_rank
 
     shapes = {"q": (64, 64), "k": (16, 64), "up": (128, 64), "down": (64, 128)}
     total = sum(m * n for m, n in shapes.values())
@@ -233,7 +233,7 @@ def test_uniform_speed_aware_redistributes_the_budget():
 
 
 def test_spectrum_by_type_equals_per_group_brute_force():
-    from rankwise.compression.allocators_global import allocate_spectrum_by_type
+    from rankwise.compression.allocation.solvers import allocate_spectrum_by_type
 
     shapes = {"l.0.q": (12, 10), "l.1.q": (12, 10), "l.0.up": (9, 9), "l.1.up": (9, 9)}
     rng = np.random.default_rng(5)
@@ -251,8 +251,8 @@ BIG = {"a": (24, 20), "b": (18, 18), "c": (32, 12)}
 
 
 def test_band_zero_is_uniform():
-    from rankwise.compression.allocators_global import allocate_spectrum_banded
-    from rankwise.compression.budget import uniform_rank
+    from rankwise.compression.allocation.solvers import allocate_spectrum_banded
+    from rankwise.compression.allocation.budget import uniform_rank
 
     rng = np.random.default_rng(0)
     spec = {k: np.sort(rng.random(min(s)))[::-1] for k, s in BIG.items()}
@@ -262,7 +262,7 @@ def test_band_zero_is_uniform():
 
 @pytest.mark.parametrize("seed", range(4))
 def test_band_stays_in_band_and_matches_brute_force(seed):
-    from rankwise.compression.allocators_global import allocate_spectrum_banded
+    from rankwise.compression.allocation.solvers import allocate_spectrum_banded
 
     rng = np.random.default_rng(seed)
     spec = {k: np.sort(rng.random(min(s)) ** rng.uniform(1, 6))[::-1] for k, s in BIG.items()}
@@ -284,14 +284,14 @@ def test_band_stays_in_band_and_matches_brute_force(seed):
 
 
 def test_band_rejects_negative_band():
-    from rankwise.compression.allocators_global import allocate_spectrum_banded
+    from rankwise.compression.allocation.solvers import allocate_spectrum_banded
 
     with pytest.raises(ConfigError, match="band"):
         allocate_spectrum_banded(0.4, BIG, {k: np.ones(min(s)) for k, s in BIG.items()}, band=-0.1)
 
 
 def test_band_weights_move_rank_to_the_heavy_layer():
-    from rankwise.compression.allocators_global import allocate_spectrum_banded
+    from rankwise.compression.allocation.solvers import allocate_spectrum_banded
 
     rng = np.random.default_rng(3)
     spec = {k: np.sort(rng.random(min(s)) ** 2)[::-1] for k, s in BIG.items()}

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from rankwise.compression.allocate import ALLOCATORS, get_allocator
-from rankwise.compression.allocate_context import make_layer_loss
-from rankwise.compression.pipeline import compress
-from rankwise.compression.speed import fingerprint
+from rankwise.compression.allocation import ALLOCATORS, AllocationContext, get_allocator
+from rankwise.compression.allocation.measure import make_layer_loss
+from rankwise.compression.compress import compress
+from rankwise.compression.allocation.speed import fingerprint
 from rankwise.errors import ConfigError, UnknownMethodError
 from rankwise.linalg import whitened_svd
 from rankwise.models.surgery import find_linears, linear_weight
@@ -28,7 +28,7 @@ def test_registry_lists_global_allocators():
 
 @pytest.mark.parametrize("alloc", ["spectrum", "spectrum-band", "sensitivity-band", "sensitivity"])
 def test_global_allocators_meet_the_budget(tiny_llama, windows, alloc):
-    _, rep = compress(tiny_llama, "svd-llm", 0.4, calib=windows, allocate=alloc, progress=False,
+    _, rep = compress(tiny_llama, "lowrank", method="svd-llm", ratio=0.4, calib=windows, allocate=alloc, progress=False,
                       allocate_options={"sensitivity_windows": 2, "sensitivity_seqlen": 32})
     assert rep.achieved_ratio >= 0.4
     assert rep.allocate == alloc and "dense" in rep.allocation
@@ -49,7 +49,7 @@ def test_speed_aware_keeps_slow_shapes_dense_and_still_meets_budget(windows, tmp
         "32x64": {"decode": 0, "prefill": 0}, "64x64": {"decode": 31, "prefill": 31},
         "128x64": {"decode": 42, "prefill": 42}, "64x128": {"decode": 42, "prefill": 42}}}))
     for alloc in ("uniform", "spectrum"):
-        _, rep = compress(tiny_model("llama"), "svd-llm", 0.3, calib=windows, allocate=alloc, progress=False,
+        _, rep = compress(tiny_model("llama"), "lowrank", method="svd-llm", ratio=0.3, calib=windows, allocate=alloc, progress=False,
                           allocate_options={"speed_aware": True, "speed_profile": str(prof)})
         assert rep.achieved_ratio >= 0.3
         for name, r in rep.ranks.items():
@@ -59,7 +59,7 @@ def test_speed_aware_keeps_slow_shapes_dense_and_still_meets_budget(windows, tmp
         if alloc == "spectrum":
             assert any("not faster" in why for why in rep.allocation["dense"].values())
     with pytest.raises(ConfigError, match="no-speed-aware"):
-        compress(tiny_model("llama"), "svd-llm", 0.9, calib=windows, allocate="spectrum", progress=False,
+        compress(tiny_model("llama"), "lowrank", method="svd-llm", ratio=0.9, calib=windows, allocate="spectrum", progress=False,
                  allocate_options={"speed_aware": True, "speed_profile": str(prof)})
 
 
@@ -78,7 +78,7 @@ def test_layer_loss_truncates_one_layer_and_restores_it(tiny_llama, windows):
 
 
 def test_sensitivity_band_one_loss_per_layer_and_heavy_layer_keeps_rank(tiny_llama, windows):
-    from rankwise.compression.budget import uniform_rank
+    from rankwise.compression.allocation.budget import uniform_rank
 
     heavy = "model.layers.0.mlp.down_proj"
     calls = []
@@ -87,8 +87,8 @@ def test_sensitivity_band_one_loss_per_layer_and_heavy_layer_keeps_rank(tiny_lla
         calls.append((name, k))
         return 1e3 if name == heavy else 1.01
 
-    _, rep = compress(tiny_llama, "svd-llm", 0.4, calib=windows, allocate="sensitivity-band", progress=False,
-                      allocate_options={"layer_loss": fake_loss, "base_loss": 1.0})
+    _, rep = compress(tiny_llama, "lowrank", method="svd-llm", ratio=0.4, calib=windows, allocate="sensitivity-band", progress=False,
+                      context=AllocationContext(layer_loss=fake_loss, base_loss=1.0))
     shapes = {n: (lay.out_features, lay.in_features) for n, lay in
               ((n, tiny_llama.get_submodule(n)) for n in rep.ranks)}
     assert rep.achieved_ratio >= 0.4

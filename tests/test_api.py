@@ -22,7 +22,7 @@ def test_readme_api_round_trip(tiny_dir, tmp_path):
     text = TINY_TEXT * 40
     dense = rankwise.evaluate(model, tok, text=text, seqlen=32, windows=4).ppl
     small, report = rankwise.compress(model, method="svd-llm", ratio=0.4, calib=text, tokenizer=tok,
-                                      calib_windows=4, calib_seqlen=32, progress=False)
+                                      calib_options=dict(windows=4, seqlen=32), progress=False)
     assert small is not model  # the API copies unless inplace=True
     assert rankwise.evaluate(model, tok, text=text, seqlen=32, windows=4).ppl == dense
     assert 0.55 < report.targeted_params_after / report.targeted_params_before <= 0.6

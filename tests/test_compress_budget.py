@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from rankwise.compression.allocate import ALLOCATORS, AllocationRequest, get_allocator
-from rankwise.compression.budget import check_plan, check_ratio, layer_params, plan_params, uniform_rank
+from rankwise.compression.allocation import ALLOCATORS, AllocationRequest, get_allocator
+from rankwise.compression.allocation.budget import check_plan, check_ratio, layer_params, plan_params, uniform_rank
 from rankwise.errors import ConfigError, UnknownMethodError
 
 

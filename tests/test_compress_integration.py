@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rankwise.compression.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, compress
+from rankwise.compression.compress import compress
 from rankwise.evaluation.perplexity import perplexity
 from rankwise.models.loading import load_model
 from rankwise.structures.lowrank import LowRankLinear
@@ -15,8 +15,8 @@ from rankwise.structures.lowrank import LowRankLinear
 def test_real_model_compresses_to_sane_perplexity(real_test_ids, real_calib_ids):
     model, tok, _ = load_model("smollm2-135m-instruct")  # a private copy: the session fixture stays dense
     dense = perplexity(model, ids=real_test_ids, seqlen=256, windows=4).ppl
-    model, rep = compress(model, DEFAULT_METHOD, 0.2, calib=real_calib_ids, refit=DEFAULT_REFIT,
-                          calib_windows=4, calib_seqlen=128, progress=False)
+    model, rep = compress(model, ratio=0.2, calib=real_calib_ids, calib_options=dict(windows=4, seqlen=128),
+                          progress=False)
     assert len(rep.layers) == 30 * 7 and all(lr.rank for lr in rep.layers)
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 210
     assert 0.2 <= rep.achieved_ratio < 0.21

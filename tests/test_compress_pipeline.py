@@ -1,61 +1,88 @@
-"""The compression pipeline on tiny models of the three families, one-shot and sequential."""
+"""The compression flow on tiny models of four families (three causal LMs and a BERT encoder)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import rankwise
-from rankwise.calibration.stats import collect_input_stats
-from rankwise.compression.blocks import capture_block_inputs
-from rankwise.compression.budget import uniform_rank
-from rankwise.compression.methods import METHODS, LayerStats, truncate
-from rankwise.compression.pipeline import compress
-from rankwise.errors import CorpusError, NoTargetLayersError, NumericalError
+from rankwise.calibration.sampling import calib_windows
+from rankwise.calibration.stats import LayerStats, collect_input_stats
+from rankwise.compression.allocation.budget import uniform_rank
+from rankwise.compression.compress import compress
+from rankwise.compression.engine.groups import dataflow_groups
+from rankwise.compression.engine.runner import advance, capture_inputs
+from rankwise.compression.methods import get_method
+from rankwise.compression.methods.lowrank import OBJECTIVES
+from rankwise.errors import ConfigError, CorpusError, NoTargetLayersError, NumericalError, UnknownMethodError
 from rankwise.models.surgery import decoder_blocks, find_linears, linear_shape, linear_weight
 from rankwise.models.tiny import tiny_model
 from rankwise.structures.lowrank import LowRankLinear
 
-KW = dict(calib_windows=6, calib_seqlen=48, progress=False)
+CAL = dict(calib_options=dict(windows=6, seqlen=48), progress=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
-def test_block_runner_reproduces_every_block_input(arch, random_ids):
-    """Cached block-0 inputs advanced block by block equal the hidden states a full forward feeds each block."""
+def lowrank(model, method="svd-llm", ratio=0.4, calib=None, **engine):
+    return compress(model, "lowrank", ratio, method=method, calib=calib, engine=engine, **CAL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "bert"])
+def test_cached_inputs_advanced_block_by_block_equal_every_block_input(arch, random_ids):
+    """Block-0 inputs captured with stand-in blocks, advanced block by block, equal the hidden states a
+    full forward feeds each block (two batch sizes: the extras are recorded per batch size)."""
     model = tiny_model(arch)
     blocks = decoder_blocks(model)
-    windows = random_ids[:5 * 32].view(5, 32)  # batches of 2, 2, 1: two batch sizes
+    windows = random_ids[:5 * 32].view(5, 32)
     seen = {i: [] for i in range(len(blocks))}
     hooks = [b.register_forward_pre_hook(
         lambda m, a, kw, i=i: seen[i].append((a[0] if a else kw["hidden_states"]).detach()), with_kwargs=True)
         for i, b in enumerate(blocks)]
     with torch.no_grad():
         for s in range(0, 5, 2):
-            model(input_ids=windows[s: s + 2], use_cache=False)
+            model(input_ids=windows[s: s + 2])
     for h in hooks:
         h.remove()
-    runner = capture_block_inputs(model, blocks, windows, batch_size=2)
+    acts = capture_inputs(model, blocks, windows, 2, torch.device("cpu"))
+    assert list(blocks) == list(decoder_blocks(model))  # the stand-ins were put back
     for i in range(len(blocks)):
-        for got, want in zip(runner.hidden, seen[i]):
+        for got, want in zip(acts.hidden, seen[i]):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        runner.advance(i)
+        acts.hidden = advance([(i, blocks[i])], acts, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
-@pytest.mark.parametrize("sequential", [False, True])
-def test_pipeline_replaces_layers_at_uniform_ranks(arch, sequential, random_ids):
+@pytest.mark.parametrize("arch,want", [
+    ("llama", [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]),
+    ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
+    ("bert", [["query", "key", "value"], ["attention.output.dense"], ["intermediate.dense"], ["output.dense"]]),
+])
+def test_dataflow_groups(arch, want, random_ids):
+    model = tiny_model(arch)
+    blocks = decoder_blocks(model)
+    acts = capture_inputs(model, blocks, random_ids[:64].view(2, 32), 2, torch.device("cpu"))
+    prefix = next(n for n, m in model.named_modules() if m is blocks) + ".1."
+    mods = {n[len(prefix):]: m for n, m in find_linears(model).items() if n.startswith(prefix)}
+    args, kwargs = acts.args(0, 1)
+    groups = dataflow_groups(blocks[1], mods, acts.hidden[0], args, kwargs, torch.device("cpu"))
+    assert [[n for n in g] for g in groups] == [[next(k for k in mods if k.endswith(w) and
+                                                   (not w.endswith("output.dense") or k.count(".") == w.count(".")))
+                                              for w in g] for g in want]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "bert"])
+@pytest.mark.parametrize("engine", [dict(mode="one-shot"), dict(), dict(granularity="subgroup"),
+                                    dict(refit=True), dict(granularity="subgroup", refit=True)])
+def test_every_mode_replaces_layers_at_uniform_ranks(arch, engine, random_ids):
     model = tiny_model(arch)
     shapes = {n: linear_shape(m) for n, m in find_linears(model).items()}
     x = random_ids[:64].view(2, 32)
     dense_logits = model(input_ids=x).logits
-    model, rep = compress(model, "svd-llm", 0.4, calib=random_ids, sequential=sequential, **KW)
-    assert rep.mode == ("sequential" if sequential else "one-shot")
+    model, rep = lowrank(model, calib=random_ids, **engine)
+    assert rep.mode == engine.get("mode", "sequential") and rep.refit == engine.get("refit", False)
     for name, (m, n) in shapes.items():
-        k = uniform_rank(m, n, 0.4)
         mod = model.get_submodule(name)
-        assert isinstance(mod, LowRankLinear) and mod.rank == k and (mod.out_features, mod.in_features) == (m, n)
-    assert rep.ranks == {n: uniform_rank(m, k, 0.4) for n, (m, k) in shapes.items()}
+        assert isinstance(mod, LowRankLinear) and mod.rank == uniform_rank(m, n, 0.4)
     assert rep.targeted_params_before == sum(m * n for m, n in shapes.values())
     assert rep.targeted_params_after == sum(k * (m + n) for (m, n), k in zip(shapes.values(), rep.ranks.values()))
+    assert rep.targeted_bytes_after == 4 * rep.targeted_params_after
     assert 0.4 <= rep.achieved_ratio < 0.45
     assert rep.model_params_before - rep.model_params_after == rep.targeted_params_before - rep.targeted_params_after
     logits = model(input_ids=x).logits
@@ -66,21 +93,19 @@ def test_one_shot_equals_manual_factorization(tiny_llama, random_ids):
     """One-shot = covariance of the dense model, whitened SVD, truncation: recomputed by hand."""
     ref = tiny_model("llama")
     layers = find_linears(ref)
-    model, rep = compress(tiny_llama, "svd-llm", 0.4, calib=random_ids, sequential=False, **KW)
-    from rankwise.calibration.sampling import calib_windows
-
-    win = calib_windows(random_ids, 6, 48, 3)
-    stats = collect_input_stats(ref, win, list(layers))
+    model, rep = lowrank(tiny_llama, calib=random_ids, mode="one-shot")
+    stats = collect_input_stats(ref, calib_windows(random_ids, 6, 48, 3), list(layers))
+    meth = get_method("lowrank", {"method": "svd-llm"})
     for name, mod in layers.items():
         W = linear_weight(mod).detach().float()
         st = LayerStats(stats[name])
-        L, R = truncate(W, METHODS["svd-llm"].factorize(W, st), rep.ranks[name], st)
+        L, R = meth.factorize(W, st).factors(rep.ranks[name])
         torch.testing.assert_close(model.get_submodule(name).dense(), L @ R, rtol=1e-4, atol=1e-5)
 
 
 def test_sequential_block0_matches_one_shot_and_later_blocks_differ(random_ids):
-    one, _ = compress(tiny_model("llama"), "svd-llm", 0.4, calib=random_ids, sequential=False, **KW)
-    seq, _ = compress(tiny_model("llama"), "svd-llm", 0.4, calib=random_ids, sequential=True, **KW)
+    one, _ = lowrank(tiny_model("llama"), calib=random_ids, mode="one-shot")
+    seq, _ = lowrank(tiny_model("llama"), calib=random_ids)
     a = one.get_submodule("model.layers.0.mlp.down_proj").dense()
     b = seq.get_submodule("model.layers.0.mlp.down_proj").dense()
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -89,57 +114,152 @@ def test_sequential_block0_matches_one_shot_and_later_blocks_differ(random_ids):
     assert (a - b).abs().max() > 1e-4  # block 1 saw the compressed block 0's outputs
 
 
-def test_sequential_refit_uses_the_cross_moment(random_ids):
-    """Refit in sequential mode targets the dense outputs W X from the compressed inputs X'.
-    In block 0 X' = X, so it coincides with the plain refit; in block 1 it must differ."""
-    plain, _ = compress(tiny_model("llama"), "svd", 0.5, calib=random_ids, sequential=False, refit=True, **KW)
-    seq, _ = compress(tiny_model("llama"), "svd", 0.5, calib=random_ids, sequential=True, refit=True, **KW)
-    n0, n1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"
-    torch.testing.assert_close(plain.get_submodule(n0).dense(), seq.get_submodule(n0).dense(), rtol=1e-4, atol=1e-5)
-    assert (plain.get_submodule(n1).dense() - seq.get_submodule(n1).dense()).abs().max() > 1e-4
+def test_subgroups_calibrate_on_the_compressed_earlier_groups(random_ids):
+    """Sub-groups: q/k/v of block 0 see the same inputs as block granularity (nothing compressed before
+    them); o_proj then sees the compressed q/k/v's attention output, so it differs."""
+    blk, _ = lowrank(tiny_model("llama"), calib=random_ids)
+    sub, _ = lowrank(tiny_model("llama"), calib=random_ids, granularity="subgroup")
+    q, o = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
+    torch.testing.assert_close(blk.get_submodule(q).dense(), sub.get_submodule(q).dense(), rtol=0, atol=0)
+    assert (blk.get_submodule(o).dense() - sub.get_submodule(o).dense()).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_every_method_runs_with_and_without_refit(method, random_ids):
-    for refit in (False, True):
-        model, rep = compress(tiny_model("gpt2"), method, 0.3, calib=random_ids, refit=refit, **KW)
-        assert rep.method == method and rep.refit == refit
+def _inputs(model, name, windows):
+    """The inputs X (in, tokens) the layer ``name`` sees on ``windows`` (float64)."""
+    xs = []
+    h = model.get_submodule(name).register_forward_pre_hook(
+        lambda m, a: xs.append(a[0].detach().reshape(-1, a[0].shape[-1]).double()))
+    with torch.no_grad():
+        for s in range(0, windows.shape[0], 4):
+            model(input_ids=windows[s:s + 4])
+    h.remove()
+    return torch.cat(xs).T
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"])
+def test_refit_lowers_the_sequential_objective(name, random_ids):
+    """With the compressed model's inputs X' recomputed independently, the refit's layer has a lower
+    ||W X - W' X'|| than the plain sequential fit (which only sees X'), and with a vanishing ridge it
+    is the exact rank-k minimizer: the objective equals the whitened tail of W M C'^-1 under C'.
+    Sub-group granularity makes the X' of calibration the X' of the final model (with whole blocks,
+    down_proj is calibrated on the outputs of the still dense gate/up of its own block)."""
+    dense = tiny_model("llama")
+    W = linear_weight(dense.get_submodule(name)).detach().double()
+    win = calib_windows(random_ids, 6, 48, 3)
+    X = _inputs(dense, name, win)
+    plain, _ = lowrank(tiny_model("llama"), calib=random_ids, granularity="subgroup")
+    refit, rep = lowrank(tiny_model("llama"), calib=random_ids, granularity="subgroup", refit=True, refit_ridge=1e-9)
+    assert {lr.ridge for lr in rep.layers} == {1e-9}
+
+    def objective(model):
+        Xp = _inputs(model, name, win)
+        Wp = model.get_submodule(name).dense().detach().double()
+        return float((W @ X - Wp @ Xp).norm()), Xp
+
+    got_plain, _ = objective(plain)
+    got_refit, Xp = objective(refit)
+    assert got_refit < 0.98 * got_plain
+    # closed form of the optimum: ||W X - W' X'||^2 = ||W X||^2 - ||W M C'^-1 S'||^2 + tail_k^2
+    C, M = Xp @ Xp.T, X @ Xp.T
+    T = W @ M @ torch.linalg.inv(C)
+    S = torch.linalg.cholesky(C)
+    s = torch.linalg.svdvals(T @ S)
+    k = refit.get_submodule(name).rank
+    best = (W @ X).square().sum() - (T @ S).square().sum() + s[k:].square().sum()
+    assert got_refit == pytest.approx(float(best.clamp_min(0).sqrt()), rel=1e-3)
+
+
+def test_ridge_is_chosen_on_held_out_windows(random_ids):
+    from rankwise.compression.engine.loop import RIDGE_CANDIDATES
+
+    _, rep = compress(tiny_model("llama"), "lowrank", 0.4, calib=random_ids, engine=dict(refit=True),
+                      calib_options=dict(windows=16, seqlen=48), progress=False)
+    assert all(lr.ridge in RIDGE_CANDIDATES for lr in rep.layers)
+
+
+def test_heldout_objective_matches_direct_computation():
+    from rankwise.calibration.stats import InputStats
+    from rankwise.compression.engine.loop import heldout_objective
+
+    g = torch.Generator().manual_seed(0)
+    X, Xp = torch.randn(6, 50, generator=g, dtype=torch.float64), torch.randn(6, 50, generator=g, dtype=torch.float64)
+    W, Wp = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    st = InputStats(Xp @ Xp.T, Xp.abs().sum(1), Xp.square().sum(1), 50)
+    got = heldout_objective(W, Wp, LayerStats(st, cross=X @ Xp.T))
+    assert got == pytest.approx(float((W @ X - Wp @ Xp).square().sum() - (W @ X).square().sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("method", list(OBJECTIVES))
+def test_every_objective_runs_with_and_without_refit_and_lstsq(method, random_ids):
+    for refit, lstsq in ((False, False), (True, False), (False, True)):
+        model, rep = compress(tiny_model("gpt2"), "lowrank", 0.3, options=dict(method=method, lstsq=lstsq),
+                              calib=random_ids, engine=dict(refit=refit, refit_ridge=1e-3), **CAL)
+        assert rep.method == method and rep.refit == refit and rep.config["options"]["lstsq"] == lstsq
         assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in rep.ranks)
         assert torch.isfinite(model(input_ids=random_ids[:32].view(1, 32)).logits).all()
 
 
+def test_eigh_whitening_is_an_option_of_svd_llm(random_ids):
+    a, _ = compress(tiny_model("llama"), "lowrank", 0.4, options=dict(whitening="eigh"), calib=random_ids, **CAL)
+    b, _ = lowrank(tiny_model("llama"), calib=random_ids)
+    n = "model.layers.1.mlp.up_proj"
+    torch.testing.assert_close(a.get_submodule(n).dense(), b.get_submodule(n).dense(), rtol=1e-3, atol=1e-4)
+
+
+def test_default_targets_are_every_linear_inside_the_blocks():
+    bert = tiny_model("bert")
+    names = list(find_linears(bert))
+    assert len(names) == 12 and all(n.startswith("bert.encoder.layer.") for n in names)
+    assert "cls.predictions.transform.dense" not in names  # outside the repeated blocks
+    assert len(find_linears(tiny_model("llama"))) == 14 and len(find_linears(tiny_model("gpt2"))) == 8
+
+
 def test_targets_select_layers(tiny_llama, random_ids):
-    model, rep = compress(tiny_llama, "svd", 0.4, targets="down_proj", **KW)
+    model, rep = lowrank(tiny_llama, "svd", targets="down_proj", calib=random_ids)
     assert list(rep.ranks) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert not isinstance(model.get_submodule("model.layers.0.mlp.up_proj"), LowRankLinear)
 
 
 def test_api_copies_unless_inplace(tiny_llama, tiny_tok):
-    import rankwise.compression.pipeline  # noqa: F401  importing the package never shadows the verb
+    import rankwise.compression.compress  # noqa: F401  importing the package never shadows the verb
 
     text = "some calibration text about matrices and their singular values. " * 60
-    small, rep = rankwise.compress(tiny_llama, method="svd-llm", ratio=0.4, calib=text, tokenizer=tiny_tok, **KW)
+    small, rep = rankwise.compress(tiny_llama, method="svd-llm", ratio=0.4, calib=text, tokenizer=tiny_tok, **CAL)
     assert small is not tiny_llama and not any(isinstance(m, LowRankLinear) for m in tiny_llama.modules())
-    same, _ = rankwise.compress(tiny_llama, ratio=0.4, calib=text, tokenizer=tiny_tok, inplace=True, **KW)
+    same, _ = rankwise.compress(tiny_llama, ratio=0.4, calib=text, tokenizer=tiny_tok, inplace=True, **CAL)
     assert same is tiny_llama and isinstance(tiny_llama.get_submodule(next(iter(rep.ranks))), LowRankLinear)
 
 
 def test_bad_inputs(random_ids, tiny_tok):
     with pytest.raises(NoTargetLayersError, match="no linear layer"):
-        compress(tiny_model("llama"), "svd", 0.4, targets="nothing_like_this", **KW)
+        lowrank(tiny_model("llama"), "svd", targets="nothing_like_this", calib=random_ids)
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        lowrank(tiny_model("llama"), "svd", targets="q_proj(", calib=random_ids)
     m = tiny_model("llama")
     with torch.no_grad():
         m.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(NumericalError, match="up_proj"):
-        compress(m, "svd-llm", 0.4, calib=random_ids, **KW)
+        lowrank(m, calib=random_ids)
     m = tiny_model("llama")
     with torch.no_grad():
         m.model.layers[0].input_layernorm.weight.fill_(float("inf"))
     with pytest.raises(NumericalError, match="non-finite activations"):
-        compress(m, "svd-llm", 0.4, calib=random_ids, sequential=False, **KW)
+        lowrank(m, calib=random_ids, mode="one-shot")
     with pytest.raises(CorpusError, match="too short"):
-        compress(tiny_model("llama"), "svd-llm", 0.4, calib="tiny text", tokenizer=tiny_tok, **KW)
-    with pytest.raises(rankwise.errors.ConfigError, match="ratio"):
-        compress(tiny_model("llama"), "svd-llm", 1.0, calib=random_ids, **KW)
-    with pytest.raises(rankwise.errors.UnknownMethodError, match="svd-llm-v2"):
-        compress(tiny_model("llama"), "pca", 0.4, calib=random_ids, **KW)
+        compress(tiny_model("llama"), calib="tiny text", tokenizer=tiny_tok, **CAL)
+    with pytest.raises(ConfigError, match="ratio"):
+        lowrank(tiny_model("llama"), ratio=1.0, calib=random_ids)
+    with pytest.raises(UnknownMethodError, match="svd-llm"):
+        lowrank(tiny_model("llama"), "pca", calib=random_ids)
+    with pytest.raises(UnknownMethodError, match="lowrank"):
+        compress(tiny_model("llama"), "nothing", 0.4, calib=random_ids, **CAL)
+    with pytest.raises(ConfigError, match="one-shot"):
+        lowrank(tiny_model("llama"), calib=random_ids, mode="one-shot", refit=True)
+    with pytest.raises(ConfigError, match="one-shot"):
+        lowrank(tiny_model("llama"), calib=random_ids, mode="one-shot", granularity="subgroup")
+    with pytest.raises(ConfigError, match="granularity"):
+        lowrank(tiny_model("llama"), calib=random_ids, granularity="layer")
+    with pytest.raises(ConfigError, match="bits-per-weight"):
+        compress(tiny_model("llama"), "lowrank", bits_per_weight=3, calib=random_ids, **CAL)
+    with pytest.raises(ConfigError, match="unknown option"):
+        compress(tiny_model("llama"), "lowrank", 0.4, options=dict(rank=3), calib=random_ids, **CAL)

@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rankwise.compression.pipeline import compress
-from rankwise.compression.saving import export_dense, load_compressed, save_compressed
+from rankwise.compression.compress import compress
+from rankwise.compression.saving import save_compressed
+from rankwise.models.saved import export_dense, load_structured as load_compressed
 from rankwise.errors import ArtifactError, OutputExistsError
 from rankwise.models.loading import load_model
 from rankwise.models.tiny import tiny_model, tiny_tokenizer
 from rankwise.structures.lowrank import LowRankLinear
 
-KW = dict(calib_windows=4, calib_seqlen=48, progress=False)
+KW = dict(calib_options=dict(windows=4, seqlen=48), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def tok():
 
 
 def _compressed(arch, ids):
-    return compress(tiny_model(arch), "svd-llm", 0.4, calib=ids, **KW)
+    return compress(tiny_model(arch), "lowrank", 0.4, method="svd-llm", calib=ids, **KW)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
@@ -33,8 +34,11 @@ def test_round_trip_is_bit_exact(arch, tmp_path, random_ids, tok):
     model, rep = _compressed(arch, random_ids)
     out = save_compressed(model, tok, tmp_path / "c", rep)
     meta = json.loads((out / "rankwise.json").read_text())
-    assert meta["method"] == "svd-llm" and meta["ratio"] == 0.4 and meta["format_version"] == 1
-    assert {n: v["rank"] for n, v in meta["layers"].items()} == rep.ranks
+    assert meta["method"] == "svd-llm" and meta["budget"] == {"ratio": 0.4} and meta["format_version"] == 2
+    assert meta["format"] == "rankwise" and meta["config"]["structure"] == "lowrank"
+    assert {n: v["spec"]["rank"] for n, v in meta["layers"].items()} == rep.ranks
+    assert {v["kind"] for v in meta["layers"].values()} == {"lowrank"}
+    assert (out / "ranks.md").is_file() and (out / "ranks.png").is_file()
     assert set(meta["versions"]) == {"rankwise", "torch", "transformers"}
     assert meta["tied"] == {"lm_head.weight": "transformer.wte.weight" if arch == "gpt2" else "model.embed_tokens.weight"}
     loaded = load_compressed(out)
@@ -86,7 +90,8 @@ def test_mismatched_directories_raise_artifact_error(tmp_path, random_ids, tok):
     meta = json.loads((out / "rankwise.json").read_text())
     name = "model.layers.1.mlp.down_proj"
 
-    bad = dict(meta, layers={**meta["layers"], name: {**meta["layers"][name], "rank": meta["layers"][name]["rank"] + 1}})
+    spec = meta["layers"][name]["spec"]
+    bad = dict(meta, layers={**meta["layers"], name: {**meta["layers"][name], "spec": {"rank": spec["rank"] + 1}}})
     (out / "rankwise.json").write_text(json.dumps(bad))
     with pytest.raises(ArtifactError, match=name):
         load_compressed(out)
@@ -105,5 +110,30 @@ def test_mismatched_directories_raise_artifact_error(tmp_path, random_ids, tok):
 
 
 def test_dense_model_cannot_be_saved_as_compressed(tmp_path, tok):
-    with pytest.raises(ArtifactError, match="no LowRankLinear"):
+    with pytest.raises(ArtifactError, match="no structured layers"):
         save_compressed(tiny_model("llama"), tok, tmp_path / "x")
+
+
+def test_format_1_directories_still_load(tmp_path, random_ids, tok):
+    """A directory written by rankwise 0.1 (format "rankwise-lowrank", version 1) loads unchanged."""
+    model, rep = _compressed("llama", random_ids)
+    out = save_compressed(model, tok, tmp_path / "c", rep)
+    meta = json.loads((out / "rankwise.json").read_text())
+    v1 = {"format": "rankwise-lowrank", "format_version": 1, "tied": meta["tied"], "dtype": "float32",
+          "layers": {n: {"rank": d["spec"]["rank"], "shape": d["shape"], "bias": d["bias"]}
+                     for n, d in meta["layers"].items()}}
+    (out / "rankwise.json").write_text(json.dumps(v1))
+    loaded = load_compressed(out)
+    x = random_ids[:64].view(2, 32)
+    assert torch.equal(model(input_ids=x).logits, loaded(input_ids=x).logits)
+
+
+def test_api_save_reverses_load_for_plain_models_too(tmp_path, tok):
+    import rankwise
+
+    dense = tiny_model("llama")
+    rankwise.save(dense, tmp_path / "plain", tokenizer=tok)
+    again, tok2, path = rankwise.load(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "rankwise.json").exists() and path == tmp_path / "plain"
+    x = torch.arange(20)[None]
+    assert torch.equal(dense(input_ids=x).logits, again(input_ids=x).logits)

@@ -1,4 +1,4 @@
-"""Low-memory (block by block from safetensors) compression equals the in-memory sequential path."""
+"""Low-memory (block by block from safetensors) compression equals the in-memory path, every option."""
 from __future__ import annotations
 
 import struct
@@ -6,30 +6,44 @@ import struct
 import pytest
 import torch
 
-from rankwise.compression import lowmem
-from rankwise.compression.lowmem import compress_low_memory, stream_merge
-from rankwise.compression.pipeline import compress
-from rankwise.compression.saving import load_compressed, save_compressed
+from rankwise.compression.compress import compress, compress_low_memory
+from rankwise.compression.engine import source as source_mod
+from rankwise.compression.saving import save_compressed
 from rankwise.errors import ConfigError
 from rankwise.models.loading import load_model
+from rankwise.models.saved import load_structured
+from rankwise.models.streaming import stream_merge
 from rankwise.models.tiny import save_tiny
+
+CAL = dict(calib_options=dict(windows=8, seqlen=48), progress=False)
+OPTIONS = [
+    dict(engine=dict()),
+    dict(engine=dict(granularity="subgroup")),
+    dict(engine=dict(mode="one-shot")),
+    dict(engine=dict(refit=True)),                              # ridge chosen on held-out windows
+    dict(engine=dict(granularity="subgroup", refit=True, refit_ridge=0.01)),
+    dict(allocate="spectrum-band"),                             # dry spectra pass streamed too
+    dict(method="asvd"),
+]
 
 
 @pytest.fixture
 def windows(random_ids):
-    return random_ids[:6 * 48].view(6, 48)
+    return random_ids[:8 * 48].view(8, 48)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_low_memory_equals_in_memory(tmp_path, windows, arch):
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: str(o).replace(" ", ""))
+def test_low_memory_equals_in_memory(tmp_path, windows, arch, opts):
     src = save_tiny(tmp_path / f"tiny-{arch}", arch)
     model, tok, _ = load_model(src)
-    model, rep = compress(model, "svd-llm", 0.4, calib=windows, sequential=True, progress=False)
+    model, rep = compress(model, "lowrank", 0.4, calib=windows, **opts, **CAL)
     save_compressed(model, tok, tmp_path / "mem", rep)
-    rep_low = compress_low_memory(src, tmp_path / "low", "svd-llm", 0.4, calib=windows, progress=False)
+    rep_low = compress_low_memory(src, tmp_path / "low", "lowrank", 0.4, calib=windows, **opts, **CAL)
     assert rep_low.ranks == rep.ranks
-    a = load_compressed(tmp_path / "mem").state_dict()
-    b = load_compressed(tmp_path / "low").state_dict()
+    assert [lr.ridge for lr in rep_low.layers] == [lr.ridge for lr in rep.layers]
+    a = load_structured(tmp_path / "mem").state_dict()
+    b = load_structured(tmp_path / "low").state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -37,9 +51,8 @@ def test_low_memory_equals_in_memory(tmp_path, windows, arch):
 
 
 def test_interrupted_run_leaves_nothing_and_rerun_is_clean(tmp_path, windows, monkeypatch, tiny_dir):
-    src = tiny_dir
     out = tmp_path / "out"
-    real = lowmem._save_shard
+    real = source_mod.save_shard
     calls = {"n": 0}
 
     def boom(state, file):
@@ -48,22 +61,30 @@ def test_interrupted_run_leaves_nothing_and_rerun_is_clean(tmp_path, windows, mo
             raise KeyboardInterrupt("simulated interrupt after the first block")
         real(state, file)
 
-    monkeypatch.setattr(lowmem, "_save_shard", boom)
+    monkeypatch.setattr(source_mod, "save_shard", boom)
     with pytest.raises(KeyboardInterrupt):
-        compress_low_memory(src, out, "svd-llm", 0.4, calib=windows, progress=False)
+        compress_low_memory(tiny_dir, out, calib=windows, **CAL)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == [], "no temp dir left behind"
-    monkeypatch.setattr(lowmem, "_save_shard", real)
-    compress_low_memory(src, out, "svd-llm", 0.4, calib=windows, progress=False)
-    assert load_compressed(out) is not None
+    monkeypatch.setattr(source_mod, "save_shard", real)
+    compress_low_memory(tiny_dir, out, calib=windows, **CAL)
+    assert load_structured(out) is not None
 
 
-def test_low_memory_rejects_global_allocators_and_fisher(tmp_path, windows, tiny_dir):
-    src = tiny_dir
-    with pytest.raises(ConfigError, match="allocate uniform"):
-        compress_low_memory(src, tmp_path / "o", allocate="spectrum", calib=windows, progress=False)
+def test_low_memory_rejects_fisher(tmp_path, windows, tiny_dir):
     with pytest.raises(ConfigError, match="gradients"):
-        compress_low_memory(src, tmp_path / "o", method="fwsvd", calib=windows, progress=False)
+        compress_low_memory(tiny_dir, tmp_path / "o", method="fwsvd", calib=windows, **CAL)
+    assert not (tmp_path / "o").exists()
+
+
+def test_layers_outside_the_blocks_are_compressed_in_memory():
+    """BERT's MLM head transform is a linear layer outside the repeated blocks: one extra pass fits it."""
+    from rankwise.models.tiny import tiny_model
+
+    model, rep = compress(tiny_model("bert"), "lowrank", 0.4, targets=r"layer\.1\.output\.dense|transform\.dense",
+                          calib=torch.randint(0, 320, (2000,), generator=torch.Generator().manual_seed(0)), **CAL)
+    assert set(rep.ranks) == {"bert.encoder.layer.1.output.dense", "cls.predictions.transform.dense"}
+    assert all(r is not None for r in rep.ranks.values())
 
 
 def test_stream_merge_matches_safetensors(tmp_path):

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from rankwise.compression import speed
-from rankwise.compression.speed import (
+from rankwise.compression.allocation import speed
+from rankwise.compression.allocation.speed import (
     SpeedProfile, break_even_rank, fingerprint, load_speed_profile, module_latency,
 )
 from rankwise.errors import ConfigError

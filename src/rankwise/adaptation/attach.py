@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NoTargetLayersError, NumericalError
-from ..models.surgery import DEFAULT_TARGETS, _matches, find_linears, set_module
+from ..models.surgery import find_linears, find_modules, set_module
 from ..structures.lowrank import LowRankLinear
 from .inits import InitContext, eva_eigen, eva_ranks, get_init
 from .layers import AdapterLayer, adapter_layers, base_dense, base_shape
@@ -21,17 +21,15 @@ META_ATTR = "_rankwise_adapt"
 
 
 def find_targets(model: nn.Module, targets: Sequence[str] | str | None = None) -> dict[str, nn.Module]:
-    """Target layers: linears (not inside a targeted LowRankLinear) and matching LowRankLinear modules."""
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    patterns = tuple(targets) if targets else DEFAULT_TARGETS
-    low = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear) and _matches(n, patterns)}
-    lin = {n: m for n, m in find_linears(model, patterns, required=False).items()
+    """Target layers: linears (not inside a targeted LowRankLinear) and LowRankLinear modules, by default
+    all of them inside the model's repeated blocks (see :func:`rankwise.models.surgery.find_modules`)."""
+    low = find_modules(model, targets, lambda m: isinstance(m, LowRankLinear))
+    lin = {n: m for n, m in find_linears(model, targets, required=False).items()
            if not any(n.startswith(p + ".") for p in low)}
     found = {**lin, **low}
     if not found:
-        find_linears(model, patterns, required=True)  # raises with the list of layer types present
-        raise NoTargetLayersError(f"no layer matches targets {list(patterns)}; pass --targets")  # pragma: no cover
+        find_linears(model, targets, required=True)  # raises with the list of layer types present
+        raise NoTargetLayersError(f"no layer matches targets {targets!r}; pass --targets")  # pragma: no cover
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     return dict(sorted(found.items(), key=lambda kv: order[kv[0]]))
 

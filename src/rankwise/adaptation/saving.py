@@ -247,12 +247,9 @@ def save_merged(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwr
     for p in merged.parameters():
         p.requires_grad_(True)
     if any(isinstance(m, LowRankLinear) for m in merged.modules()):
-        from ..compression.saving import save_compressed
+        from ..models.saved import save_structured
 
-        save_compressed(merged, tokenizer, out, overwrite=overwrite, extra={"healed": True})
-        if extra is not None:
-            extra(Path(out))
-        return Path(out)
+        return save_structured(merged, out, tokenizer, overwrite=overwrite, extra={"healed": True}, after=extra)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if extra is not None:
             extra(tmp)

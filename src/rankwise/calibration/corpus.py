@@ -122,3 +122,24 @@ def load_corpus(split: str = "test", text_file: str | os.PathLike | None = None)
     if not f.is_file() or f.stat().st_size == 0:
         build_wiki_corpus(d)
     return f.read_text(encoding="utf-8")
+
+
+#: Fraction of a user's ``--text-file`` held out (its tail) for evaluation after compression.
+EVAL_HOLDOUT = 0.1
+
+
+def split_text(text: str, holdout: float = EVAL_HOLDOUT) -> tuple[str, str]:
+    """``(calibration head, evaluation tail)`` of one text: the last ``holdout`` of its characters,
+    cut at the first paragraph break (else whitespace) at or after that point, so that the two parts
+    never share text. Deterministic."""
+    cut = int(len(text) * (1.0 - holdout))
+    for sep in ("\n\n", "\n", " "):
+        j = text.find(sep, cut)
+        if j != -1:
+            cut = j
+            break
+    head, tail = text[:cut], text[cut:].strip()
+    if not head.strip() or not tail:
+        raise CorpusError(f"the text ({len(text):,} characters) is too short to hold out its last {holdout:.0%} "
+                          "for evaluation; pass a longer --text-file, or --calib-file and --eval-file")
+    return head, tail

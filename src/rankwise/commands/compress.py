@@ -1,130 +1,200 @@
-"""``rankwise compress``: low-rank factorize a model's linear layers and save it."""
+"""``rankwise compress``: replace a model's linear layers by fitted structures and save it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from ..calibration.sampling import DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_WINDOWS, DEFAULT_SEED, DEFAULT_SEQLEN
 from ._common import ModelArg, QuietOpt, TextFileOpt, console, setup, table
+
+DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, DEFAULT_SEED = 64, 64, 512, 3
 
 
 def print_report(report, max_layers: int = 12) -> None:
-    """Rich tables: the summary and the per-layer ranks."""
-    table("compression", ["method", "refit", "mode", "ratio asked", "removed", "targeted params",
-                          "model params", "damped layers", "seconds"],
-          [[report.method, "lstsq" if report.refit else "no", report.mode, report.ratio,
-            f"{report.achieved_ratio:.3f}",
+    """Rich tables: the summary and the per-layer structures."""
+    budget = (f"ratio {report.budget['ratio']:g}" if "ratio" in report.budget
+              else f"{report.budget['bits_per_weight']:g} bits/weight")
+    table("compression", ["structure", "method", "budget", "allocate", "mode", "refit", "removed", "bits/weight",
+                          "targeted values", "model params", "seconds"],
+          [[report.structure, report.method, budget, report.allocate, f"{report.mode}, {report.granularity}",
+            "yes" if report.refit else "no", f"{report.achieved_ratio:.3f}", f"{report.bits_per_weight:.3f}",
             f"{report.targeted_params_before:,} -> {report.targeted_params_after:,}",
-            f"{report.model_params_before:,} -> {report.model_params_after:,}",
-            len(report.damped_layers), report.seconds]])
-    rows = [[lr.name, f"{lr.shape[0]} x {lr.shape[1]}", "dense" if lr.rank is None else lr.rank,
-             lr.params_before, lr.params_after] for lr in report.layers]
+            f"{report.model_params_before:,} -> {report.model_params_after:,}", report.seconds]])
+    rows = [[lr.name, f"{lr.shape[0]} x {lr.shape[1]}", lr.kind or "dense",
+             ", ".join(f"{k}={v}" for k, v in (lr.spec or {}).items()), lr.params_after, lr.bytes_after]
+            for lr in report.layers]
     if len(rows) > max_layers:
-        rows = rows[:max_layers] + [[f"... {len(rows) - max_layers} more (see rankwise.json)", "", "", "", ""]]
-    table("per-layer ranks", ["layer", "shape", "rank", "params before", "params after"], rows)
+        rows = rows[:max_layers] + [[f"... {len(rows) - max_layers} more (see rankwise.json)", "", "", "", "", ""]]
+    table("per layer", ["layer", "shape", "structure", "spec", "values", "bytes"], rows)
     if report.perplexity:
         p = report.perplexity
-        table("perplexity", ["dense", "compressed", "windows x seqlen"],
-              [[p.get("dense", "-"), p["compressed"], f"{p['windows']} x {p['seqlen']}"]])
+        table("perplexity", ["dense", "compressed", "windows x seqlen", "text"],
+              [[p.get("dense", "-"), p["compressed"], f"{p['windows']} x {p['seqlen']}", p.get("corpus", "")]])
 
 
-def run_compress(model_arg, method, ratio, refit, targets, calib_windows, calib_seqlen, seed, text_file,
-                 sequential, allocate, out, overwrite, export_dense_dir, do_eval, eval_windows, quiet,
-                 eval_seqlen=DEFAULT_SEQLEN, allocate_options=None, low_memory=False):
+def parse_sets(pairs: list[str] | None) -> dict:
+    """``["rank=16", "pattern=2:4"]`` -> ``{"rank": 16, "pattern": "2:4"}`` (JSON values where they parse)."""
+    import json
+
+    from ..errors import ConfigError
+
+    out = {}
+    for p in pairs or []:
+        key, sep, value = p.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set takes KEY=VALUE, got {p!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def texts(text_file, calib_file, eval_file):
+    """``(calibration text or None, evaluation text or None, evaluation label)``: ``--text-file`` is split
+    (its last 10% is held out for evaluation); ``--calib-file`` / ``--eval-file`` set each side."""
+    from ..calibration.corpus import load_corpus, split_text
+    from ..errors import ConfigError
+
+    if text_file is not None and (calib_file is not None or eval_file is not None):
+        raise ConfigError("pass either --text-file (split into calibration and a held-out tail) or "
+                          "--calib-file / --eval-file, not both")
+    if text_file is not None:
+        head, tail = split_text(load_corpus("calib", text_file))
+        return head, tail, f"{text_file} (last 10%)"
+    calib = load_corpus("calib", calib_file) if calib_file is not None else None
+    ev = load_corpus("test", eval_file) if eval_file is not None else None
+    return calib, ev, str(eval_file) if eval_file is not None else "wiki test"
+
+
+def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=None, method=None, options=None,
+                 targets=None, allocate=None, allocate_options=None, engine=None, calib_options=None,
+                 text_file=None, calib_file=None, eval_file=None, low_memory=False, out=None, overwrite=False,
+                 export_dense_dir=None, do_eval=False, eval_windows=DEFAULT_EVAL_WINDOWS,
+                 eval_seqlen=DEFAULT_SEQLEN, quiet=False):
     """The command's body (also used by ``rankwise demo``): returns ``(model, tokenizer, path, report)``."""
-    from ..calibration.corpus import load_corpus
-    from ..compression.pipeline import compress
-    from ..compression.saving import export_dense, save_compressed
-    from ..errors import OutputExistsError
+    from ..compression.compress import build_config, compress, compress_low_memory
+    from ..compression.saving import save_compressed
+    from ..errors import ConfigError
     from ..evaluation.perplexity import perplexity
-    from ..compression.allocate import get_allocator
-    from ..compression.budget import check_ratio
-    from ..compression.methods import get_method
+    from ..files import check_new_output
     from ..models.loading import load_model
+    from ..models.saved import export_dense
 
-    get_method(method), check_ratio(ratio), get_allocator(allocate)  # fail before loading the model
-    for d, flag in ((out, "--out"), (export_dense_dir, "--export-dense")):
-        if d is not None and Path(d).exists() and not overwrite:
-            raise OutputExistsError(f"output directory {d} already exists; choose another {flag} or pass --overwrite")
-    calib = load_corpus("calib", text_file) if text_file else None
+    kw = dict(method=method, options=options, targets=targets, allocate=allocate,
+              allocate_options=allocate_options, engine=engine, calib_options=calib_options)
+    build_config(structure, ratio, bits_per_weight, **kw)  # every option checked before any model work
+    check_new_output(out, overwrite, "--out")
+    check_new_output(export_dense_dir, overwrite, "--export-dense")
+    calib, eval_text, eval_label = texts(text_file, calib_file, eval_file)
     if low_memory:  # writes --out block by block; the compressed model is loaded back only if needed
-        from ..compression.lowmem import compress_low_memory
-        from ..errors import ConfigError
-
         if out is None:
             raise ConfigError("--low-memory writes the model block by block and needs --out DIR")
-        report = compress_low_memory(model_arg, out, method, ratio, calib=calib, targets=targets, refit=refit,
-                                     allocate=allocate, calib_windows=calib_windows, calib_seqlen=calib_seqlen,
-                                     seed=seed, progress=not quiet, allocate_options=allocate_options,
-                                     overwrite=overwrite)
+        report = compress_low_memory(model_arg, out, structure, ratio, bits_per_weight, calib=calib,
+                                     progress=not quiet, overwrite=overwrite, **kw)
         model, tok, path = (load_model(out) if (do_eval or export_dense_dir is not None)
                             else (None, None, Path(out)))
     else:
         model, tok, path = load_model(model_arg)
-        model, report = compress(model, method, ratio, calib=calib, tokenizer=tok, targets=targets, refit=refit,
-                                 allocate=allocate, calib_windows=calib_windows, calib_seqlen=calib_seqlen,
-                                 seed=seed, sequential=sequential, progress=not quiet,
-                                 allocate_options=allocate_options)
+        model, report = compress(model, structure, ratio, bits_per_weight, calib=calib, tokenizer=tok,
+                                 progress=not quiet, **kw)
     if do_eval:
-        res = perplexity(model, tok, text=load_corpus("test", text_file), seqlen=eval_seqlen,
-                         windows=eval_windows, progress=not quiet)
-        report.perplexity = {"compressed": res.ppl, "windows": res.windows, "seqlen": res.seqlen,
-                             "corpus": str(text_file) if text_file else "wiki test"}
-    if out is not None and not low_memory:  # the low-memory path has written --out already
-        save_compressed(model, tok, out, report, overwrite=overwrite,
-                        extra={"source_model": str(path)})
-        from ..compression.rankplot import write_rank_report
+        from ..calibration.corpus import load_corpus
 
-        write_rank_report(report, out)
+        res = perplexity(model, tok, text=eval_text if eval_text is not None else load_corpus("test"),
+                         seqlen=eval_seqlen, windows=eval_windows, progress=not quiet)
+        report.perplexity = {"compressed": res.ppl, "windows": res.windows, "seqlen": res.seqlen,
+                             "corpus": eval_label}
+    if out is not None and not low_memory:  # the low-memory path has written --out already
+        save_compressed(model, tok, out, report, overwrite=overwrite, extra={"source_model": str(path)})
     if export_dense_dir is not None:
         export_dense(model, tok, export_dense_dir, overwrite=overwrite)
     return model, tok, path, report
 
 
 def register(app: typer.Typer) -> None:
-    from ..compression.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, DEFAULT_SEQUENTIAL
-
     @app.command("compress")
     def compress_cmd(
         model: Optional[str] = ModelArg,
-        method: str = typer.Option(DEFAULT_METHOD, "--method", "-m",
-                                   help="svd | asvd | fwsvd | svd-llm | svd-llm-v2."),
-        ratio: float = typer.Option(0.4, "--ratio", "-r", help="Fraction of targeted linear parameters REMOVED, in (0, 1)."),
-        refit: bool = typer.Option(DEFAULT_REFIT, "--refit/--no-refit",
-                                   help="Closed-form least-squares refit of the left factor (lstsq)."),
-        targets: Optional[str] = typer.Option(None, "--targets", help="Comma-separated layer names or regexes (default: q,k,v,o,gate,up,down; GPT-2 c_attn,c_proj,c_fc)."),
+        structure: str = typer.Option("lowrank", "--structure", "-s",
+                                      help="lowrank | rtn | gptq | lorc | lq | lowrank-sparse | prune | monarch | "
+                                           "blockdiag-lowrank | kronecker | shared-basis (rankwise.compression.methods)."),
+        method: Optional[str] = typer.Option(None, "--method", "-m",
+                                             help="Low-rank objective: svd | asvd | fwsvd | svd-llm (default) | "
+                                                  "svd-llm-v2."),
+        whitening: Optional[str] = typer.Option(None, "--whitening",
+                                                help="svd-llm whitening: cholesky (default) | eigh."),
+        ratio: Optional[float] = typer.Option(None, "--ratio", "-r",
+                                              help="Fraction of the targeted weight values REMOVED, in (0, 1) "
+                                                   "(parameter-budget structures; default 0.4)."),
+        bits_per_weight: Optional[float] = typer.Option(None, "--bits-per-weight", "-b",
+                                                        help="Stored bits per targeted weight, all overhead counted "
+                                                             "(byte-budget structures: rtn, gptq, lorc, lq)."),
+        group_size: Optional[int] = typer.Option(None, "--group-size", help="Quantization group size along the input."),
+        sets: Optional[List[str]] = typer.Option(None, "--set", help="Structure option KEY=VALUE (repeatable)."),
+        targets: Optional[str] = typer.Option(None, "--targets",
+                                              help="Comma-separated layer names or regexes (default: every linear "
+                                                   "layer inside the model's repeated blocks)."),
         calib_windows: int = typer.Option(DEFAULT_CALIB_WINDOWS, help="Calibration windows."),
         calib_seqlen: int = typer.Option(DEFAULT_SEQLEN, help="Tokens per calibration window."),
         seed: int = typer.Option(DEFAULT_SEED, help="Seed of the calibration window starts."),
         text_file: Optional[Path] = TextFileOpt,
-        sequential: bool = typer.Option(DEFAULT_SEQUENTIAL, "--sequential/--one-shot",
-                                        help="Calibrate block by block on the compressed prefix, or all at once on the dense model."),
-        allocate: str = typer.Option("uniform", "--allocate", help="Rank allocator: uniform | spectrum | spectrum-band | sensitivity-band (best measured at 40%, ~6x slower) | sensitivity (see rankwise.compression.allocate.ALLOCATORS)."),
-        min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep (spectrum/sensitivity)."),
+        calib_file: Optional[Path] = typer.Option(None, "--calib-file", help="Text to calibrate on (whole file)."),
+        eval_file: Optional[Path] = typer.Option(None, "--eval-file", help="Text to evaluate --eval on (whole file)."),
+        mode: Optional[str] = typer.Option(None, "--mode",
+                                           help="sequential (default: calibrate each block on the compressed "
+                                                "prefix) | one-shot."),
+        granularity: Optional[str] = typer.Option(None, "--granularity",
+                                                  help="block | subgroup (q/k/v -> o -> gate/up -> down, each on the "
+                                                       "already compressed ones); default: the best measured."),
+        refit: Optional[bool] = typer.Option(None, "--refit/--no-refit",
+                                             help="Fit the dense model's outputs from the compressed inputs "
+                                                  "(sequential); default: the best measured."),
+        refit_ridge: Optional[float] = typer.Option(None, "--refit-ridge",
+                                                    help="Relative ridge toward W for --refit (default: chosen per "
+                                                         "group on held-out calibration windows)."),
+        allocate: Optional[str] = typer.Option(None, "--allocate",
+                                               help="Rank allocator: uniform | spectrum | spectrum-typed | "
+                                                    "spectrum-band | svd-llm-v2 | sensitivity | sensitivity-band "
+                                                    "(default: uniform; svd-llm-v2 with --method svd-llm-v2)."),
+        min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep."),
         speed_aware: bool = typer.Option(False, "--speed-aware/--no-speed-aware",
-                                         help="Keep layers dense whose factorized form is not faster (measured, cached per machine: the first run measures each distinct layer shape, ~1-2 s per shape on CPU); the allocator moves their budget."),
-        speed_profile: Optional[Path] = typer.Option(None, "--speed-profile", help="Speed profile JSON to use instead of the machine cache (re-measured if from another machine)."),
-        low_memory: bool = typer.Option(False, "--low-memory", help="Compress block by block from the safetensors files (peak RSS ~ one block)."),
+                                         help="Keep layers dense whose factorized form is not faster (measured, "
+                                              "cached per machine); the allocator moves their budget."),
+        speed_profile: Optional[Path] = typer.Option(None, "--speed-profile",
+                                                     help="Speed profile JSON instead of the machine cache."),
+        low_memory: bool = typer.Option(False, "--low-memory",
+                                        help="Compress block by block from the safetensors files (one block resident)."),
+        device: str = typer.Option("cpu", "--device", help="Compute device: cpu | cuda | cuda:N."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory to write the compressed model to."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (still atomic)."),
         export_dense_dir: Optional[Path] = typer.Option(None, "--export-dense",
-                                                        help="Also write a plain transformers checkpoint (factors multiplied back)."),
-        do_eval: bool = typer.Option(False, "--eval/--no-eval", help="Measure the compressed model's perplexity."),
+                                                        help="Also write a plain transformers checkpoint."),
+        do_eval: bool = typer.Option(False, "--eval/--no-eval",
+                                     help="Measure the compressed model's perplexity (on --eval-file, the held-out "
+                                          "last 10% of --text-file, or the default test split)."),
         eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="Windows for --eval."),
         eval_seqlen: int = typer.Option(DEFAULT_SEQLEN, help="Tokens per window for --eval."),
         quiet: bool = QuietOpt,
     ) -> None:
-        """Replace the linear layers by low-rank factors fitted on calibration activations."""
+        """Replace the linear layers by structures fitted on calibration activations."""
         setup(quiet)
-        _, _, _, report = run_compress(model, method, ratio, refit, targets, calib_windows, calib_seqlen, seed,
-                                       text_file, sequential, allocate, out, overwrite, export_dense_dir,
-                                       do_eval, eval_windows, quiet, eval_seqlen,
-                                       allocate_options={"min_rank": min_rank, "speed_aware": speed_aware,
-                                                         "speed_profile": None if speed_profile is None
-                                                         else str(speed_profile)},
-                                       low_memory=low_memory)
+        options = parse_sets(sets)
+        for key, value in (("whitening", whitening), ("group_size", group_size)):
+            if value is not None:
+                options[key] = value
+        _, _, _, report = run_compress(
+            model, structure=structure, ratio=ratio, bits_per_weight=bits_per_weight, method=method,
+            options=options, targets=targets, allocate=allocate,
+            allocate_options={"min_rank": min_rank, "speed_aware": speed_aware,
+                              "speed_profile": None if speed_profile is None else str(speed_profile)},
+            engine={k: v for k, v in (("mode", mode), ("granularity", granularity), ("refit", refit),
+                                      ("refit_ridge", refit_ridge), ("device", device)) if v is not None},
+            calib_options={"windows": calib_windows, "seqlen": calib_seqlen, "seed": seed},
+            text_file=text_file, calib_file=calib_file, eval_file=eval_file, low_memory=low_memory, out=out,
+            overwrite=overwrite, export_dense_dir=export_dense_dir, do_eval=do_eval, eval_windows=eval_windows,
+            eval_seqlen=eval_seqlen, quiet=quiet)
         if not quiet:
             print_report(report)
         if out is not None:

@@ -7,15 +7,16 @@ from pathlib import Path
 
 import typer
 
-from ..calibration.sampling import DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN
 from ._common import QuietOpt, console, setup, table
+from .compress import DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN
 
 
 def _report_md(model_name: str, dense, comp, rep, compress_seconds: float, out: Path) -> str:
-    refit = "lstsq" if rep.refit else "no"
+    refit = "yes" if rep.refit else "no"
     return (
         "# rankwise demo\n\n"
-        f"Model: `{model_name}`. Method `{rep.method}` (refit: {refit}, {rep.mode} calibration on "
+        f"Model: `{model_name}`. Structure `{rep.structure}`, method `{rep.method}` (refit: {refit}, {rep.mode} "
+        f"calibration at {rep.granularity} granularity on "
         f"{rep.calibration['windows']} x {rep.calibration['seqlen']} tokens of the wiki calib split, "
         f"seed {rep.calibration['seed']}), uniform ranks, {rep.ratio:.0%} of the targeted linear parameters "
         f"removed (achieved {rep.achieved_ratio:.1%}).\n\n"
@@ -40,8 +41,9 @@ def register(app: typer.Typer) -> None:
         """Compress the default model (best method, 40% removed), evaluate dense vs compressed, write a report."""
         from ..files import write_json
         from ..calibration.corpus import load_corpus
-        from ..compression.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, DEFAULT_SEQUENTIAL, compress
+        from ..compression.compress import compress
         from ..compression.saving import save_compressed
+        from ..files import write_text
         from ..evaluation.perplexity import perplexity
         from ..models.loading import load_model
 
@@ -50,20 +52,20 @@ def register(app: typer.Typer) -> None:
         test = load_corpus("test")
         dense = perplexity(model, tok, text=test, seqlen=DEFAULT_SEQLEN, windows=windows, progress=not quiet)
         t0 = time.perf_counter()
-        model, rep = compress(model, DEFAULT_METHOD, ratio, tokenizer=tok, refit=DEFAULT_REFIT,
-                              calib_windows=calib_windows, sequential=DEFAULT_SEQUENTIAL, progress=not quiet)
+        model, rep = compress(model, ratio=ratio, tokenizer=tok, calib_options={"windows": calib_windows},
+                              progress=not quiet)
         secs = time.perf_counter() - t0
         comp = perplexity(model, tok, text=test, seqlen=DEFAULT_SEQLEN, windows=windows, progress=not quiet)
         rep.perplexity = {"dense": dense.ppl, "compressed": comp.ppl, "windows": comp.windows, "seqlen": comp.seqlen,
                           "corpus": "wiki test"}
         table("rankwise demo", ["model", "method", "ratio removed", "params", "ppl", "seconds"], [
             ["dense", "-", "-", rep.model_params_before, dense.ppl, dense.seconds],
-            ["compressed", f"{rep.method}{' + refit' if rep.refit else ''} ({rep.mode})",
+            ["compressed", f"{rep.structure} {rep.method}{' + refit' if rep.refit else ''} ({rep.mode}, {rep.granularity})",
              f"{rep.achieved_ratio:.3f}", rep.model_params_after, comp.ppl, secs + comp.seconds],
         ])
         out.mkdir(parents=True, exist_ok=True)
         save_compressed(model, tok, out / "model", rep, overwrite=True, extra={"source_model": str(path)})
         write_json(out / "results.json", {"model": str(path), "dense": dense.to_dict(), "compressed": comp.to_dict(),
                                           "compress_seconds": secs, "report": rep.to_dict()})
-        (out / "report.md").write_text(_report_md(path.name, dense, comp, rep, secs, out))
+        write_text(out / "report.md", _report_md(path.name, dense, comp, rep, secs, out))
         console.print(f"wrote {out / 'report.md'}")

@@ -124,7 +124,7 @@ def check_bits(bits: float) -> float:
 
 def build_config(structure: str | None = None, ratio: float | None = None, bits_per_weight: float | None = None, *,
                  method: str | None = None, options: Mapping[str, Any] | None = None, targets=None,
-                 allocate: str = "uniform", allocate_options: AllocateOptions | Mapping[str, Any] | None = None,
+                 allocate: str | None = None, allocate_options: AllocateOptions | Mapping[str, Any] | None = None,
                  engine: EngineOptions | Mapping[str, Any] | None = None,
                  calib_options: CalibOptions | Mapping[str, Any] | None = None) -> tuple[CompressConfig, Method]:
     """A validated :class:`CompressConfig` and its method instance (fails before any model work)."""
@@ -146,11 +146,12 @@ def build_config(structure: str | None = None, ratio: float | None = None, bits_
             raise ConfigError(f"--structure {structure} needs --bits-per-weight B (stored bits per weight, "
                               "all overhead counted)")
         bits_per_weight = check_bits(bits_per_weight)
-    alloc = get_allocator(allocate)
+    if allocate is None:  # SVD-LLM v2 is its truncation and its allocation together
+        allocate = "svd-llm-v2" if opts.get("method") == "svd-llm-v2" else "uniform"
+    get_allocator(allocate)
     if allocate != "uniform" and not hasattr(meth, "factorize"):
         raise ConfigError(f"--allocate {allocate} allocates ranks of low-rank factors; --structure {structure} "
                           "takes --allocate uniform")
-    del alloc
     cfg = CompressConfig(structure, dataclasses.asdict(meth.options), ratio, bits_per_weight, targets, allocate,
                          make_options(AllocateOptions, allocate_options, {}, "allocator"),
                          make_options(EngineOptions, engine, {}, "engine").validate(),
@@ -254,8 +255,7 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
     needs = _needs(method)
     need_cov = COV in needs
     facs: dict = {}
-    alloc = get_allocator(cfg.allocate)
-    if alloc.needs_spectra:
+    if get_allocator(cfg.allocate).needs_spectra:
         spectra = _SpectraFitter(method)
         dry = dataclasses.replace(cfg.engine, mode="one-shot", granularity="block", refit=False)
         Engine(source, modules, {n: {} for n in modules}, spectra, dry, need_cov=need_cov, fisher=fisher,
@@ -304,7 +304,7 @@ class _QuietDamping(logging.Filter):
 def compress(model: nn.Module, structure: str | None = None, ratio: float | None = None,
              bits_per_weight: float | None = None, *, method: str | None = None,
              options: Mapping[str, Any] | None = None, calib=None, tokenizer=None, targets=None,
-             allocate: str = "uniform", allocate_options=None, engine=None, calib_options=None,
+             allocate: str | None = None, allocate_options=None, engine=None, calib_options=None,
              progress: bool = True, context: AllocationContext | None = None, **engine_kw
              ) -> tuple[nn.Module, CompressionReport]:
     """Compress ``model`` IN PLACE; returns ``(model, report)`` (:func:`rankwise.compress` copies first).
@@ -357,7 +357,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
                         structure: str | None = None, ratio: float | None = None,
                         bits_per_weight: float | None = None, *, method: str | None = None,
                         options: Mapping[str, Any] | None = None, calib=None, targets=None,
-                        allocate: str = "uniform", allocate_options=None, engine=None, calib_options=None,
+                        allocate: str | None = None, allocate_options=None, engine=None, calib_options=None,
                         progress: bool = True, overwrite: bool = False, dtype: torch.dtype | None = None,
                         extra: Mapping[str, Any] | None = None, **engine_kw) -> CompressionReport:
     """Compress the checkpoint at ``model_arg`` (built-in name or HF directory) block by block into

@@ -1,4 +1,4 @@
-"""Per-layer rank table and plot (rank by block index, one line per module type)."""
+"""Per-layer table (structure and spec) and, for low rank, the rank plot (rank by block index)."""
 from __future__ import annotations
 
 import os
@@ -6,26 +6,6 @@ from pathlib import Path
 from typing import Mapping
 
 from ..models.surgery import layer_index, module_type
-
-
-def rank_rows(ranks: Mapping[str, int | None], shapes: Mapping[str, tuple[int, int]],
-              dense_reasons: Mapping[str, str] | None = None) -> list[list]:
-    """``[layer, block, type, shape, rank or 'dense', why dense]`` rows in model order."""
-    rows = []
-    for name, k in ranks.items():
-        m, n = shapes[name]
-        rows.append([name, layer_index(name), module_type(name), f"{m} x {n}", "dense" if k is None else k,
-                     (dense_reasons or {}).get(name, "") if k is None else ""])
-    return rows
-
-
-def rank_markdown(ranks: Mapping[str, int | None], shapes: Mapping[str, tuple[int, int]],
-                  dense_reasons: Mapping[str, str] | None = None) -> str:
-    """The per-layer table as Markdown."""
-    lines = ["| layer | block | type | shape | rank | note |", "|---|---|---|---|---|---|"]
-    lines += ["| " + " | ".join("" if v is None else str(v) for v in r) + " |"
-              for r in rank_rows(ranks, shapes, dense_reasons)]
-    return "\n".join(lines) + "\n"
 
 
 def plot_ranks(series: Mapping[str, Mapping[str, int | None]], shapes: Mapping[str, tuple[int, int]],
@@ -64,17 +44,33 @@ def plot_ranks(series: Mapping[str, Mapping[str, int | None]], shapes: Mapping[s
     return path
 
 
-def write_rank_report(report, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """``ranks.md`` (per-layer table with dense reasons) and ``ranks.png`` next to a saved model."""
+def write_rank_report(report, out_dir: str | os.PathLike) -> tuple[Path, Path | None]:
+    """``ranks.md`` (per-layer table with dense reasons) and, for low rank, ``ranks.png`` in ``out_dir``."""
+    from ..files import write_text
+
     out_dir = Path(out_dir)
     ranks = {lr.name: lr.rank for lr in report.layers}
     shapes = {lr.name: tuple(lr.shape) for lr in report.layers}
     reasons = (report.allocation or {}).get("dense", {})
-    md = out_dir / "ranks.md"
-    tmp = out_dir / ".ranks.md.tmp"
-    tmp.write_text(f"# Ranks: {report.method}, allocator {report.allocate}, ratio {report.ratio:g} "
-                   f"(removed {report.achieved_ratio:.3f})\n\n" + rank_markdown(ranks, shapes, reasons))
-    os.replace(tmp, md)
+    budget = ", ".join(f"{k} {v:g}" for k, v in report.budget.items())
+    md = write_text(out_dir / "ranks.md",
+                    f"# Layers: {report.structure} ({report.method}), allocator {report.allocate}, {budget} "
+                    f"(removed {report.achieved_ratio:.3f}, {report.bits_per_weight:.2f} bits/weight)\n\n"
+                    + layer_markdown(report.layers, reasons))
+    if not any(k is not None for k in ranks.values()):
+        return md, None
     png = plot_ranks({report.allocate: ranks}, shapes, out_dir / "ranks.png",
-                     f"{report.method}, {report.allocate}, {report.ratio:g} removed")
+                     f"{report.structure} {report.method}, {report.allocate}, {budget}")
     return md, png
+
+
+def layer_markdown(layers, dense_reasons: Mapping[str, str] | None = None) -> str:
+    """The per-layer table (structure and its spec) as Markdown."""
+    lines = ["| layer | block | type | shape | structure | spec | bytes | note |", "|---|---|---|---|---|---|---|---|"]
+    for lr in layers:
+        m, n = lr.shape
+        spec = ", ".join(f"{k}={v}" for k, v in (lr.spec or {}).items())
+        note = (dense_reasons or {}).get(lr.name, "") if lr.kind is None else ""
+        lines.append(f"| {lr.name} | {layer_index(lr.name)} | {module_type(lr.name)} | {m} x {n} | "
+                     f"{lr.kind or 'dense'} | {spec} | {lr.bytes_after} | {note} |")
+    return "\n".join(lines) + "\n"

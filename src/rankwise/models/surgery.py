@@ -6,7 +6,7 @@ Weights are always returned in ``nn.Linear`` orientation, ``W`` of shape (out, i
 from __future__ import annotations
 
 import re
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -18,11 +18,6 @@ try:  # transformers' GPT-2 style layer
 except ImportError:  # pragma: no cover
     Conv1D = ()  # type: ignore[assignment]
 
-#: Default target suffixes: Llama/Gemma/Mistral/Qwen projections and GPT-2's Conv1D layers.
-DEFAULT_TARGETS: tuple[str, ...] = (
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    "c_attn", "c_proj", "c_fc",
-)
 _NEVER = ("lm_head", "embed", "wte", "wpe")
 
 
@@ -39,30 +34,58 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return False
 
 
+def find_modules(model: nn.Module, targets: Sequence[str] | str | None, predicate: Callable[[nn.Module], bool]
+                 ) -> dict[str, nn.Module]:
+    """``{qualified_name: module}`` of the modules satisfying ``predicate``, in model order: by default
+    those inside the model's repeated blocks (:func:`decoder_blocks`); with ``targets`` (names = a
+    module name's last component, or regexes searched in the qualified name; a comma-separated string
+    is accepted) those matching one of them. The LM head and embeddings are never selected."""
+    patterns = parse_targets(targets)
+    if patterns:
+        return {name: mod for name, mod in model.named_modules()
+                if name and predicate(mod) and not any(n in name for n in _NEVER) and _matches(name, patterns)}
+    try:
+        prefix = block_prefix(model) + "."
+    except NoTargetLayersError:
+        return {}
+    return {name: mod for name, mod in model.named_modules() if name.startswith(prefix) and predicate(mod)}
+
+
+def parse_targets(targets: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Target patterns as a tuple (empty = the default), each checked to be a valid regex."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    patterns = tuple(targets or ())
+    _compile(patterns)
+    return patterns
+
+
 def find_linears(
     model: nn.Module, targets: Sequence[str] | str | None = None, *, required: bool = True
 ) -> dict[str, nn.Module]:
-    """Return ``{qualified_name: module}`` for the target linear layers, in model order.
-
-    ``targets``: names or regexes (comma-separated string accepted); default DEFAULT_TARGETS.
-    The LM head and embeddings are never targeted.
-    """
-    if isinstance(targets, str):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    patterns = tuple(targets) if targets else DEFAULT_TARGETS
-    found = {
-        name: mod
-        for name, mod in model.named_modules()
-        if name and is_linear(mod) and not any(n in name for n in _NEVER) and _matches(name, patterns)
-    }
+    """:func:`find_modules` for linear layers (``nn.Linear``, GPT-2 ``Conv1D``): by default every linear
+    layer inside the model's repeated blocks, whatever the family."""
+    found = find_modules(model, targets, is_linear)
     if required and not found:
+        patterns = parse_targets(targets) or ("<every linear layer inside the repeated blocks>",)
         kinds = sorted({type(m).__name__ for _, m in model.named_modules() if is_linear(m)})
         raise NoTargetLayersError(
             f"no linear layer of {type(model).__name__} matches targets {list(patterns)}"
             + (f" (linear layer types present: {kinds})" if kinds else " (the model has no linear layers)")
-            + "; pass --targets with names like q_proj,down_proj or a regex"
+            + "; pass --targets with layer names (e.g. q_proj,down_proj) or regexes"
         )
     return found
+
+
+def _compile(patterns: Sequence[str]) -> None:
+    from ..errors import ConfigError
+
+    for p in patterns:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ConfigError(f"--targets pattern {p!r} is not a valid regular expression ({e}); "
+                              "pass layer names (e.g. q_proj) or a valid regex") from None
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
@@ -124,21 +147,23 @@ def to_linear(module: nn.Module) -> nn.Linear:
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of transformer blocks (Llama/Gemma ``model.layers``, GPT-2 ``transformer.h``)."""
-    for path in ("model.layers", "transformer.h", "model.decoder.layers", "gpt_neox.layers",
-                 "model.language_model.layers"):
-        try:
-            mod = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(mod, nn.ModuleList):
-            return mod
-    best = None
+    """The model's repeated blocks, found from the module structure (no family names): among the
+    ``nn.ModuleList`` s whose children are all of one class and each hold a linear layer, the one with
+    the most parameters (Llama/Gemma ``model.layers``, GPT-2 ``transformer.h``, BERT
+    ``encoder.layer``; a block stack outweighs any expert list nested inside it)."""
+    best, best_size = None, -1
     for _, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > len(best)):
-            best = mod
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        kinds = {type(child) for child in mod}
+        if len(kinds) != 1 or not all(any(is_linear(m) for m in child.modules()) for child in mod):
+            continue
+        size = sum(p.numel() for p in mod.parameters())
+        if size > best_size:
+            best, best_size = mod, size
     if best is None:
-        raise NoTargetLayersError(f"could not find the decoder blocks of {type(model).__name__}")
+        raise NoTargetLayersError(f"could not find the repeated blocks of {type(model).__name__} (no list of "
+                                  "same-class modules holding linear layers); pass --targets")
     return best
 
 

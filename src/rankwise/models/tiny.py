@@ -34,8 +34,9 @@ def tiny_tokenizer(vocab_size: int = 320):
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = 320, **overrides):
-    """Config of a 2-layer model of the given family: ``llama``, ``gpt2`` or ``gemma3``."""
-    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
+    """Config of a 2-layer model of the given family: ``llama``, ``gpt2``, ``gemma3`` (causal LMs) or
+    ``bert`` (an encoder with a masked-LM head)."""
+    from transformers import BertConfig, Gemma3TextConfig, GPT2Config, LlamaConfig
 
     if arch == "llama":
         kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -51,18 +52,23 @@ def tiny_config(arch: str = "llama", vocab_size: int = 320, **overrides):
                   num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                   max_position_embeddings=256, sliding_window=32)
         cls = Gemma3TextConfig
+    elif arch == "bert":
+        kw = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=256)
+        cls = BertConfig
     else:
-        raise ValueError(f"unknown tiny architecture {arch!r}: llama, gpt2, gemma3")
+        raise ValueError(f"unknown tiny architecture {arch!r}: llama, gpt2, gemma3, bert")
     kw.update(overrides)
     return cls(**kw)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
-    """A randomly initialized tiny causal LM (float32, eval mode)."""
-    from transformers import AutoModelForCausalLM
+    """A randomly initialized tiny model (float32, eval mode): a causal LM, or for ``bert`` a masked LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
+    auto = AutoModelForMaskedLM if arch == "bert" else AutoModelForCausalLM
+    model = auto.from_config(tiny_config(arch, **overrides))
     return model.eval()
 
 

@@ -11,6 +11,7 @@ Allocators (see :mod:`.solvers` for the math):
 * ``spectrum-typed`` the same greedy within each module type, each type removing ``ratio``;
 * ``spectrum-band`` the same greedy with every rank within ``band`` (fraction) of the uniform rank;
 * ``sensitivity``  measured LM-loss increase per layer at a few ranks, then the same budgeted choice;
+* ``svd-llm-v2``   SVD-LLM v2's per-type ratios from each matrix's theoretical truncation loss;
 * ``sensitivity-band`` ``spectrum-band`` with each layer's error weighted by its measured loss increase
   at the uniform rank (one loss evaluation per layer; best measured at 40%, see BENCHMARKS.md).
 
@@ -23,7 +24,7 @@ from .budget import uniform_rank
 from .measure import (allocate_sensitivity_band_request, allocate_sensitivity_request, record_dense,
                       speed_caps_for)
 from .solvers import (allocate_spectrum, allocate_spectrum_banded, allocate_spectrum_by_type,
-                      uniform_speed_aware)
+                      allocate_svd_llm_v2, uniform_speed_aware)
 from .types import AllocationRequest, RankPlan, register
 
 
@@ -82,5 +83,14 @@ def sensitivity(req: AllocationRequest) -> RankPlan:
 def sensitivity_band(req: AllocationRequest) -> RankPlan:
     """``spectrum-band`` weighted per layer by the measured loss increase at its uniform rank."""
     plan = allocate_sensitivity_band_request(req, speed_caps_for(req))
+    record_dense(req, plan)
+    return plan
+
+
+@register("svd-llm-v2", True, "SVD-LLM v2: ratio per matrix within each weight type from its theoretical truncation loss")
+def svd_llm_v2(req: AllocationRequest) -> RankPlan:
+    """:func:`.solvers.allocate_svd_llm_v2` (speed caps and minimum rank are not part of the method)."""
+    plan, ratios = allocate_svd_llm_v2(req.ratio, req.shapes, req.spectra())
+    req.info["svd_llm_v2_ratios"] = ratios
     record_dense(req, plan)
     return plan

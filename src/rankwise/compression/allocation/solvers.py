@@ -252,3 +252,38 @@ def allocate_spectrum_by_type(ratio: float, shapes: Mapping[str, tuple[int, int]
         except ConfigError as e:
             raise ConfigError(f"module type {t}: {e}") from None
     return {n: plan[n] for n in shapes}
+
+
+def allocate_svd_llm_v2(ratio: float, shapes: Mapping[str, tuple[int, int]],
+                        spectra: Mapping[str, Sequence[float] | np.ndarray]) -> tuple[dict[str, int | None], dict]:
+    """SVD-LLM v2's heterogeneous ratios: within each module type ``G`` (all ``q_proj``, all ``down_proj``,
+    ...), layer ``i`` gets
+
+        R_i = |G| R (1 / log L_i) / sum_{j in G} (1 / log L_j),
+
+    where ``L_i = sqrt(sum_{l > u_i} s_l^2)`` is its theoretical truncation loss ``||(W - W') X||_F`` at
+    the uniform rank ``u_i`` (the whitened tail). A layer that loses more at the uniform ratio is
+    compressed less. ``L_i`` is floored at ``e`` (weight 1) so the logarithm stays positive; ``R_i`` is
+    clipped to ``[0, 0.99]``. Returns the ranks ``floor(m n (1 - R_i) / (m + n))`` (dense when that
+    saves nothing) and ``{layer: R_i}``.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in shapes:
+        groups.setdefault(module_type(name), []).append(name)
+    ratios: dict[str, float] = {}
+    for names in groups.values():
+        inv = {}
+        for name in names:
+            m, n = shapes[name]
+            u = rank_for_ratio(m, n, ratio)
+            s = np.asarray(spectra[name], dtype=np.float64)
+            loss = float(np.sqrt(np.square(s[u:]).sum()))
+            inv[name] = 1.0 / math.log(max(loss, math.e))
+        total = sum(inv.values())
+        for name in names:
+            ratios[name] = min(0.99, max(0.0, len(names) * ratio * inv[name] / total))
+    plan: dict[str, int | None] = {}
+    for name, (m, n) in shapes.items():
+        k = rank_for_ratio(m, n, ratios[name]) if ratios[name] > 0 else min(m, n)
+        plan[name] = k if k * (m + n) < m * n else None
+    return plan, ratios

@@ -10,6 +10,10 @@ one of the objectives below (``--method``). For a layer ``y = W x`` with calibra
                (symmetric square root, never fails). ``T`` is ``W``, or the sequential refit's corrected
                target (:meth:`LayerStats.target`), which makes the truncation the exact minimizer of
                ``||W X - W' X'||``.
+* ``svd-llm-v2`` SVD-LLM v2: the same objective truncated through the eigendecomposition of ``C``
+               (its loss-optimized truncation; never fails on a singular ``C``), with the ``svd-llm-v2``
+               allocator (a ratio per matrix within each weight type from its theoretical truncation
+               loss, :func:`rankwise.compression.allocation.solvers.allocate_svd_llm_v2`) by default.
 
 ``lstsq``: after truncation, the left factor is replaced by the closed-form least squares
 ``L = W C R^T (R C R^T)^-1`` = argmin ``||(W - L R) X||_F`` with ``R`` fixed (useful for the data-free
@@ -78,6 +82,12 @@ def _fwsvd(W, stats, opts):
 @_objective("svd-llm", {COV}, "whitened SVD, min ||(W - W')X||_F (SVD-LLM)")
 def _svd_llm(W, stats, opts):
     return whitened_svd(stats.target(W), stats.covariance(), kind=opts.whitening)
+
+
+@_objective("svd-llm-v2", {COV}, "SVD-LLM v2's loss-optimized truncation: eigh whitening (its default allocator "
+                                  "is svd-llm-v2's per-type ratios)")
+def _svd_llm_v2(W, stats, opts):
+    return whitened_svd(stats.target(W), stats.covariance(), kind="eigh")
 
 
 @dataclass
