@@ -71,11 +71,13 @@ def fwht(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*lead, p)
 
 
-def rotation_layout(n: int, kind: str = "auto") -> tuple[str, int, list[int]]:
-    """``(kind, p, starts)``: the block size and the first coordinate of each block for ``n`` inputs."""
+def rotation_layout(n: int, kind: str = "auto", where: str = "") -> tuple[str, int, list[int]]:
+    """``(kind, p, starts)``: the block size and the first coordinate of each block for ``n`` inputs.
+    ``where`` names the layer (e.g. its shape) in error messages."""
+    where = where or f"a layer with {n} inputs"
     if n < 2:
-        raise ConfigError(f"a Hadamard rotation of the input space needs at least 2 inputs, got a layer with {n}; "
-                          "turn rotation off for this layer")
+        raise ConfigError(f"no Hadamard rotation exists for {where}: a rotation of the input space needs at least "
+                          "2 inputs; turn rotation off for this layer (nothing was rotated)")
     if kind == "auto":
         kind = "single" if is_power_of_two(n) else "two-block"
     if kind not in KINDS:
@@ -83,7 +85,7 @@ def rotation_layout(n: int, kind: str = "auto") -> tuple[str, int, list[int]]:
     p = 1 << (n.bit_length() - 1)
     if kind == "single":
         if p != n:
-            raise ConfigError(f"a single Hadamard block needs a power-of-two input size, got {n} inputs; use "
+            raise ConfigError(f"a single Hadamard block needs a power-of-two input size, {where} has {n}; use "
                               f"kind='two-block' (two overlapping {p}-blocks) or 'auto'")
         return kind, p, [0]
     return kind, p, [0, n - p]
@@ -109,8 +111,8 @@ class HadamardRotation:
     signs: torch.Tensor
 
     @classmethod
-    def make(cls, n: int, seed: int = 0, kind: str = "auto") -> "HadamardRotation":
-        kind, p, starts = rotation_layout(n, kind)
+    def make(cls, n: int, seed: int = 0, kind: str = "auto", where: str = "") -> "HadamardRotation":
+        kind, p, starts = rotation_layout(n, kind, where)
         return cls(n, kind, p, starts, random_signs(len(starts) * p, seed))
 
     @classmethod
@@ -154,9 +156,9 @@ class HadamardRotation:
         return self.rotate(torch.eye(self.n, dtype=dtype))
 
 
-def rotation_signs_size(n: int, kind: str = "auto") -> int:
+def rotation_signs_size(n: int, kind: str = "auto", where: str = "") -> int:
     """Number of stored signs of a rotation of ``n`` inputs."""
-    _, p, starts = rotation_layout(n, kind)
+    _, p, starts = rotation_layout(n, kind, where)
     return len(starts) * p
 
 

@@ -20,7 +20,8 @@ Scales and minimums are stored in float16 (2 bytes each). Every code is chosen a
 (float16-rounded) grid, so round-to-nearest really is the nearest stored grid point.
 
 Error guarantee (RTN): every entry inside its group's range is within ``scale / 2`` of its
-reconstruction, up to float16 rounding of ``scale`` and ``min``: asymmetric ``|w - w'| <= scale/2``
+reconstruction, up to float16 rounding of ``scale`` and ``min`` (which can move the far end of the
+grid by ``maxq * 2^-11`` of a step): asymmetric ``|w - w'| <= scale/2``
 on ``[lo, hi]``; symmetric the grid covers ``[-max|w| - scale/2, max|w| - scale/2]``, so again
 ``|w - w'| <= scale/2``.
 
@@ -32,6 +33,7 @@ so 2/4/8-bit codes pack 4/2/1 whole values per byte (4-bit: ``byte k = c[2k] | c
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -45,14 +47,12 @@ SCALE_BYTES = 2
 
 
 def check_bits(bits: int) -> int:
-    """``bits`` as an int in 2..8, else :class:`ConfigError`."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        try:
-            if float(bits) != int(bits):
-                raise ValueError
-            bits = int(bits)
-        except (TypeError, ValueError):
-            raise ConfigError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}") from None
+    """``bits`` as an int in 2..8 (an integral float is accepted), else :class:`ConfigError`."""
+    if isinstance(bits, float) and bits.is_integer():
+        bits = int(bits)
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise ConfigError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    bits = int(bits)
     if not MIN_BITS <= bits <= MAX_BITS:
         raise ConfigError(f"bits must be from {MIN_BITS} to {MAX_BITS}, got {bits}; choose a width in that range")
     return bits
