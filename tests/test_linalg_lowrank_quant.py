@@ -20,7 +20,8 @@ def problem(seed: int, m: int = 24, n: int = 40, tokens: int = 200, spikes: int 
     W = torch.randn(m, n, generator=g, dtype=torch.float64)
     W = W + 3 * torch.randn(m, spikes, generator=g, dtype=torch.float64) @ torch.randn(spikes, n, generator=g,
                                                                                       dtype=torch.float64)
-    X = torch.randn(n, tokens, generator=g, dtype=torch.float64) * torch.linspace(0.3, 2, n, dtype=torch.float64)[:, None]
+    X = torch.randn(n, tokens, generator=g, dtype=torch.float64)
+    X = X * torch.linspace(0.3, 2, n, dtype=torch.float64)[:, None]
     X = X + 0.5 * torch.randn(1, tokens, generator=g, dtype=torch.float64)
     return W, X @ X.T
 

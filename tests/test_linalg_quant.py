@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from rankwise.errors import ConfigError, NumericalError
 from rankwise.linalg.quant import (
-    check_bits, check_group_size, fit_grid, num_groups, pack_codes, packed_row_bytes, quant_nbytes, quantize, rtn,
+    check_bits, check_group_size, fit_grid, num_groups, pack_codes, packed_row_bytes, quantize, rtn,
     unpack_codes,
 )
 
@@ -93,9 +93,9 @@ def test_overflowing_range_is_a_numerical_error():
 
 
 def test_nbytes_counts_codes_scales_and_minimums():
-    q = rtn(torch.randn(10, 37), 3, 8)
-    assert q.nbytes() == 10 * 14 + 10 * 5 * 2 * 2 == quant_nbytes(10, 37, 3, 8, False)
-    assert quant_nbytes(10, 37, 3, 8, True) == 10 * 14 + 10 * 5 * 2
+    W = torch.randn(10, 37)
+    assert rtn(W, 3, 8).nbytes() == 10 * 14 + 10 * 5 * 2 * 2  # ceil(37 * 3 / 8) = 14 bytes a row, 5 groups
+    assert rtn(W, 3, 8, symmetric=True).nbytes() == 10 * 14 + 10 * 5 * 2
 
 
 def test_quantize_is_idempotent_on_its_own_grid():
@@ -154,15 +154,17 @@ def _rel(W: torch.Tensor, Wq: torch.Tensor) -> float:
 def test_smollm2_weights_are_q4_1_so_asymmetric_4bit_g32_rtn_reproduces_them(real_model):
     """SmolLM2 ships as a Q4_1 GGUF (blocks of 32 inputs, a float16 scale and minimum each): asymmetric
     4-bit RTN with groups of 32 lands on the very same grid. Measured relative Frobenius errors on
-    these layers: exactly 0.0 at g32, ~0.08-0.09 at g128 (and ~5e-4 at g32 if the zero point were
-    stored as a float16 code offset instead of a minimum). No benchmark may present g32 as a result."""
+    these layers: exactly 0.0 at 4-bit g32, 0.099-0.115 at 4-bit g128, and 0.046-0.053 at *5*-bit g32
+    (more bits look worse: the grid no longer matches); ~5e-4 at 4-bit g32 if the zero point were stored
+    as a float16 code offset instead of a minimum. No benchmark may present g32 as a result."""
     sd = real_model[0].state_dict()
     for name in TRAP_LAYERS:
         W = sd[name].float()
         e32 = _rel(W, rtn(W, 4, 32).dense())
         e128 = _rel(W, rtn(W, 4, 128).dense())
         assert e32 < 1e-6, (name, e32)
-        assert e128 > 0.03, (name, e128)
+        assert e128 > 0.05, (name, e128)
+        assert _rel(W, rtn(W, 5, 32).dense()) > 0.03
         # the zero-point alternative: w' = (code - z) s with z = -lo / s in float16
         m, n = W.shape
         Wg = W.double().view(m, n // 32, 32)

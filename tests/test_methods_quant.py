@@ -127,7 +127,8 @@ def test_rotation_helps_rtn_on_outlier_channels():
 def test_fits_use_the_refit_target_and_record_the_solver():
     W, b, stats = layer_problem(3)
     n = W.shape[1]
-    stats.cross = stats.covariance() * 0.9 + 0.1 * torch.eye(n, dtype=torch.float64) * float(stats.covariance().diag().mean())
+    C = stats.covariance()
+    stats.cross = 0.9 * C + 0.1 * float(C.diag().mean()) * torch.eye(n, dtype=torch.float64)
     meth = get_method("gptq", group_size=32, bits=4)
     spec = meth.plan_layer(tuple(W.shape), 1e9)
     layer = meth.fit(W, b, stats, spec)

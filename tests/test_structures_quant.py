@@ -101,7 +101,8 @@ def test_four_bit_g128_layer_shrinks_memory_and_file_by_the_expected_factor(tmp_
     # resident memory: every tensor the layer holds, before and after a forward, is its storage
     x = torch.randn(3, n)
     for _ in range(2):
-        held = [t for t in list(layer.state_dict().values()) + list(vars(layer).values()) if isinstance(t, torch.Tensor)]
+        held = [t for t in list(layer.state_dict().values()) + list(vars(layer).values())
+                if isinstance(t, torch.Tensor)]
         assert sum(t.numel() * t.element_size() for t in held) == layer.nbytes(include_bias=True)
         assert not any(t.is_floating_point() and t.numel() >= out * n for t in held)  # no dense copy kept
         with torch.no_grad():

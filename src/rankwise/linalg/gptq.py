@@ -35,7 +35,9 @@ import torch
 from ..errors import ConfigError, NumericalError
 from ._checks import as_covariance, as_matrix
 from .refit import activation_error
-from .quant import QuantGrid, QuantizedMatrix, check_bits, check_group_size, column_groups, fit_grid, grid_from_range, rtn
+from .quant import (
+    QuantGrid, QuantizedMatrix, check_bits, check_group_size, column_groups, fit_grid, grid_from_range, rtn,
+)
 
 
 def quant_objective(W: torch.Tensor, Wq: torch.Tensor, C: torch.Tensor) -> float:
@@ -127,7 +129,8 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
     obj = quant_objective(W, QuantizedMatrix(codes, grid).dense(torch.float64), C)
     obj_rtn = quant_objective(W, base.dense(torch.float64), C)
     info = {"objective_gptq": obj, "objective_rtn": obj_rtn, "damping": damp,
-            "damping_rel": damp / max(float(torch.diagonal(Hp).mean()), 1e-30), "dead_inputs": int(dead.sum()), "act_order": bool(act_order), "static_groups": bool(static_groups)}
+            "damping_rel": damp / max(float(torch.diagonal(Hp).mean()), 1e-30), "dead_inputs": int(dead.sum()),
+            "act_order": bool(act_order), "static_groups": bool(static_groups)}
     if obj <= obj_rtn:
         return QuantizedMatrix(codes, grid, {"solver": "gptq", **info})
     return QuantizedMatrix(base.codes, base.grid, {"solver": "rtn", **info})

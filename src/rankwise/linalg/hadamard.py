@@ -119,7 +119,8 @@ class HadamardRotation:
     def from_signs(cls, n: int, signs: torch.Tensor, kind: str = "auto") -> "HadamardRotation":
         kind, p, starts = rotation_layout(n, kind)
         if signs.shape != (len(starts) * p,):
-            raise ConfigError(f"a {kind} rotation of {n} inputs needs {len(starts) * p} signs, got {tuple(signs.shape)}")
+            raise ConfigError(f"a {kind} rotation of {n} inputs needs {len(starts) * p} signs, "
+                              f"got {tuple(signs.shape)}")
         return cls(n, kind, p, starts, signs)
 
     def _check(self, V: torch.Tensor) -> None:

@@ -42,8 +42,6 @@ from ..errors import ConfigError, NumericalError
 from ._checks import as_matrix
 
 MIN_BITS, MAX_BITS = 2, 8
-#: Bytes per stored scale / minimum (float16).
-SCALE_BYTES = 2
 
 
 def check_bits(bits: int) -> int:
@@ -81,12 +79,6 @@ def column_groups(n: int, group_size: int, device: torch.device | str | None = N
 def packed_row_bytes(n: int, bits: int) -> int:
     """Bytes of one packed row of ``n`` codes: ``ceil(n bits / 8)``."""
     return -(-n * check_bits(bits) // 8)
-
-
-def quant_nbytes(m: int, n: int, bits: int, group_size: int, symmetric: bool) -> int:
-    """Stored bytes of an ``m x n`` quantized matrix: packed codes + float16 scales (+ minimums)."""
-    per_group = SCALE_BYTES * (1 if symmetric else 2)
-    return m * packed_row_bytes(n, bits) + m * num_groups(n, group_size) * per_group
 
 
 # ---- grids --------------------------------------------------------------------------------------
@@ -263,6 +255,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 __all__ = [
     "MAX_BITS", "MIN_BITS", "QuantGrid", "QuantizedMatrix", "check_bits", "check_group_size", "column_groups",
-    "dequantize", "fit_grid", "grid_from_range", "num_groups", "pack_codes", "packed_row_bytes", "quant_nbytes",
+    "dequantize", "fit_grid", "grid_from_range", "num_groups", "pack_codes", "packed_row_bytes",
     "quantize", "round_to_grid", "rtn", "unpack_codes",
 ]

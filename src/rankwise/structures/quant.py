@@ -95,7 +95,8 @@ class QuantLinear(FixedStorageMixin, StructuredLinear):
         self.register_buffer("codes", torch.zeros(out_features, packed_row_bytes(in_features, self.bits),
                                                   dtype=torch.uint8, **kw))
         self.register_buffer("scales", torch.zeros(out_features, G, dtype=torch.float16, **kw))
-        self.register_buffer("mins", None if self.symmetric else torch.zeros(out_features, G, dtype=torch.float16, **kw))
+        mins = None if self.symmetric else torch.zeros(out_features, G, dtype=torch.float16, **kw)
+        self.register_buffer("mins", mins)
         signs = None
         if self.rotation_info is not None:
             signs = torch.ones(rotation_signs_size(in_features, self.rotation_info["kind"]), dtype=torch.int8, **kw)
