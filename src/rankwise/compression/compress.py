@@ -38,7 +38,8 @@ from ..structures.base import StructuredLinear
 from .allocation import AllocateOptions, AllocationContext, AllocationRequest, get_allocator
 from .allocation.budget import check_plan, check_ratio
 from .engine import Engine, EngineOptions, ModelSource, StreamedSource, WeightSource
-from .methods.base import LayerInput, Method, get_method, make_options
+from ..options import make_options
+from .methods.base import LayerInput, Method, get_method
 from .report import CompressionReport, LayerReport
 
 log = logging.getLogger(__name__)
@@ -451,4 +452,5 @@ def _meta_extra(report: CompressionReport) -> dict[str, Any]:
     return {"structure": report.structure, "method": report.method, "budget": report.budget,
             "allocate": report.allocate, "mode": report.mode, "granularity": report.granularity,
             "refit": report.refit, "calibration": report.calibration, "perplexity": report.perplexity,
+            "healing": report.healing,
             "config": report.config, "report": report.to_dict()}
