@@ -2,10 +2,11 @@
 
 ``A (r, m1, n1)``, ``B (r, m2, n2)`` (:mod:`rankwise.linalg.kronecker`). With ``x`` reshaped
 row-major to ``X (n1, n2)``, ``(A (x) B) x = vec(A X B^T)`` (row-major; the column-major form is
-``vec(B X A^T)``). Forward on ``N`` rows: ``Z = X B_i^T`` for all ``i`` in one matmul
-``(N n1, n2) @ (n2, r m2)``, then ``Y = [A_1 .. A_r] [Z_1; ..; Z_r]`` in one batched matmul
-``(m1, r n1) @ (N, r n1, m2)``. Multiply-adds per row ``r m2 (n + m1 n1)``; stored values
-``r (m1 n1 + m2 n2)``.
+``vec(B X A^T)``). Forward on ``N`` rows, in the cheaper of two orders: ``Z_i = X B_i^T`` for all
+``i`` in one matmul, then ``Y = sum_i A_i Z_i`` in one batched matmul (``r (m2 n + m n1)``
+multiply-adds per row), or ``Z_i = A_i X`` first, then ``Y = sum_i Z_i B_i^T`` (``r (m1 n + m n2)``).
+Against ``m n`` for dense this is ``r (1/n1 + m2/m)``-fold (or ``r (1/m2 + n2/n)``): a sum of more
+than a few dozen terms is slower than the dense product. Stored values ``r (m1 n1 + m2 n2)``.
 """
 from __future__ import annotations
 
@@ -60,9 +61,16 @@ class KroneckerLinear(StructuredLinear):
         _, m2, n2 = self.B.shape
         x2 = x.reshape(-1, self.in_features)
         N = x2.shape[0]
-        Z = x2.reshape(N * n1, n2) @ self.B.permute(2, 0, 1).reshape(n2, r * m2)           # X B_i^T
-        Z = Z.reshape(N, n1, r, m2).permute(0, 2, 1, 3).reshape(N, r * n1, m2)
-        Y = torch.matmul(self.A.permute(1, 0, 2).reshape(m1, r * n1), Z)                   # (N, m1, m2)
+        if m2 * self.in_features + self.out_features * n1 <= m1 * self.in_features + self.out_features * n2:
+            # Z_i = X B_i^T: (N n1, n2) @ (n2, r m2); then Y = [A_1 .. A_r] [Z_1; ..; Z_r]
+            Z = x2.reshape(N * n1, n2) @ self.B.permute(2, 0, 1).reshape(n2, r * m2)
+            Z = Z.reshape(N, n1, r, m2).permute(0, 2, 1, 3).reshape(N, r * n1, m2)
+            Y = torch.matmul(self.A.permute(1, 0, 2).reshape(m1, r * n1), Z)                 # (N, m1, m2)
+        else:
+            # Z_i = A_i X: (m1 r, n1) @ (N, n1, n2); then Y = sum_i Z_i B_i^T as one (r n2)-deep product
+            Z = torch.matmul(self.A.reshape(r * m1, n1), x2.reshape(N, n1, n2))              # (N, r m1, n2)
+            Z = Z.reshape(N, r, m1, n2).permute(0, 2, 1, 3).reshape(N, m1, r * n2)
+            Y = torch.matmul(Z, self.B.permute(0, 2, 1).reshape(r * n2, m2))                 # (N, m1, m2)
         y = Y.reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 

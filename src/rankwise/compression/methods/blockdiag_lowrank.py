@@ -33,7 +33,7 @@ class BlockDiagLowRankOptions:
 
     nblocks: int | None = None
     lowrank_fraction: float = 0.75
-    iters: int = 10
+    iters: int = 20
 
     def __post_init__(self) -> None:
         if self.nblocks is not None and (isinstance(self.nblocks, bool) or not isinstance(self.nblocks, int)
