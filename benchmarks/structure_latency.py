@@ -5,7 +5,8 @@ removed, built empty from its spec and filled with random values (latency depend
 counts, ranks and sparsity patterns, not on the values; sparse masks are drawn as the top-|x| of a
 random matrix). Low rank at the same budget is the reference row. Inputs are ``(tokens, in)`` for
 ``--tokens`` (1 = decode, 512 = prefill). Measurements are interleaved round-robin over the variants
-(``--rounds`` rounds of ``--reps`` calls each); the median per-call time is reported, with
+(``--rounds`` rounds of up to ``--reps`` calls each, fewer for layers slower than 50 ms / ``--reps``); the
+median per-call time is reported, with
 ``vs_dense = time / dense time`` (< 1 is faster than dense).
 
     python benchmarks/structure_latency.py --threads 1
@@ -89,13 +90,14 @@ def main(argv=None) -> dict:
         for tokens in args.tokens:
             x = torch.randn(tokens, n, generator=gen)
             times: dict[str, list[float]] = {k: [] for k in variants}
+            reps = {}
             with torch.inference_mode():
-                for layer, _ in variants.values():  # warm up (CSR index caches, allocator)
-                    for _ in range(3):
-                        layer(x)
+                for k, (layer, _) in variants.items():  # warm up (CSR index caches, allocator); slow layers get fewer reps
+                    layer(x)
+                    reps[k] = max(3, min(args.reps, int(0.05 / max(time_call(layer, x, 2), 1e-6))))
                 for _ in range(args.rounds):
                     for k, (layer, _) in variants.items():
-                        times[k].append(time_call(layer, x, args.reps))
+                        times[k].append(time_call(layer, x, reps[k]))
             dense = statistics.median(times["dense"])
             for k, (layer, spec) in variants.items():
                 t = statistics.median(times[k])

@@ -70,7 +70,7 @@ def blockdiag_fit(T: torch.Tensor, nblocks: int, C: torch.Tensor | None = None) 
 
 
 @dataclass
-class BlockDiagLowRank:
+class BlockDiagLowRankFit:
     """``W' = blockdiag(blocks) + L @ R`` (float64) and ``f`` at the start and after every round (non-increasing)."""
 
     blocks: torch.Tensor
@@ -88,7 +88,7 @@ def _objective(D: torch.Tensor, C: torch.Tensor | None) -> float:
 
 def blockdiag_lowrank_fit(W: torch.Tensor, nblocks: int, rank: int, C: torch.Tensor | None = None,
                           iters: int = 10, whitening: str = "cholesky", tol: float = 1e-6,
-                          init: str = "lowrank", warm: bool = True) -> BlockDiagLowRank:
+                          init: str = "lowrank", warm: bool = True) -> BlockDiagLowRankFit:
     """Alternating fit of ``W ~ BD + L R`` (module docstring); ``iters`` rounds of (BD step, low-rank step),
     stopping early when a round lowers ``f`` by less than ``tol`` (relative). ``init``: start from the
     rank-k fit of ``W`` (``"lowrank"``) or from ``L R = 0`` (``"blockdiag"``). ``warm``: after the first,
@@ -135,7 +135,7 @@ def blockdiag_lowrank_fit(W: torch.Tensor, nblocks: int, rank: int, C: torch.Ten
         history.append(f)
         if history[-2] - history[-1] <= tol * max(history[-2], 1e-300):
             break
-    return BlockDiagLowRank(blocks, L, R, history)
+    return BlockDiagLowRankFit(blocks, L, R, history)
 
 
-__all__ = ["BlockDiagLowRank", "blockdiag_dense", "blockdiag_fit", "blockdiag_lowrank_fit", "check_blocks"]
+__all__ = ["BlockDiagLowRankFit", "blockdiag_dense", "blockdiag_fit", "blockdiag_lowrank_fit", "check_blocks"]

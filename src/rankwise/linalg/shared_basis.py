@@ -25,7 +25,7 @@ from .whitening import Whitener, make_whitener
 
 
 @dataclass
-class SharedBasis:
+class SharedBasisFit:
     """``W_i ~ basis @ coefs[i]`` (float64); ``spectrum``: singular values of the stacked whitened weights."""
 
     basis: torch.Tensor
@@ -38,7 +38,7 @@ class SharedBasis:
 
 
 def shared_whitened_basis(Ws: Sequence[torch.Tensor], rank: int, covs: Sequence[torch.Tensor] | None = None,
-                          whiteners: Sequence[Whitener] | None = None, whitening: str = "cholesky") -> SharedBasis:
+                          whiteners: Sequence[Whitener] | None = None, whitening: str = "cholesky") -> SharedBasisFit:
     """The shared rank-``rank`` basis of ``Ws`` under their covariances (or precomputed whiteners)."""
     if not Ws:
         raise ConfigError("shared_whitened_basis needs at least one weight")
@@ -67,7 +67,7 @@ def shared_whitened_basis(Ws: Sequence[torch.Tensor], rank: int, covs: Sequence[
         n = W.shape[1]
         coefs.append(wh.unwhiten(Vh[:k, start:start + n]))
         start += n
-    return SharedBasis(basis, coefs, S)
+    return SharedBasisFit(basis, coefs, S)
 
 
-__all__ = ["SharedBasis", "shared_whitened_basis"]
+__all__ = ["SharedBasisFit", "shared_whitened_basis"]

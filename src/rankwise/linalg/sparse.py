@@ -146,7 +146,7 @@ def semistructured_columns(packed: torch.Tensor, n: int) -> torch.Tensor:
 # -- low-rank + sparse ------------------------------------------------------------------------------
 
 @dataclass
-class LowRankSparse:
+class LowRankSparseFit:
     """``W' = L @ R + S``: ``L (m, k)``, ``R (k, n)``, ``S (m, n)`` dense with ``mask``'s zeros (float64).
 
     ``history``: the scaled objective ``||(W - L R - S) D||_F`` after every half step (non-increasing).
@@ -163,7 +163,7 @@ class LowRankSparse:
 
 
 def lowrank_sparse_fit(W: torch.Tensor, d: torch.Tensor | None, rank: int, pattern: str = "unstructured",
-                       keep_per_row: int | None = None, iters: int = 40, tol: float = 0.0) -> LowRankSparse:
+                       keep_per_row: int | None = None, iters: int = 40, tol: float = 0.0) -> LowRankSparseFit:
     """OATS alternation (module docstring): ``W ~ L R + S`` minimizing ``||(W - L R - S) diag(d)||_F``.
 
     ``d``: column scales (``None`` = ones: the plain Frobenius fit). ``iters`` >= 1 alternations;
@@ -207,7 +207,7 @@ def lowrank_sparse_fit(W: torch.Tensor, d: torch.Tensor | None, rank: int, patte
         history.append(float(torch.linalg.norm(resid - St)))
         if len(history) >= 4 and history[-3] - history[-1] <= tol * max(history[-3], 1e-300):
             break
-    return LowRankSparse(Q, QtA / d, St / d, mask, history)
+    return LowRankSparseFit(Q, QtA / d, St / d, mask, history)
 
 
 def refit_lowrank_under_cov(W: torch.Tensor, S: torch.Tensor, rank: int, C: torch.Tensor | None = None,
@@ -218,6 +218,6 @@ def refit_lowrank_under_cov(W: torch.Tensor, S: torch.Tensor, rank: int, C: torc
     return fac.factors(rank, dtype=torch.float64)
 
 
-__all__ = ["LowRankSparse", "PATTERNS", "check_pattern", "feature_scales", "index_dtype", "lowrank_sparse_fit",
+__all__ = ["LowRankSparseFit", "PATTERNS", "check_pattern", "feature_scales", "index_dtype", "lowrank_sparse_fit",
            "mask_to_rows", "pack_2bit", "project_pattern", "refit_lowrank_under_cov", "semistructured_columns",
            "semistructured_compress", "unpack_2bit", "wanda_mask"]
