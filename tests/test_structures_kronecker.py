@@ -42,3 +42,10 @@ def test_bad_shapes():
         KroneckerLinear(8, 6, 4, 3, 1)
     with pytest.raises(ConfigError, match="at least one term"):
         KroneckerLinear(8, 6, 3, 2, 0)
+
+
+def test_chunked_forward_matches_dense(monkeypatch):
+    layer = KroneckerLinear.from_factors(_rand(3, 2, 4, seed=8), _rand(3, 4, 2, seed=9), bias=_rand(8, seed=10))
+    monkeypatch.setattr(KroneckerLinear, "chunk_elements", 50)  # a few rows per chunk
+    x = _rand(7, 8, seed=11)
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias, rtol=1e-5, atol=1e-5)

@@ -6,11 +6,12 @@ row-major to ``X (n1, n2)``, ``(A (x) B) x = vec(A X B^T)`` (row-major; the colu
 ``i`` in one matmul, then ``Y = sum_i A_i Z_i`` in one batched matmul (``r (m2 n + m n1)``
 multiply-adds per row), or ``Z_i = A_i X`` first, then ``Y = sum_i Z_i B_i^T`` (``r (m1 n + m n2)``).
 Against ``m n`` for dense this is ``r (1/n1 + m2/m)``-fold (or ``r (1/m2 + n2/n)``): a sum of more
-than a few dozen terms is slower than the dense product. Stored values ``r (m1 n1 + m2 n2)``.
+than a few dozen terms is slower than the dense product. Rows go through in chunks so that the
+intermediate stays below ``chunk_elements``. Stored values ``r (m1 n1 + m2 n2)``.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -56,12 +57,25 @@ class KroneckerLinear(StructuredLinear):
                 layer.bias.copy_(bias.to(dtype))
         return layer
 
+    #: Upper bound on the elements of the per-chunk intermediate ``Z`` (rows are processed in chunks).
+    chunk_elements: ClassVar[int] = 1 << 21
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         r, m1, n1 = self.A.shape
         _, m2, n2 = self.B.shape
         x2 = x.reshape(-1, self.in_features)
+        b_first = m2 * self.in_features + self.out_features * n1 <= m1 * self.in_features + self.out_features * n2
+        per_row = r * (n1 * m2 if b_first else m1 * n2)
+        step = max(1, self.chunk_elements // per_row)
+        parts = [self._apply(x2[i:i + step], b_first) for i in range(0, x2.shape[0], step)]
+        y = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, x2: torch.Tensor, b_first: bool) -> torch.Tensor:
+        r, m1, n1 = self.A.shape
+        _, m2, n2 = self.B.shape
         N = x2.shape[0]
-        if m2 * self.in_features + self.out_features * n1 <= m1 * self.in_features + self.out_features * n2:
+        if b_first:
             # Z_i = X B_i^T: (N n1, n2) @ (n2, r m2); then Y = [A_1 .. A_r] [Z_1; ..; Z_r]
             Z = x2.reshape(N * n1, n2) @ self.B.permute(2, 0, 1).reshape(n2, r * m2)
             Z = Z.reshape(N, n1, r, m2).permute(0, 2, 1, 3).reshape(N, r * n1, m2)
@@ -71,8 +85,7 @@ class KroneckerLinear(StructuredLinear):
             Z = torch.matmul(self.A.reshape(r * m1, n1), x2.reshape(N, n1, n2))              # (N, r m1, n2)
             Z = Z.reshape(N, r, m1, n2).permute(0, 2, 1, 3).reshape(N, m1, r * n2)
             Y = torch.matmul(Z, self.B.permute(0, 2, 1).reshape(r * n2, m2))                 # (N, m1, m2)
-        y = Y.reshape(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return Y.reshape(N, self.out_features)
 
     def dense(self) -> torch.Tensor:
         return kron_sum_dense(self.A, self.B).to(torch.float32)
