@@ -49,3 +49,11 @@ def test_chunked_forward_matches_dense(monkeypatch):
     monkeypatch.setattr(KroneckerLinear, "chunk_elements", 50)  # a few rows per chunk
     x = _rand(7, 8, seed=11)
     torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_module_casts_and_copies():
+    layer = KroneckerLinear.from_factors(_rand(2, 3, 2), _rand(2, 2, 4, seed=1), bias=_rand(6, seed=2))
+    double = layer.to(torch.float64)  # nn.Module machinery (to/_apply) is not shadowed
+    assert double.A.dtype == torch.float64
+    x = _rand(3, 8, seed=3).double()
+    torch.testing.assert_close(double(x), x @ double.dense().double().T + double.bias)

@@ -67,11 +67,11 @@ class KroneckerLinear(StructuredLinear):
         b_first = m2 * self.in_features + self.out_features * n1 <= m1 * self.in_features + self.out_features * n2
         per_row = r * (n1 * m2 if b_first else m1 * n2)
         step = max(1, self.chunk_elements // per_row)
-        parts = [self._apply(x2[i:i + step], b_first) for i in range(0, x2.shape[0], step)]
+        parts = [self._rows(x2[i:i + step], b_first) for i in range(0, x2.shape[0], step)]
         y = (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
-    def _apply(self, x2: torch.Tensor, b_first: bool) -> torch.Tensor:
+    def _rows(self, x2: torch.Tensor, b_first: bool) -> torch.Tensor:
         r, m1, n1 = self.A.shape
         _, m2, n2 = self.B.shape
         N = x2.shape[0]
