@@ -9,6 +9,7 @@ from .base import LAYERS, StructuredLinear, build_layer
 from .lowrank import LowRankLinear, lowrank_saves, max_saving_rank
 from .lowrank_quant import LowRankQuantLinear
 from .quant import QuantLinear
+from . import blockdiag, kronecker, monarch, shared_basis, sparse  # noqa: F401  layer kinds (issue 13)
 
 __all__ = ["LAYERS", "LowRankLinear", "LowRankQuantLinear", "QuantLinear", "StructuredLinear", "build_layer",
            "lowrank_saves", "max_saving_rank"]
