@@ -57,3 +57,30 @@ def test_module_casts_and_copies():
     assert double.A.dtype == torch.float64
     x = _rand(3, 8, seed=3).double()
     torch.testing.assert_close(double(x), x @ double.dense().double().T + double.bias)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 200])
+def test_vec_trick_and_multiplied_out_paths_agree_with_numpy(rows, monkeypatch):
+    """Few rows: the vec trick; many rows with many terms: W' multiplied out once (r m n + N m n is cheaper)."""
+    import rankwise.structures.kronecker as kmod
+
+    r, m1, n1, m2, n2 = 6, 4, 3, 5, 4
+    A, B = _rand(r, m1, n1, seed=1), _rand(r, m2, n2, seed=2)
+    layer = KroneckerLinear.from_factors(A, B, bias=_rand(m1 * m2, seed=3))
+    calls = {"n": 0}
+    monkeypatch.setattr(kmod, "kron_sum_dense", lambda a, b: _count(calls, a, b))
+    ref = sum(np.kron(A[i].numpy(), B[i].numpy()) for i in range(r))
+    x = _rand(rows, n1 * n2, seed=4)
+    out = x.double().numpy() @ ref.T + layer.bias.detach().double().numpy()
+    np.testing.assert_allclose(layer(x).detach().numpy(), out, rtol=1e-5, atol=1e-5)
+    m, n = m1 * m2, n1 * n2
+    vec = r * min(m2 * n + m * n1, m1 * n + m * n2)
+    assert calls["n"] == (1 if r * m * n + rows * m * n < rows * vec else 0)
+    assert calls["n"] == (1 if rows == 200 else 0)
+
+
+def _count(calls, a, b):
+    from rankwise.linalg.kronecker import kron_sum_dense
+
+    calls["n"] += 1
+    return kron_sum_dense(a, b)

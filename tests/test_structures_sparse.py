@@ -93,3 +93,21 @@ def test_bad_construction():
         SparseLinear(8, 3, "2:4", 3)
     with pytest.raises(ConfigError, match="rank"):
         LowRankSparseLinear(8, 3, 0, "2:4")
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+@pytest.mark.parametrize("rows", [1, 31, 32, 100])
+def test_csr_and_transient_dense_paths_agree_with_numpy(pattern, rows, monkeypatch):
+    """Below ``densify_rows`` the CSR product runs, from it on a transient dense S: both equal W*mask @ x."""
+    W, mask, layer = _sparse(pattern, m=10, n=24, keep=7, seed=6)
+    calls = {"csr": 0}
+    real = torch.sparse_csr_tensor
+    monkeypatch.setattr(torch, "sparse_csr_tensor", lambda *a, **k: calls.__setitem__("csr", calls["csr"] + 1)
+                        or real(*a, **k))
+    x = _rand(rows, 24, seed=rows)
+    ref = x.double().numpy() @ (W * mask).double().numpy().T + layer.bias.detach().double().numpy()
+    np.testing.assert_allclose(layer(x).detach().numpy(), ref, rtol=1e-5, atol=1e-5)
+    assert calls["csr"] == (1 if rows < SparseLinear.densify_rows else 0)
+    lrs = LowRankSparseLinear.from_parts(_rand(10, 2, seed=1), _rand(2, 24, seed=2), W, mask, pattern)
+    ref2 = x.double().numpy() @ lrs.dense().detach().double().numpy().T
+    np.testing.assert_allclose(lrs(x).detach().numpy(), ref2, rtol=1e-5, atol=1e-5)

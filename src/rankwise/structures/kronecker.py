@@ -6,8 +6,12 @@ row-major to ``X (n1, n2)``, ``(A (x) B) x = vec(A X B^T)`` (row-major; the colu
 ``i`` in one matmul, then ``Y = sum_i A_i Z_i`` in one batched matmul (``r (m2 n + m n1)``
 multiply-adds per row), or ``Z_i = A_i X`` first, then ``Y = sum_i Z_i B_i^T`` (``r (m1 n + m n2)``).
 Against ``m n`` for dense this is ``r (1/n1 + m2/m)``-fold (or ``r (1/m2 + n2/n)``): a sum of more
-than a few dozen terms is slower than the dense product. Rows go through in chunks so that the
-intermediate stays below ``chunk_elements``. Stored values ``r (m1 n1 + m2 n2)``.
+than a few dozen terms is slower than the dense product. For many rows at once (prefill,
+calibration, evaluation) the layer therefore multiplies its factors out into a transient dense
+``W'`` (``r m n`` multiply-adds once per call, freed after it) whenever ``r m n + N m n`` is below the
+vec trick's count: with ``r = 172`` terms on a 576x576 layer that is from about 13 rows on. Rows go
+through in chunks so that the intermediate stays below ``chunk_elements``. Stored values
+``r (m1 n1 + m2 n2)``.
 """
 from __future__ import annotations
 
@@ -65,6 +69,13 @@ class KroneckerLinear(StructuredLinear):
         _, m2, n2 = self.B.shape
         x2 = x.reshape(-1, self.in_features)
         b_first = m2 * self.in_features + self.out_features * n1 <= m1 * self.in_features + self.out_features * n2
+        N = x2.shape[0]
+        mn = self.out_features * self.in_features
+        vec = r * (m2 * self.in_features + self.out_features * n1 if b_first
+                   else m1 * self.in_features + self.out_features * n2)
+        if r * mn + N * mn < N * vec:  # multiplying the factors out first is cheaper (module docstring)
+            y = (x2 @ kron_sum_dense(self.A, self.B).T).reshape(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         per_row = r * (n1 * m2 if b_first else m1 * n2)
         step = max(1, self.chunk_elements // per_row)
         parts = [self._rows(x2[i:i + step], b_first) for i in range(0, x2.shape[0], step)]
