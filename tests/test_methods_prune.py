@@ -25,7 +25,9 @@ def test_plan_budget_and_binding_constraints():
     with pytest.raises(ConfigError, match="less than one weight per output row"):
         m.plan_layer((8, 8), 7)
     m24 = get_method("prune", pattern="2:4")
-    assert m24.plan_layer((192, 576), 0.6 * 192 * 576) == {"pattern": "2:4", "nnz_per_row": 288}
+    assert m24.plan_layer((192, 576), 0.6 * 192 * 576) == {
+        "pattern": "2:4", "nnz_per_row": 288, "note": "2:4 keeps exactly 50% of the weights; the budget allowed 60%"}
+    assert m24.plan_layer((192, 576), 0.5 * 192 * 576) == {"pattern": "2:4", "nnz_per_row": 288}  # no slack: no note
     with pytest.raises(ConfigError, match="2:4 sparsity alone keeps 50%.*keeps 40.0%.*unstructured"):
         m24.plan_layer((192, 576), 0.4 * 192 * 576)
     with pytest.raises(ConfigError, match="pattern"):

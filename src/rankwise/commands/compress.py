@@ -22,7 +22,8 @@ def print_report(report, max_layers: int = 12) -> None:
             f"{report.targeted_params_before:,} -> {report.targeted_params_after:,}",
             f"{report.model_params_before:,} -> {report.model_params_after:,}", report.seconds]])
     rows = [[lr.name, f"{lr.shape[0]} x {lr.shape[1]}", lr.kind or "dense",
-             ", ".join(f"{k}={v}" for k, v in (lr.spec or {}).items()), lr.params_after, lr.bytes_after]
+             ", ".join(f"{k}={v}" for k, v in (lr.spec or {}).items()) + (f" ({lr.note})" if lr.note else ""),
+             lr.params_after, lr.bytes_after]
             for lr in report.layers]
     if len(rows) > max_layers:
         rows = rows[:max_layers] + [[f"... {len(rows) - max_layers} more (see rankwise.json)", "", "", "", "", ""]]

@@ -197,9 +197,12 @@ class _Fitter:
     def __init__(self, method: Method, dtype: torch.dtype) -> None:
         self.method, self.dtype = method, dtype
         self.layers: dict[str, LayerReport] = {}
+        self.notes: dict[str, str] = {}  # the plan's per-layer fallback notes (spec["note"])
 
     def __call__(self, items: Mapping[str, LayerInput]) -> dict[str, StructuredLinear]:
         for name, x in items.items():
+            if x.spec and x.spec.get("note"):
+                self.notes[name] = str(x.spec["note"])
             if not bool(torch.isfinite(x.W).all()):
                 raise NumericalError(f"layer {name} has non-finite weights (nan/inf); fix or reload the model")
         try:
@@ -219,8 +222,9 @@ class _Fitter:
                  ridge: float | None) -> None:
         m, n = shape
         info = getattr(layer, "fit_info", {}) or {}
+        note = "; ".join(x for x in (self.notes.get(name), info.get("note")) if x) or None
         self.layers[name] = LayerReport(name, shape, layer.kind, layer.spec(), m * n, layer.num_stored(),
-                                        m * n * elem, layer.nbytes(), float(info.get("damping", 0.0)), ridge)
+                                        m * n * elem, layer.nbytes(), float(info.get("damping", 0.0)), ridge, note)
 
 
 def _dense_report(name: str, shape: tuple[int, int], elem: int) -> LayerReport:
@@ -423,6 +427,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
             logging.getLogger("rankwise").removeFilter(filt)
         rest = {k: v.to("cpu") for k, v in model.state_dict().items() if not k.startswith(prefix)}
         rest, aliases = dedup_state(rest)
+        aliases.update(source.aliases)  # tensors shared across blocks (a shared basis), written once
         stream_merge([rest] + source.shards, tmp / WEIGHTS_FILE, {"format": "pt", "rankwise": "rankwise"})
         for s in source.shards:
             s.unlink()

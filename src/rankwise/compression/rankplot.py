@@ -70,7 +70,7 @@ def layer_markdown(layers, dense_reasons: Mapping[str, str] | None = None) -> st
     for lr in layers:
         m, n = lr.shape
         spec = ", ".join(f"{k}={v}" for k, v in (lr.spec or {}).items())
-        note = (dense_reasons or {}).get(lr.name, "") if lr.kind is None else ""
+        note = (dense_reasons or {}).get(lr.name, "") if lr.kind is None else (getattr(lr, "note", None) or "")
         lines.append(f"| {lr.name} | {layer_index(lr.name)} | {module_type(lr.name)} | {m} x {n} | "
                      f"{lr.kind or 'dense'} | {spec} | {lr.bytes_after} | {note} |")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ class LayerReport:
     bytes_after: int
     damping: float = 0.0              # ridge added to the covariance's diagonal (whitening), absolute
     ridge: float | None = None        # the sequential refit's relative ridge (inf: no cross moment)
+    note: str | None = None           # a per-layer fallback the structure took (e.g. 1 block on a prime side)
 
     @property
     def rank(self) -> int | None:

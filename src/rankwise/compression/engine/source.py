@@ -4,11 +4,14 @@ The engine asks a source to ``load(i)`` block ``i`` onto the compute device befo
 to ``release(i)`` it afterwards. In memory, loading moves the block to the device (a no-op on the CPU)
 and releasing moves it back. Streamed from disk, the model is a skeleton whose parameters are on
 ``meta`` except those outside the blocks; loading reads block ``i``'s tensors, releasing writes the
-(compressed) block to a shard file and frees it, so at most one block is resident.
+(compressed) block to a shard file and frees it, so at most one unit (``blocks_per_unit`` blocks) is
+resident. A tensor shared by layers of several blocks (a basis shared across a unit) is written once,
+under the first key, and the later keys are recorded in ``aliases`` -- as saving from memory does.
 """
 from __future__ import annotations
 
 import copy
+import weakref
 from pathlib import Path
 
 import torch
@@ -70,6 +73,9 @@ class StreamedSource(WeightSource):
         super().__init__(model, device)
         self.index, self.dtype, self.shard_dir, self.path = index, dtype, shard_dir, path
         self.shards: list[Path] = []
+        #: ``{dropped key: kept key}`` of tensors shared across blocks (written once).
+        self.aliases: dict[str, str] = {}
+        self._written: dict[int, tuple[weakref.ref, str]] = {}  # id(tensor) -> (ref, key) of written tensors
 
     def key(self, i: int) -> str:
         return f"{self.prefix}.{i}."
@@ -90,7 +96,16 @@ class StreamedSource(WeightSource):
         block = self.blocks[i]
         if write:
             shard = self.shard_dir / f"{i:05d}.safetensors"
-            save_shard({self.key(i) + k: v.to("cpu") for k, v in block.state_dict().items()}, shard)
+            state = {}
+            for k, t in block.state_dict(keep_vars=True).items():
+                key = self.key(i) + k
+                seen = self._written.get(id(t))
+                if seen is not None and seen[0]() is t:  # alive and the same object: shared with an earlier block
+                    self.aliases[key] = seen[1]
+                    continue
+                self._written[id(t)] = (weakref.ref(t), key)
+                state[key] = t.detach().to("cpu")
+            save_shard(state, shard)
             self.shards.append(shard)
         free(block)
 

@@ -10,6 +10,10 @@ sides); ``nblocks=None`` picks the smallest ``b`` dividing both sides whose bloc
 ``1 - lowrank_fraction`` of the layer's budget; the rank takes the rest. Default
 ``lowrank_fraction=0.75``: on SmolLM2 layers at 40% removed, 8-16 blocks (75-90% of the budget on
 the low-rank part) fitted best; 2 blocks (most of the budget on the blocks) was clearly worse.
+
+Fallback (listed per layer in the report's ``note``): when no common divisor makes the blocks small
+enough for their share, the largest common divisor is used and the blocks take more of the budget.
+Sizes without a common divisor > 1 (one of them prime) raise :class:`ConfigError` naming the layer.
 """
 from __future__ import annotations
 
@@ -68,7 +72,7 @@ class BlockDiagLowRank(Method):
         else:
             if not common:
                 raise ConfigError(f"{where}: {m} and {n} have no common divisor > 1, so no block-diagonal part "
-                                  "fits; use lowrank for this layer")
+                                  "fits; leave this layer out (--targets) or use --structure lowrank")
             share = (1.0 - self.options.lowrank_fraction) * target
             fits = [d for d in common if m * n / d <= share]
             b = fits[0] if fits else common[-1]
@@ -76,7 +80,12 @@ class BlockDiagLowRank(Method):
         if rank < 1:
             raise ConfigError(f"{where}: {b} diagonal blocks store {m * n // b} values and a rank-1 part {m + n} more; "
                               f"{keep_fraction_text(target, m, n)}: use more blocks (nblocks) or a lower ratio")
-        return {"nblocks": b, "rank": rank}
+        spec: dict[str, Any] = {"nblocks": b, "rank": rank}
+        if self.options.nblocks is None and m * n / b > (1.0 - self.options.lowrank_fraction) * target:
+            spec["note"] = (f"blocks take {100.0 * (m * n // b) / target:.0f}% of the budget (wanted <= "
+                            f"{100.0 * (1.0 - self.options.lowrank_fraction):.0f}%): {b} = the largest common "
+                            f"divisor of {m} and {n}")
+        return spec
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> BlockDiagLowRankLinear:

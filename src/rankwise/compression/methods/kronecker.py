@@ -13,7 +13,10 @@ choice of divisors with the fewest values per term, ``m1 n1 + m2 n2``, most bala
 (576x576: 24x24 (x) 24x24; 192x576: 12x24 (x) 16x24; 1536x576: 32x32 (x) 48x18;
 576x1536: 18x48 (x) 32x32); ``terms = r``
 (default: as many as the budget allows, ``r (m1 n1 + m2 n2)`` values). A layer whose sizes are
-both prime has no non-trivial factor shape: ConfigError.
+both prime has no non-trivial factor shape: ConfigError. Fallbacks (listed per layer in the
+report's ``note``): one prime size leaves one factor a row or column vector (67x64: ``A`` 1x32,
+``B`` 67x2: each term tiles 32 scaled copies of ``B_i`` side by side); terms capped at
+``min(m1 n1, m2 n2)`` (the rank of the rearranged matrix) leave part of the budget unused.
 """
 from __future__ import annotations
 
@@ -79,6 +82,12 @@ class Kronecker(Method):
         per_term = m1 * n1 + m2 * n2
         r_max = min(m1 * n1, m2 * n2)
         terms = self.options.terms or min(int(target // per_term), r_max)
+        notes = []
+        if self.options.factor is None and 1 in (m1, n1, m2, n2):
+            notes.append(f"no split of both sides: A is {m1}x{n1}, B is {m2}x{n2} (one factor is a vector)")
+        if self.options.terms is None and terms == r_max and (terms + 1) * per_term <= target:
+            notes.append(f"terms capped at {r_max} (the rank of the rearranged matrix): stores {terms * per_term} of "
+                         f"{int(target)} budgeted values")
         if terms > r_max:
             raise ConfigError(f"kronecker on a {m}x{n} layer: {terms} terms exceed the {r_max} a {m1}x{n1} (x) {m2}x{n2} "
                               f"factorization can use; use terms <= {r_max}")
@@ -86,7 +95,10 @@ class Kronecker(Method):
             raise ConfigError(f"kronecker on a {m}x{n} layer: {max(terms, 1)} term(s) of {m1}x{n1} (x) {m2}x{n2} store "
                               f"{max(terms, 1) * per_term} values; {keep_fraction_text(target, m, n)}: use fewer terms, "
                               "another factor shape, or a lower ratio")
-        return {"m1": m1, "n1": n1, "terms": terms}
+        spec: dict[str, Any] = {"m1": m1, "n1": n1, "terms": terms}
+        if notes:
+            spec["note"] = "; ".join(notes)
+        return spec
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> KroneckerLinear:

@@ -10,6 +10,12 @@ default ``nblocks``). Default ``nblocks=None``: the divisor of each side closest
 layers at 40% removed, 2-4 blocks gave the lowest activation error (close to low rank's) and the
 fastest forward; sqrt(n) blocks (the paper's square Monarch) were worse on both. The rank per block
 is the largest whose ``r (l n + b m)`` values fit the layer's budget.
+
+Fallbacks (listed per layer in the report's ``note``): a side whose size has no divisor near 4 (a
+prime) gets 1 block -- that side is not split and the layer is a product of one full factor and one
+block-diagonal one; a rank capped by the block size ``min(p, s)`` leaves part of the budget unused.
+Block counts given as options that do not divide the sizes raise :class:`ConfigError` naming the
+divisors that would work.
 """
 from __future__ import annotations
 
@@ -86,7 +92,18 @@ class Monarch(Method):
             raise ConfigError(f"monarch on a {m}x{n} layer with {b} input and {ob} output blocks: rank-1 blocks "
                               f"already store {per_rank} values (l*in + b*out); {keep_fraction_text(target, m, n)}: "
                               f"use fewer blocks ({hint}) or a lower ratio")
-        return {"in_blocks": b, "out_blocks": ob, "rank": rank}
+        spec: dict[str, Any] = {"in_blocks": b, "out_blocks": ob, "rank": rank}
+        notes = []
+        for size, blocks, side, given in ((n, b, "input", self.options.nblocks),
+                                          (m, ob, "output", self.options.out_blocks or self.options.nblocks)):
+            if blocks == 1 and given is None and size > 1:
+                notes.append(f"{side} size {size} has no divisor near {DEFAULT_BLOCKS}: 1 {side} block (not split)")
+        if rank == min(m // ob, n // b) and monarch_num_values(m, n, b, ob, rank + 1) <= target:
+            notes.append(f"rank capped at the block size {rank}: stores {monarch_num_values(m, n, b, ob, rank)} of "
+                         f"{int(target)} budgeted values")
+        if notes:
+            spec["note"] = "; ".join(notes)
+        return spec
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> MonarchLinear:

@@ -62,7 +62,10 @@ class Prune(Method):
             if target < m * n / 2:
                 raise ConfigError(f"prune 2:4 on a {m}x{n} layer: 2:4 sparsity alone keeps 50% of the weights; "
                                   f"{keep_fraction_text(target, m, n)}: use pattern 'unstructured' or a lower ratio")
-            return {"pattern": "2:4", "nnz_per_row": n // 2}
+            spec: dict[str, Any] = {"pattern": "2:4", "nnz_per_row": n // 2}
+            if target >= m * n / 2 + m:
+                spec["note"] = f"2:4 keeps exactly 50% of the weights; the budget allowed {100.0 * target / (m * n):.0f}%"
+            return spec
         k = int(target // m)
         if k < 1:
             raise ConfigError(f"prune on a {m}x{n} layer: {keep_fraction_text(target, m, n)}, less than one weight "

@@ -9,13 +9,17 @@ leaves common; Basis Sharing (Wang et al. 2024) shares the input-side factor und
 over the group -- a different approximation of the same idea.
 
 Units: the engine hands :meth:`fit_unit` the layers of ``group_size`` consecutive blocks; they are
-grouped by module type (the last component of the name: ``q_proj``, ``down_proj``, ...). Budget: a
+grouped by their name inside the block (``self_attn.q_proj``, ``mlp.down_proj``; GPT-2's
+``attn.c_proj`` and ``mlp.c_proj`` are different roles, :func:`role`). Budget: a
 group's budget is the sum of its layers' targets (``plan_layer`` records each in ``spec["target"]``);
 ``k`` is the largest with ``out k + k sum_i in_i`` within it. The layers hold the very same
-``nn.Parameter`` as basis (:mod:`rankwise.structures.shared_basis`).
+``nn.Parameter`` as basis (:mod:`rankwise.structures.shared_basis`). Fallback (listed per layer in
+the report's ``note``): when fewer than ``group_size`` blocks are left for the last unit (30 blocks in
+groups of 4), its groups share a basis over fewer layers (one layer: the per-layer whitened SVD).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -40,6 +44,12 @@ class SharedBasisOptions:
     def __post_init__(self) -> None:
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be a positive integer, got {self.group_size!r}")
+
+
+def role(name: str) -> str:
+    """A layer's name inside its block: ``model.layers.3.mlp.up_proj`` -> ``mlp.up_proj`` (the name
+    itself outside numbered blocks)."""
+    return re.sub(r"^.*?\.\d+\.", "", name, count=1)
 
 
 def shared_rank(out_features: int, in_features: list[int], budget: float) -> int:
@@ -84,7 +94,7 @@ class SharedBasis(Method):
     def fit_unit(self, layers: Mapping[str, LayerInput]) -> dict[str, StructuredLinear]:
         groups: dict[str, list[str]] = {}
         for name in layers:
-            groups.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+            groups.setdefault(role(name), []).append(name)
         out: dict[str, StructuredLinear] = {}
         for names in groups.values():
             out.update(self._fit_group(names, layers))
@@ -113,5 +123,8 @@ class SharedBasis(Method):
                 layer.coef.copy_(fit.coefs[i].to(torch.float32))
                 if x.bias is not None:
                     layer.bias.copy_(x.bias.to(torch.float32))
+            if len(names) < self.options.group_size:
+                layer.fit_info = {"note": f"basis shared by {len(names)} layer(s), not group_size="
+                                          f"{self.options.group_size}: fewer blocks were left for this unit"}
             result[name] = layer
         return result
