@@ -76,7 +76,7 @@ class Kronecker(Method):
             if not shapes:
                 raise ConfigError(f"kronecker on a {m}x{n} layer: {m} and {n} have no divisors that give a non-trivial "
                                   "Kronecker factorization (every choice makes a factor a scalar or the sum a plain "
-                                  "low-rank matrix); use lowrank for this layer")
+                                  "low-rank matrix); leave this layer out (--targets) or use --structure lowrank")
             m1, n1 = shapes[0]
         m2, n2 = m // m1, n // n1
         per_term = m1 * n1 + m2 * n2
