@@ -28,12 +28,12 @@ from rankwise.models.tiny import TINY_TEXT, save_tiny, tiny_model, tiny_tokenize
 
 #: (structure, --set options): every issue-13 structure; few iterations keep the tiny fits fast.
 STRUCTURES = [
-    ("lowrank-sparse", ["iters=3"]),
-    ("lowrank-sparse", ["pattern=2:4", "iters=3"]),
+    ("lowrank-sparse", ["iters=1"]),
+    ("lowrank-sparse", ["pattern=2:4", "iters=1"]),
     ("prune", []),
     ("prune", ["pattern=2:4"]),
-    ("monarch", ["iters=2"]),
-    ("blockdiag-lowrank", ["iters=2"]),
+    ("monarch", ["iters=1"]),
+    ("blockdiag-lowrank", ["iters=1"]),
     ("kronecker", []),
     ("shared-basis", []),
 ]
@@ -246,3 +246,27 @@ def test_fallbacks_are_listed_per_layer(structure, sets, where, odd_dirs, text_f
     assert spec == structured_layers(loaded)["model.layers.0.mlp.gate_proj"].spec()
     if structure == "monarch":
         assert spec["out_blocks"] == 1 and spec["in_blocks"] == 4
+
+
+def test_plan_fallback_notes_name_the_deviation():
+    """Fallbacks decided at planning time travel in the spec's ``note`` (the engine copies it to the report)."""
+    from rankwise.compression.methods.base import get_method
+
+    spec = get_method("blockdiag-lowrank").plan_layer((12, 18), 0.6 * 216)
+    assert spec["nblocks"] == 6 and spec["rank"] == 3  # no common divisor of 12, 18 gives blocks <= 25% of budget
+    assert spec["note"] == "blocks take 28% of the budget (wanted <= 25%): 6 = the largest common divisor of 12 and 18"
+    assert "note" not in get_method("blockdiag-lowrank").plan_layer((576, 576), 0.6 * 576 * 576)
+    spec = get_method("lowrank-sparse", sparse_fraction=0.95).plan_layer((64, 64), 0.5 * 64 * 64)
+    assert spec["rank"] == 1 and "rank raised to 1" in spec["note"]  # 5% of 2048 = 102 < one rank (128)
+    assert "note" not in get_method("lowrank-sparse").plan_layer((64, 64), 0.5 * 64 * 64)
+    assert get_method("kronecker").plan_layer((64, 64), 0.6 * 64 * 64) == {"m1": 8, "n1": 8, "terms": 19}
+
+
+def test_short_shared_basis_group_is_listed(saved, text_file):
+    """Two blocks in groups of 3: each role's basis is shared by 2 layers, and the report says so."""
+    model, tok, _ = rankwise.load(saved["llama"])
+    _, report = rankwise.compress(model, "shared-basis", 0.4, options={"group_size": 3},
+                                  calib=rankwise.load_corpus("calib", text_file), tokenizer=tok,
+                                  calib_options={"windows": WINDOWS, "seqlen": SEQLEN}, progress=False)
+    assert {lr.note for lr in report.layers} == {
+        "basis shared by 2 layer(s), not group_size=3: fewer blocks were left for this unit"}

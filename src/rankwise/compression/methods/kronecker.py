@@ -15,8 +15,8 @@ choice of divisors with the fewest values per term, ``m1 n1 + m2 n2``, most bala
 (default: as many as the budget allows, ``r (m1 n1 + m2 n2)`` values). A layer whose sizes are
 both prime has no non-trivial factor shape: ConfigError. Fallbacks (listed per layer in the
 report's ``note``): one prime size leaves one factor a row or column vector (67x64: ``A`` 1x32,
-``B`` 67x2: each term tiles 32 scaled copies of ``B_i`` side by side); terms capped at
-``min(m1 n1, m2 n2)`` (the rank of the rearranged matrix) leave part of the budget unused.
+``B`` 67x2: each term tiles 32 scaled copies of ``B_i`` side by side). (The cap of
+``min(m1 n1, m2 n2)`` terms never binds below the dense size: that many terms store more than ``m n``.)
 """
 from __future__ import annotations
 
@@ -85,9 +85,6 @@ class Kronecker(Method):
         notes = []
         if self.options.factor is None and 1 in (m1, n1, m2, n2):
             notes.append(f"no split of both sides: A is {m1}x{n1}, B is {m2}x{n2} (one factor is a vector)")
-        if self.options.terms is None and terms == r_max and (terms + 1) * per_term <= target:
-            notes.append(f"terms capped at {r_max} (the rank of the rearranged matrix): stores {terms * per_term} of "
-                         f"{int(target)} budgeted values")
         if terms > r_max:
             raise ConfigError(f"kronecker on a {m}x{n} layer: {terms} terms exceed the {r_max} a {m1}x{n1} (x) {m2}x{n2} "
                               f"factorization can use; use terms <= {r_max}")

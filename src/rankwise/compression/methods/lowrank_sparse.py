@@ -12,7 +12,8 @@ Budget (``params``): ``rank (m + n)`` factor values plus the nonzeros of ``S``. 
 ``sparse_fraction`` of the layer's budget goes to ``S`` (default 0.75: OATS spends 25-30% on the low
 rank part; on SmolLM2 layers 0.7-0.85 gave activation errors within a few percent of each other),
 the rest to the rank; leftover values go to ``S``. 2:4: ``S`` costs exactly half the weights, the
-rank takes the rest (``sparse_fraction`` is not used).
+rank takes the rest (``sparse_fraction`` is not used). Fallback (the report's per-layer ``note``): when
+the low-rank share is below one rank, the rank is 1 and the sparse part gets the rest.
 """
 from __future__ import annotations
 
@@ -75,9 +76,14 @@ class LowRankSparse(Method):
         if target < (m + n) + m:
             raise ConfigError(f"{where}: {keep_fraction_text(target, m, n)}, less than a rank-1 part ({m + n} values) "
                               f"plus one nonzero per row ({m}); use prune or a lower ratio")
-        rank = min(max(1, int((1.0 - self.options.sparse_fraction) * target // (m + n))), m, n)
+        share = int((1.0 - self.options.sparse_fraction) * target // (m + n))
+        rank = min(max(1, share), m, n)
         nnz = min(int((target - rank * (m + n)) // m), n)
-        return {"rank": rank, "pattern": "unstructured", "nnz_per_row": max(nnz, 1)}
+        spec: dict[str, Any] = {"rank": rank, "pattern": "unstructured", "nnz_per_row": max(nnz, 1)}
+        if share < 1:
+            spec["note"] = (f"rank raised to 1: the low-rank share {1.0 - self.options.sparse_fraction:g} of the "
+                            f"budget is below one rank ({m + n} values); the sparse part gets the rest")
+        return spec
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> LowRankSparseLinear:

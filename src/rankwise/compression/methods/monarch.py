@@ -13,8 +13,7 @@ is the largest whose ``r (l n + b m)`` values fit the layer's budget.
 
 Fallbacks (listed per layer in the report's ``note``): a side whose size has no divisor near 4 (a
 prime) gets 1 block -- that side is not split and the layer is a product of one full factor and one
-block-diagonal one; a rank capped by the block size ``min(p, s)`` leaves part of the budget unused.
-Block counts given as options that do not divide the sizes raise :class:`ConfigError` naming the
+block-diagonal one. (The rank cap ``min(p, s)`` never binds below the dense size.) Block counts given as options that do not divide the sizes raise :class:`ConfigError` naming the
 divisors that would work.
 """
 from __future__ import annotations
@@ -98,9 +97,6 @@ class Monarch(Method):
                                           (m, ob, "output", self.options.out_blocks or self.options.nblocks)):
             if blocks == 1 and given is None and size > 1:
                 notes.append(f"{side} size {size} has no divisor near {DEFAULT_BLOCKS}: 1 {side} block (not split)")
-        if rank == min(m // ob, n // b) and monarch_num_values(m, n, b, ob, rank + 1) <= target:
-            notes.append(f"rank capped at the block size {rank}: stores {monarch_num_values(m, n, b, ob, rank)} of "
-                         f"{int(target)} budgeted values")
         if notes:
             spec["note"] = "; ".join(notes)
         return spec
