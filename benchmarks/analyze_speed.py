@@ -224,7 +224,11 @@ def main() -> None:
         "rankwise_breakdown": breakdown,
         "flops": {**fl, "matmul_1_thread": flops_1, "matmul_default_threads": flops_n,
                   "decomposition_s": dec_s, "decomposition_workers": workers,
+                  "decomposition_cpu_s": breakdown["analyze_timing"]["decomposition_cpu_s"],
                   "achieved_gflops": fl["total_syrk_gflop"] / dec_s,
+                  "achieved_gflops_per_cpu_s": fl["total_syrk_gflop"] / breakdown["analyze_timing"]["decomposition_cpu_s"],
+                  "lapack_floor_s_1_thread": fl["gram_syrk_gflop"] / peak1
+                  + fl["tridiag_gflop"] / flops_1["numpy_eigvalsh_576_float64_gflops"],
                   "bound_s_at_1_thread_matmul_rate": fl["total_syrk_gflop"] / peak1,
                   "bound_s_at_workers_x_1_thread_rate": fl["total_syrk_gflop"] / (peak1 * workers)},
         "alpha_max_abs_diff": max(diffs) if diffs else None,

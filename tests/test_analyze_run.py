@@ -92,5 +92,6 @@ def test_parallel_layers_give_the_serial_result(tiny_llama):
     assert [r["name"] for r in three.layers] == [r["name"] for r in one.layers]
     assert three.layers == one.layers
     t = three.summary["timing"]
-    assert t["workers"] == 3 and set(t["metric_busy_s"]) == set(three.summary["metrics"])
+    assert t["workers"] == 3 and set(t["metric_cpu_s"]) == set(three.summary["metrics"])
+    assert t["decomposition_cpu_s"] > 0 and all(v > 0 for v in t["metric_cpu_s"].values())
     assert torch.get_num_threads() == 1                             # the one_thread fixture's setting, restored

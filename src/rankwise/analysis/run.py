@@ -3,7 +3,8 @@
 Singular values are computed once per layer (float64 eigenvalues of the smaller Gram matrix) and
 shared by all metrics; only ``intruders`` needs singular vectors. Layers are processed in parallel,
 one BLAS thread per layer (see ``parallel``): first every spectrum (timed as ``decomposition_s``),
-then every metric (``metrics_s``, FARMS' own window spectra included).
+then every metric (``metrics_s``, FARMS' own window spectra included); CPU seconds summed over the
+workers are ``decomposition_cpu_s`` and ``metric_cpu_s`` (per metric).
 """
 from __future__ import annotations
 
@@ -184,20 +185,21 @@ def analyze(model: nn.Module | str, *, layers: Sequence[str] | str | None = None
     if "whitened" in names_metrics:
         whiteners = _whiteners(model, list(found), calib, calib_stats, batch_size, progress, whitening)
 
-    def spectra_of(n: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+    def spectra_of(n: str) -> tuple[torch.Tensor, tuple | None, str | None, float]:
+        t = time.thread_time()
         w = linear_weight(found[n]).detach()
         if device is not None:
             w = w.to(device)
         if not bool(torch.isfinite(w).all()):
-            return w, None, f"{int((~torch.isfinite(w)).sum())} non-finite values (nan/inf)"
+            return w, None, f"{int((~torch.isfinite(w)).sum())} non-finite values (nan/inf)", 0.0
         if n in bases and not bool(torch.isfinite(bases[n]).all()):
-            return w, None, "compared layer has non-finite values"
+            return w, None, "compared layer has non-finite values", 0.0
         s = singular_values(w).cpu()
         sw = None
         if n in whiteners:
             wh = whiteners[n]
             sw = singular_values(wh.whiten(w.to(wh.factor.device))).cpu()
-        return w, (s, sw), None
+        return w, (s, sw), None, time.thread_time() - t
 
     t_dec = time.perf_counter()
     bar = tqdm(total=len(found), desc="spectra", disable=not progress, leave=False)
@@ -209,7 +211,8 @@ def analyze(model: nn.Module | str, *, layers: Sequence[str] | str | None = None
     spectra: dict[str, torch.Tensor] = {}
     white: dict[str, torch.Tensor] = {}
     skipped: list[dict] = []
-    for n, (w, ss, reason) in zip(found, decomposed):
+    dec_cpu = sum(d[3] for d in decomposed)
+    for n, (w, ss, reason, _) in zip(found, decomposed):
         if reason is not None:
             skipped.append({"name": n, "shape": list(w.shape), "reason": reason})
             log.warning("layer %s: %s; skipped", n, reason)
@@ -226,9 +229,9 @@ def analyze(model: nn.Module | str, *, layers: Sequence[str] | str | None = None
         rec = {"name": n, "index": layer_index(n), "type": module_type(n), "shape": list(w.shape)}
         secs = []
         for m in names_metrics:
-            t = time.perf_counter()
+            t = time.thread_time()
             rec.update(METRICS[m](d))
-            secs.append(time.perf_counter() - t)
+            secs.append(time.thread_time() - t)
         return rec, secs
 
     t_fit = time.perf_counter()
@@ -237,11 +240,11 @@ def analyze(model: nn.Module | str, *, layers: Sequence[str] | str | None = None
     bar.close()
     t_fit = time.perf_counter() - t_fit
     records = [rec for rec, _ in done]
-    # seconds each metric kept a worker busy, summed over layers (> wall time when workers > 1)
-    metric_s = {m: sum(secs[i] for _, secs in done) for i, m in enumerate(names_metrics)}
+    # CPU seconds of each metric, summed over layers and workers
+    metric_cpu = {m: sum(secs[i] for _, secs in done) for i, m in enumerate(names_metrics)}
     summary = summarize(records, skipped)
     summary["timing"] = {"decomposition_s": t_dec, "metrics_s": t_fit, "total_s": time.perf_counter() - t_all,
-                         "workers": workers, "metric_busy_s": metric_s}
+                         "workers": workers, "decomposition_cpu_s": dec_cpu, "metric_cpu_s": metric_cpu}
     summary["metrics"] = names_metrics
     return AnalysisResult(records, summary, spectra, white, skipped)
 
