@@ -68,7 +68,7 @@ from rankwise.models.loading import load_model
 model = load_model(sys.argv[1] or None)[0]
 t.append((time.perf_counter(), cpu()))
 from rankwise.analysis.run import analyze
-res = analyze(model)
+res = analyze(model, metrics=sys.argv[2] or None)
 t.append((time.perf_counter(), cpu()))
 names = ["import_cli", "load_model", "analyze"]
 out = {n: {"wall_s": b[0] - a[0], "cpu_s": b[1] - a[1]} for n, a, b in zip(names, t, t[1:])}
@@ -123,11 +123,12 @@ def _timed(cmd: list[str], env: dict, stdout=subprocess.DEVNULL) -> dict:
     return out
 
 
-def _rankwise_cmd(model: str | None, out: Path) -> list[str]:
+def _rankwise_cmd(model: str | None, out: Path, metrics: str | None = None) -> list[str]:
     exe = Path(sys.executable).with_name("rankwise")
     base = [str(exe)] if exe.exists() else ([shutil.which("rankwise")] if shutil.which("rankwise") else
                                             [sys.executable, "-m", "rankwise.cli"])
-    return base + ["analyze"] + ([model] if model else []) + ["--json", str(out)]
+    return base + ["analyze"] + ([model] if model else []) + ["--json", str(out)] + \
+        (["--metrics", metrics] if metrics else [])
 
 
 def _flops(shapes: list[tuple[int, int]]) -> dict:
@@ -149,6 +150,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None,
                     help="export OMP/MKL/OPENBLAS_NUM_THREADS=N to both sides (default: leave the defaults)")
+    ap.add_argument("--metrics", default=None,
+                    help="pass --metrics M to rankwise (default: none, i.e. the CLI default spectrum,powerlaw,farms)")
     ap.add_argument("--ww-same-layers", action="store_true",
                     help="also time WeightWatcher restricted to the layers rankwise analyzes by default")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "analyze_speed.json"))
@@ -163,7 +166,7 @@ def main() -> None:
     same_layers: list[str] = []                       # filled from rankwise's first output
 
     def run_rankwise() -> dict:
-        r = _timed(_rankwise_cmd(args.model, rw_json), env)
+        r = _timed(_rankwise_cmd(args.model, rw_json, args.metrics), env)
         same_layers[:] = same_layers or [x["name"] for x in json.loads(rw_json.read_text())["layers"]]
         return r
 
@@ -178,7 +181,8 @@ def main() -> None:
             print(f"rep {rep} {k}: {r['wall_s']:.1f} s wall, {r['cpu_s']:.1f} s CPU, load {r['load_before']:.1f}",
                   flush=True)
 
-    breakdown = json.loads(subprocess.run([sys.executable, "-c", BREAKDOWN_SCRIPT, args.model or ""], env=env,
+    breakdown = json.loads(subprocess.run([sys.executable, "-c", BREAKDOWN_SCRIPT, args.model or "",
+                                           args.metrics or ""], env=env,
                                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
     flops_1 = json.loads(subprocess.run([sys.executable, "-c", FLOPS_SCRIPT], env=_env(1), capture_output=True,
                                         text=True, check=True).stdout.splitlines()[-1])
@@ -207,9 +211,11 @@ def main() -> None:
         "command": "python benchmarks/analyze_speed.py " + " ".join(
             a for a in [f"--reps {args.reps}", f"--threads {args.threads}" if args.threads else "",
                         "--ww-same-layers" if args.ww_same_layers else "",
+                        f"--metrics {args.metrics}" if args.metrics else "",
                         f"--model {args.model}" if args.model else ""] if a),
         "user_commands": {"rankwise": " ".join(["rankwise", "analyze"] + ([args.model] if args.model else [])
-                                               + ["--json", "out.json"]),
+                                               + ["--json", "out.json"]
+                                               + (["--metrics", args.metrics] if args.metrics else [])),
                           "weightwatcher": "WeightWatcher(model=AutoModelForCausalLM.from_pretrained(path)).analyze()"},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads_env": args.threads or "default (all cores)", "python": platform.python_version()},
