@@ -82,9 +82,10 @@ def powerlaw_metrics(d: LayerData) -> dict:
 
 @register("farms")
 def farms_metrics(d: LayerData) -> dict:
-    """Power-law alpha of the FARMS pooled ESD of fixed-aspect-ratio windows (see ``farms``)."""
+    """Power-law alpha of the FARMS pooled ESD of fixed-aspect-ratio windows (see ``farms``; window
+    spectra in float32)."""
     o = d.options
-    f = farms_fit(d.weight.detach().to("cpu", torch.float64), xmin=o.get("farms_xmin", "mid"),
+    f = farms_fit(d.weight.detach().cpu(), xmin=o.get("farms_xmin", "mid"),
                   sampling=o.get("farms_sampling", "grid"), seed=o.get("seed", 0))
     return {"farms_alpha": f.alpha, "farms_D": f.D, "farms_num_evals": f.num_evals,
             "farms_missing_reason": f.reason}
