@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..registry import Registry
 from ..linalg.spectrum import condition_number, effective_rank, rank_for_energy, stable_rank
 from .farms import farms_fit
 from .intruders import INTRUDER_EPS, INTRUDER_K, intruder_dimensions, update_stats
@@ -39,16 +40,14 @@ class LayerData:
 
 
 Metric = Callable[[LayerData], dict]
-METRICS: dict[str, Metric] = {}
+#: name -> metric (one registry pattern for every named thing: :class:`rankwise.registry.Registry`).
+METRICS: Registry[Metric] = Registry("metric")
 #: Metrics that need extra inputs, and which.
 REQUIRES = {"whitened": "calibration data (--calib)", "intruders": "a model to compare with (--compare)"}
 
 
 def register(name: str) -> Callable[[Metric], Metric]:
-    def deco(fn: Metric) -> Metric:
-        METRICS[name] = fn
-        return fn
-    return deco
+    return METRICS.register(name)
 
 
 def _energy_ranks(s: torch.Tensor, prefix: str) -> dict:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import ConfigError, NoTargetLayersError, UnknownMethodError
+from ..errors import ConfigError, NoTargetLayersError
 from ..linalg.spectrum import singular_values
 from ..models.surgery import find_linears, layer_index, linear_weight, module_type
 from .metrics import METRICS, REQUIRES, LayerData
@@ -89,9 +89,8 @@ def _resolve_metrics(metrics: Sequence[str] | str | None, calib: bool, compare: 
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     if not metrics:
         metrics = list(DEFAULT_METRICS) + (["whitened"] if calib else []) + (["intruders"] if compare else [])
-    unknown = [m for m in metrics if m not in METRICS]
-    if unknown:
-        raise UnknownMethodError(f"unknown metric(s) {unknown}; valid: {', '.join(METRICS)}")
+    for m in metrics:
+        METRICS.get(m)  # an unknown name raises the registry's one error, listing the valid names
     missing = [m for m in metrics if (m == "whitened" and not calib) or (m == "intruders" and not compare)]
     if missing:
         raise ConfigError("metric(s) " + ", ".join(f"{m} need {REQUIRES[m]}" for m in missing))
@@ -230,7 +229,7 @@ def analyze(model: nn.Module | str, *, layers: Sequence[str] | str | None = None
         secs = []
         for m in names_metrics:
             t = time.thread_time()
-            rec.update(METRICS[m](d))
+            rec.update(METRICS.get(m)(d))
             secs.append(time.thread_time() - t)
         return rec, secs
 
