@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..calibration.sampling import (
     DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, check_seqlen, eval_windows, tokenize,
 )
-from ..errors import NumericalError
+from ..errors import ConfigError, NumericalError
 
 
 @dataclass
@@ -64,7 +64,8 @@ def perplexity(
     """
     if ids is None:
         if tokenizer is None:
-            raise ValueError("perplexity needs token ids, or a tokenizer to tokenize text")
+            raise ConfigError("perplexity() needs token ids or a tokenizer: pass ids=<LongTensor> or "
+                              "tokenizer=<the model's tokenizer> (with text=..., or none for the default corpus)")
         if text is None:
             from ..calibration.corpus import load_corpus
 
