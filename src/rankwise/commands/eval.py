@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ..calibration.sampling import DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN
-from ._common import ModelArg, QuietOpt, TextFileOpt, console, setup, table
+from ._common import ModelArg, QuietOpt, TextFileOpt, check_output_file, console, setup, table
 
 
 def evaluate_model(model_arg, text_file, seqlen, windows, batch_size, quiet):
@@ -28,13 +28,14 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(
         model: Optional[str] = ModelArg,
         text_file: Optional[Path] = TextFileOpt,
-        seqlen: int = typer.Option(DEFAULT_SEQLEN, help="Tokens per window."),
-        windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="Windows to score; 0 = all."),
-        batch_size: int = typer.Option(4, help="Windows per forward pass."),
+        seqlen: int = typer.Option(DEFAULT_SEQLEN, min=2, help="Tokens per window."),
+        windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, min=0, help="Windows to score; 0 = all."),
+        batch_size: int = typer.Option(4, min=1, help="Windows per forward pass."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
         quiet: bool = QuietOpt,
     ) -> None:
         """Perplexity = exp(mean token NLL) over non-overlapping windows of the test split."""
+        check_output_file(json_out, "--json", ".json")
         setup(quiet)
         path, res = evaluate_model(model, text_file, seqlen, windows or None, batch_size, quiet)
         table("perplexity", ["model", "corpus", "windows x seqlen", "tokens scored", "ppl", "seconds"],

@@ -62,6 +62,10 @@ def perplexity(
     Pass token ``ids`` directly, or ``text`` + ``tokenizer``; with neither, the default
     corpus's test split is used. ``windows=None`` scores every full window.
     """
+    if windows is not None and windows < 1:
+        raise ConfigError(f"windows must be a positive number of windows (or None for all), got {windows!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive number of windows per forward pass, got {batch_size!r}")
     if ids is None:
         if tokenizer is None:
             raise ConfigError("perplexity() needs token ids or a tokenizer: pass ids=<LongTensor> or "
