@@ -196,13 +196,12 @@ def test_perplexity_argument_errors_are_config_errors(tiny_llama, random_ids):
 
 def _option_names() -> dict[str, list[str]]:
     """Every command's real option names, read from the click commands the CLI builds."""
-    import typer
+    from rankwise.cli import COMMANDS, command_group
 
-    from rankwise.cli import app
-
-    group = typer.main.get_command(app)
-    return {name: sorted({o for p in cmd.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")})
-            for name, cmd in group.commands.items()}
+    group = command_group()
+    return {name: sorted({o for p in group.load(name).params for o in (*p.opts, *p.secondary_opts)
+                          if o.startswith("-")})
+            for name in COMMANDS}
 
 
 OPTIONS = _option_names()
