@@ -96,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     a :class:`RankwiseError` prints its message; any other exception is a bug in rankwise and prints
     one ``internal error`` line (``RANKWISE_DEBUG=1`` prints its traceback first).
     """
-    from typer import _click  # typer >= 0.16 vendors click: its exception classes live here
+    from typer import _click  # typer vendors click: its exception classes live here
 
+    # The CLI is rankwise's own process: never reach the hub, no tokenizers fork warning.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         command_group().main(args=argv, prog_name="rankwise", standalone_mode=False)
     except _click.exceptions.NoArgsIsHelpError as e:  # plain `rankwise`: the help, not an error

@@ -19,6 +19,7 @@ from typing import Callable
 
 from ..files import atomic_dir, cache_dir
 from ..errors import ModelNotFoundError
+from .offline import hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,10 @@ def convert_builtin(name: str, dest: Path) -> None:
     gguf = spec.locate_gguf()
     log.info("converting %s from %s (one time)", name, gguf)
     with atomic_dir(dest, overwrite=True) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with hub_offline():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
         # The weights are already dequantized to float32: drop the GGUF quantizer so the
         # checkpoint saves (and later loads) as an ordinary float model.
         model.hf_quantizer = None
