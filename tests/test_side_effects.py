@@ -73,3 +73,38 @@ def test_the_cli_process_is_offline():
             "with contextlib.redirect_stdout(io.StringIO()):\n    main(['--help'])\n"
             "print(os.environ.get('HF_HUB_OFFLINE'), os.environ.get('TOKENIZERS_PARALLELISM'))")
     assert _run(code) == "1 false"
+
+
+PLOTS = """
+import json, sys
+import matplotlib.pyplot as plt          # the user's pyplot, on the backend MPLBACKEND chose
+before = plt.get_backend()
+from pathlib import Path
+from types import SimpleNamespace
+import torch
+from rankwise.compression.rankplot import plot_ranks
+from rankwise.adaptation.train import plot_losses
+from rankwise.analysis.report import write_report
+from rankwise.analysis.run import analyze
+from rankwise.models.tiny import tiny_model
+
+out = Path(sys.argv[1])
+shapes = {"model.layers.0.self_attn.q_proj": (8, 8), "model.layers.1.self_attn.q_proj": (8, 8)}
+plot_ranks({"uniform": {n: 3 for n in shapes}}, shapes, out / "ranks.png")
+plot_losses({"pissa": [3.0, 2.0, 1.5]}, out / "loss.png")
+write_report(analyze(tiny_model("llama"), metrics="spectrum,powerlaw"), out / "report")
+import matplotlib
+print(json.dumps([before, plt.get_backend(), matplotlib.get_backend(), len(plt.get_fignums())]))
+"""
+
+
+def test_plots_leave_the_matplotlib_backend_alone(tmp_path):
+    code = PLOTS.replace("sys.argv[1]", repr(str(tmp_path)))
+    before, after, mpl_after, open_figures = json.loads(_run(code, MPLBACKEND="svg"))
+    assert before == "svg" and after == "svg" and mpl_after == "svg"
+    assert open_figures == 0  # nothing registered with pyplot
+    pngs = [tmp_path / "ranks.png", tmp_path / "loss.png", *sorted((tmp_path / "report").glob("*.png"))]
+    assert len(pngs) >= 5
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "ranks.png", "report"]  # no temp files

@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from ..figures import new_figure, save_png
+from ..files import write_text
 from ..models.surgery import layer_index, module_type
 
 
@@ -33,13 +35,9 @@ def plot_ranks(series: Mapping[str, Mapping[str, int | None]], shapes: Mapping[s
     """PNG of the kept rank by block index, one subplot per module type, one line per plan in
     ``series`` (label -> ranks); dense layers are drawn at ``min(m, n)`` with an open marker.
     Written atomically (temp file + rename)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     types = list(dict.fromkeys(module_type(n) for n in shapes))
-    fig, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3.2), squeeze=False, sharey=False)
+    fig = new_figure((3.2 * len(types), 3.2))
+    axes = fig.subplots(1, len(types), squeeze=False, sharey=False)
     for ax, t in zip(axes[0], types):
         for label, ranks in series.items():
             names = [n for n in shapes if module_type(n) == t]
@@ -56,12 +54,7 @@ def plot_ranks(series: Mapping[str, Mapping[str, int | None]], shapes: Mapping[s
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def write_rank_report(report, out_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -70,11 +63,9 @@ def write_rank_report(report, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     ranks = {lr.name: lr.rank for lr in report.layers}
     shapes = {lr.name: tuple(lr.shape) for lr in report.layers}
     reasons = (report.allocation or {}).get("dense", {})
-    md = out_dir / "ranks.md"
-    tmp = out_dir / ".ranks.md.tmp"
-    tmp.write_text(f"# Ranks: {report.method}, allocator {report.allocate}, ratio {report.ratio:g} "
-                   f"(removed {report.achieved_ratio:.3f})\n\n" + rank_markdown(ranks, shapes, reasons))
-    os.replace(tmp, md)
+    md = write_text(out_dir / "ranks.md",
+                    f"# Ranks: {report.method}, allocator {report.allocate}, ratio {report.ratio:g} "
+                    f"(removed {report.achieved_ratio:.3f})\n\n" + rank_markdown(ranks, shapes, reasons))
     png = plot_ranks({report.allocate: ranks}, shapes, out_dir / "ranks.png",
                      f"{report.method}, {report.allocate}, {report.ratio:g} removed")
     return md, png
