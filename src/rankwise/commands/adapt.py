@@ -1,7 +1,6 @@
 """``rankwise adapt``: attach initialized low-rank adapters, train them, save them (PEFT or rankwise format)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +21,7 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
     from ..calibration.corpus import load_corpus
     from ..calibration.sampling import calib_windows as sample_windows, check_seqlen, tokenize
     from ..errors import ConfigError, OutputExistsError
+    from ..files import write_json
     from ..models.loading import load_model
     from ..structures.lowrank import LowRankLinear
 
@@ -65,7 +65,7 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
            "merged": merge, "trainable_params": count_trainable(model), "config": cfg.__dict__, **res.to_dict()}
 
     def extra(d: Path) -> None:
-        (d / "train_log.json").write_text(json.dumps(log, indent=2, default=str))
+        write_json(d / "train_log.json", log)
         plot_losses({init: res.losses}, d / "loss.png", title=f"rankwise adapt: {init}, rank {rank}")
 
     if merge:

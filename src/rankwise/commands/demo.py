@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QuietOpt,
     ) -> None:
         """Compress the default model (best method, 40% removed), evaluate dense vs compressed, write a report."""
-        from ..files import write_json
+        from ..files import write_json, write_text
         from ..calibration.corpus import load_corpus
         from ..compression.pipeline import DEFAULT_METHOD, DEFAULT_REFIT, DEFAULT_SEQUENTIAL, compress
         from ..compression.saving import save_compressed
@@ -65,5 +65,5 @@ def register(app: typer.Typer) -> None:
         save_compressed(model, tok, out / "model", rep, overwrite=True, extra={"source_model": str(path)})
         write_json(out / "results.json", {"model": str(path), "dense": dense.to_dict(), "compressed": comp.to_dict(),
                                           "compress_seconds": secs, "report": rep.to_dict()})
-        (out / "report.md").write_text(_report_md(path.name, dense, comp, rep, secs, out))
+        write_text(out / "report.md", _report_md(path.name, dense, comp, rep, secs, out))
         console.print(f"wrote {out / 'report.md'}")

@@ -1,7 +1,6 @@
 """``rankwise eval``: perplexity with the default protocol."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -42,5 +41,7 @@ def register(app: typer.Typer) -> None:
               [[str(path), str(text_file) if text_file else "wiki test", f"{res.windows} x {res.seqlen}",
                 res.tokens, res.ppl, res.seconds]])
         if json_out:
-            json_out.write_text(json.dumps({"model": str(path), **res.to_dict()}, indent=2))
+            from ..files import write_json
+
+            write_json(json_out, {"model": str(path), **res.to_dict()})
             console.print(f"wrote {json_out}")

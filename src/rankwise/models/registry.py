@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..files import atomic_dir, cache_dir
+from ..files import atomic_dir, cache_dir, write_json
 from ..errors import ModelNotFoundError
 from .offline import hub_offline
 
@@ -114,7 +114,7 @@ def _write_manifest(path: Path, source: str) -> None:
         for p in sorted(path.rglob("*"))
         if p.is_file()
     }
-    (path / CACHE_MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=2))
+    write_json(path / CACHE_MANIFEST, {"source": source, "files": files})
 
 
 def convert_builtin(name: str, dest: Path) -> None:
