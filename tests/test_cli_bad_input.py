@@ -205,8 +205,8 @@ def _option_names() -> dict[str, list[str]]:
 
 
 OPTIONS = _option_names()
-#: Hashes the 540 MB bundled checkpoint: correct but too slow for a fuzz example.
-SLOW_FLAGS = {"--verify"}
+#: Hash or rebuild the 540 MB bundled checkpoint: correct but too slow for a fuzz example.
+SLOW_FLAGS = {"--verify", "--rebuild"}
 
 
 @pytest.fixture(scope="module")
