@@ -37,6 +37,7 @@ def test_help_imports_no_heavy_module():
         "    for c in ('models', 'eval', 'analyze', 'adapt', 'demo'):\n"
         "        assert main([c, '--help']) == 0, c\n"
         "    assert main(['eval', '--bogus']) == 2\n"
+        "    assert main(['models']) == 0\n"
     )
     assert not loaded["torch"] and not loaded["transformers"], loaded
 
