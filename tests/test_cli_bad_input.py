@@ -147,7 +147,7 @@ def test_help_is_exit_0(capsys):
 def test_a_bug_is_one_internal_error_line(monkeypatch, capsys):
     import rankwise.models.registry as registry
 
-    def boom():
+    def boom(**kwargs):
         raise KeyError("a bug")
 
     monkeypatch.setattr(registry, "builtin_status", boom)
@@ -163,7 +163,7 @@ def test_a_bug_is_one_internal_error_line(monkeypatch, capsys):
 def test_multi_line_messages_are_folded(monkeypatch, capsys):
     import rankwise.models.registry as registry
 
-    def fail():
+    def fail(**kwargs):
         raise ConfigError("first line\nsecond line")
 
     monkeypatch.setattr(registry, "builtin_status", fail)
