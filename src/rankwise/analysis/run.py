@@ -56,22 +56,17 @@ class AnalysisResult:
         write_json(path, _jsonable(self.to_dict()))
 
     def write_csv(self, path: str | Path) -> None:
-        import os
-        import tempfile
+        from ..files import atomic_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         keys: list[str] = []
         for r in self.layers:
             keys += [k for k in r if k not in keys]
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w", newline="") as f:
+        with atomic_file(path, newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             for r in self.layers:
                 w.writerow({k: ("x".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
                             for k, v in r.items()})
-        os.replace(tmp, path)
 
 
 def _jsonable(o):

@@ -91,14 +91,14 @@ def _corpus_dir() -> Path:
 
 def build_wiki_corpus(dest: Path | None = None) -> Path:
     """Write ``calib.txt`` and ``test.txt`` (articles joined by blank lines) atomically."""
-    from ..files import atomic_dir
+    from ..files import atomic_dir, write_text
 
     dest = dest or _corpus_dir()
     articles = parse_articles()
     with atomic_dir(dest, overwrite=True) as tmp:
         for split in SPLITS:
             keep = [t for i, (_, t) in enumerate(articles) if (i % 10 == 0) == (split == "test")]
-            (tmp / f"{split}.txt").write_text("\n\n".join(keep), encoding="utf-8")
+            write_text(tmp / f"{split}.txt", "\n\n".join(keep))
     return dest
 
 
