@@ -5,9 +5,12 @@
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorpusError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads the defaults below without it
+    import torch
 
 DEFAULT_SEQLEN = 512
 DEFAULT_EVAL_WINDOWS = 64
@@ -17,6 +20,8 @@ DEFAULT_SEED = 3
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """1-D LongTensor of the token ids of ``text`` (no special tokens)."""
+    import torch
+
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
@@ -45,6 +50,8 @@ def calib_windows(ids: torch.Tensor, n: int = DEFAULT_CALIB_WINDOWS, seqlen: int
             f"calibration text has {ids.numel()} tokens, too short for windows of {seqlen}; "
             "use a longer --text-file or a smaller --calib-seqlen"
         )
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=g)
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

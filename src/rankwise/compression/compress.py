@@ -373,6 +373,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
 
     from ..files import atomic_dir, check_new_output
     from ..models.loading import load_tokenizer
+    from ..models.offline import hub_offline
     from ..models.registry import resolve_model
     from ..models.saved import MANIFEST, WEIGHTS_FILE, dedup_state, manifest, write_side_files
     from ..models.skeleton import empty_model, meta_parameters
@@ -391,7 +392,8 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
     check_new_output(out_dir, overwrite)
     path = Path(resolve_model(model_arg))
     index = weight_index(path)
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with hub_offline():
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     tok = load_tokenizer(path)
     model = empty_model(config)
     from ..models.surgery import block_prefix
@@ -443,7 +445,8 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         if (path / "generation_config.json").is_file():
             from transformers import GenerationConfig
 
-            GenerationConfig.from_pretrained(str(path)).save_pretrained(tmp)
+            with hub_offline():
+                GenerationConfig.from_pretrained(str(path), local_files_only=True).save_pretrained(tmp)
         from ..files import write_json
 
         write_json(tmp / MANIFEST, meta)
