@@ -174,8 +174,8 @@ def _bad(src, structure, sets, text_file, tmp_path, capsys, *extra):
     err = capsys.readouterr().err
     assert rc == 2
     assert set(tmp_path.iterdir()) == before  # no output directory, no temporary left behind
-    assert "Traceback" not in err and err.count("error:") == 1 and err.startswith("error:")
-    return " ".join(err.split())
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err  # one line
+    return err
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
