@@ -13,8 +13,9 @@ is the largest whose ``r (l n + b m)`` values fit the layer's budget.
 
 Fallbacks (listed per layer in the report's ``note``): a side whose size has no divisor near 4 (a
 prime) gets 1 block -- that side is not split and the layer is a product of one full factor and one
-block-diagonal one. (The rank cap ``min(p, s)`` never binds below the dense size.) Block counts given as options that do not divide the sizes raise :class:`ConfigError` naming the
-divisors that would work.
+block-diagonal one. (The rank cap ``min(p, s)`` never binds below the dense size.) Block counts
+given as options that do not divide the sizes raise :class:`ConfigError` naming the divisors that
+would work.
 """
 from __future__ import annotations
 
