@@ -167,7 +167,7 @@ def rankwise_layers(setup: Setup, r: dict) -> tuple[dict, dict]:
     else:
         bpw = r.get("bpw")
         if bpw is None:  # a uniform width: the budget is exactly that width's size
-            bpw = 32.0
+            bpw = 16.0
         cfg, meth = build_config(kind, bits_per_weight=bpw, options=opts,
                                  allocate="bits-greedy" if r["alloc"] else "uniform",
                                  allocate_options={"bits": setup.args.alloc_bits} if r["alloc"] else None,
