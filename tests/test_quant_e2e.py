@@ -111,3 +111,14 @@ def test_low_memory_equals_in_memory_for_byte_methods(tmp_path, random_ids, arch
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert any(k.endswith(".codes") for k in a)
+
+
+def test_dense_export_of_a_quantized_layer_keeps_float32():
+    """``to_linear`` (used by --export-dense and PEFT's residual base) must not inherit the float16 storage."""
+    from rankwise.linalg.quant import rtn
+    from rankwise.structures.quant import QuantLinear
+
+    W = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    layer = QuantLinear.from_quantized(rtn(W, 3, 16), None, dtype=torch.float32)
+    lin = layer.to_linear()
+    assert lin.weight.dtype == torch.float32 and torch.equal(lin.weight, layer.dense())
