@@ -297,18 +297,46 @@ def run_row(setup: Setup, row: str, windows: int) -> dict:
 
 # -- latency -------------------------------------------------------------------------------------
 
+def empty_layers(setup: Setup, row: str) -> dict:
+    """Layers of a row's structure filled with random codes: latency depends on the shapes and specs,
+    not on the fitted values, so nothing is fitted."""
+    from rankwise.compression.methods.lorc import plan_lowrank_quant
+    from rankwise.compression.methods.base import get_method
+    from rankwise.structures.base import build_layer
+
+    r = parse_row(row)
+    if r["kind"] == "hqq":
+        return hqq_layers(setup, r)
+    meth = get_method(r["kind"], group_size=r.get("group_size", 128), rotate=r["rotate"],
+                      **({"bits": r["bits"]} if "bits" in r else {}))
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for n, (m, k) in setup.shapes.items():
+        spec = meth.plan_layer((m, k), r.get("bpw", 16.0) * m * k / 8)
+        layer = build_layer({"kind": "lowrank-quant" if "rank" in spec else "quant", "shape": [m, k], "bias": False,
+                             "spec": spec}, device="cpu")
+        with torch.no_grad():
+            for key, t in layer.state_dict().items():
+                if t.dtype == torch.uint8:
+                    t.copy_(torch.randint(0, 256, t.shape, generator=g, dtype=torch.uint8))
+                elif key.endswith("signs"):
+                    continue
+                else:
+                    t.copy_((torch.rand(t.shape, generator=g) * 1e-2).to(t.dtype))
+        out[n] = layer
+    return out
+
+
 def latency(setup: Setup, rows: list[str], rounds: int) -> dict:
-    """Prefill (512 tokens, ``logits_to_keep=1``) and decode seconds per token of dense vs quantized rows,
-    interleaved round-robin, medians."""
+    """Prefill (512 tokens, ``logits_to_keep=1``) and decode seconds per token of dense vs the rows'
+    structures, interleaved round-robin, medians."""
     import statistics
 
     from rankwise.evaluation.latency import decode_tokens_per_second, prefill_seconds
 
     variants = {"dense": None}
     for row in rows:
-        r = parse_row(row)
-        layers = hqq_layers(setup, r) if r["kind"] == "hqq" else rankwise_layers(setup, r)[0]
-        variants[row] = layers
+        variants[row] = empty_layers(setup, row)
     res = {v: {"prefill": [], "decode": []} for v in variants}
     for _ in range(rounds):
         for v, layers in variants.items():
