@@ -290,7 +290,8 @@ def run_row(setup: Setup, row: str, windows: int) -> dict:
             ppl = setup.ppl(windows)
         finally:
             swap_in(setup, old)
-    return {"row": row, **r, "eval_windows": windows, "ppl": ppl, "targeted_bytes": tbytes,
+    calib = setup.args.calib_windows if setup._stats is not None else None
+    return {"row": row, **r, "eval_windows": windows, "calib_windows": calib, "ppl": ppl, "targeted_bytes": tbytes,
             "bits_per_weight": 8.0 * tbytes / targeted_values, "model_bytes": tbytes + rest,
             "seconds": time.perf_counter() - t0, **extra}
 
@@ -372,9 +373,11 @@ def save_results(path: Path, data: dict) -> None:
 
 def render(data: dict, png: Path | None) -> str:
     rows = data["rows"]
-    lines = ["| row | eval windows | bits/weight | targeted MB | model MB | ppl |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| row | calib x eval windows | bits/weight | targeted MB | model MB | ppl |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["eval_windows"], r["bits_per_weight"])):
-        lines.append(f"| {r['row']} | {r['eval_windows']} | {r['bits_per_weight']:.3f} | "
+        cal = r.get("calib_windows") or "-"
+        lines.append(f"| {r['row']} | {cal} x {r['eval_windows']} | {r['bits_per_weight']:.3f} | "
                      f"{r['targeted_bytes'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.2f} | {r['ppl']:.2f} |")
     if png is not None and rows:
         import matplotlib
@@ -429,11 +432,14 @@ def main(argv=None) -> None:
     out = Path(args.out)
     data = load_results(out)
     if args.render:
+        extra = out.with_name(out.stem + "_llmc.json")  # llm-compressor rows (run in their own venv)
+        if extra.is_file():
+            data["rows"] += json.loads(extra.read_text())["rows"]
         print(render(data, out.with_suffix(".png")))
         return
     torch.set_num_threads(args.threads)
     setup = Setup(args)
-    data.setdefault("protocol", {"model": str(setup.path), "calib_windows": args.calib_windows,
+    data.setdefault("protocol", {"model": str(setup.path), "calib_windows": "per row (calib_windows)",
                                  "calib_seqlen": args.calib_seqlen, "seed": args.seed, "mode": "one-shot",
                                  "threads": args.threads, "eval_seqlen": 512,
                                  "byte_rule": "integer tensors as stored, floating at 2 bytes/value; "
@@ -446,7 +452,8 @@ def main(argv=None) -> None:
                           for k, v in data["latency"]["results"].items()}, indent=1))
         return
     for row in [r for r in args.rows.split(",") if r]:
-        if any(x["row"] == row and x["eval_windows"] == args.eval_windows for x in data["rows"]):
+        if any(x["row"] == row and x["eval_windows"] == args.eval_windows
+               and x.get("calib_windows") in (None, args.calib_windows) for x in data["rows"]):
             print("skip (done)", row, flush=True)
             continue
         res = run_row(setup, row, args.eval_windows)
