@@ -121,10 +121,15 @@ def counted_bytes(tensors) -> int:
 
 def parse_row(row: str) -> dict:
     parts = row.split(":")
-    d = {"id": row, "kind": parts[0], "rotate": "rot" in parts[1:], "alloc": "alloc" in parts[1:]}
+    d = {"id": row, "kind": parts[0], "rotate": "rot" in parts[1:], "alloc": "alloc" in parts[1:],
+         "sequential": "seq" in parts[1:]}
     for p in parts[1:]:
         if p.startswith("bpw"):
             d["bpw"] = float(p[3:])
+        elif p in ("rot", "alloc", "seq"):
+            continue
+        elif p == "qrtn":  # quantized + low rank with round-to-nearest Q-steps
+            d["quantizer"] = "rtn"
         elif p.startswith("b"):
             d["bits"] = int(p[1:])
         elif p.startswith("g"):
@@ -160,6 +165,8 @@ def rankwise_layers(setup: Setup, r: dict) -> tuple[dict, dict]:
             opts["bits"] = r["bits"]
         if "iters" in r:
             opts["iters"] = r["iters"]
+        if "quantizer" in r:
+            opts["quantizer"] = r["quantizer"]
     if kind == "lowrank":
         elem = 2  # factors counted at 2 bytes per value, as everything else
         cfg, meth = build_config("lowrank", ratio=1.0 - r["bpw"] / (8 * elem), options={"method": "svd-llm"},
@@ -192,6 +199,31 @@ def rankwise_layers(setup: Setup, r: dict) -> tuple[dict, dict]:
         layers[n] = meth.fit(inputs[n], None, stats.get(n), spec)
     return layers, {"allocation_seconds": t_alloc, "fit_seconds": time.perf_counter() - t0,
                     "specs": {n: layers[n].spec() for n in layers}, "options": cfg.options}
+
+
+def engine_layers(setup: Setup, r: dict) -> tuple[dict, dict]:
+    """The row through :func:`rankwise.compression.compress.compress` (sequential calibration, the same
+    calibration windows), on a copy of the model; returns its structured layers and the report summary."""
+    import copy
+
+    from rankwise.compression.compress import compress
+    from rankwise.models.saved import structured_layers
+
+    a = setup.args
+    opts = {"group_size": r.get("group_size", 128), "rotate": r["rotate"]}
+    if "bits" in r:
+        opts["bits"] = r["bits"]
+    if "iters" in r:
+        opts["iters"] = r["iters"]
+    model, rep = compress(copy.deepcopy(setup.model), r["kind"], bits_per_weight=r.get("bpw", 16.0), options=opts,
+                          tokenizer=setup.tok, allocate="bits-greedy" if r["alloc"] else "uniform",
+                          allocate_options={"bits": a.alloc_bits} if r["alloc"] else None,
+                          calib_options={"windows": a.calib_windows, "seqlen": a.calib_seqlen, "seed": a.seed},
+                          progress=False)
+    layers = structured_layers(model)
+    bits = [lr.spec.get("bits") for lr in rep.layers if lr.spec]
+    return layers, {"fit_seconds": rep.seconds, "mode": rep.mode, "report_bits_per_weight": rep.bits_per_weight,
+                    "bits_histogram": {str(b): bits.count(b) for b in sorted(set(bits))}}
 
 
 def memoize_fit(setup: Setup, meth) -> None:
@@ -246,15 +278,17 @@ def quanto_model_bytes(model, names) -> tuple[int, dict]:
     return total, gs
 
 
-def run_row(setup: Setup, row: str, windows: int) -> dict:
+def run_row(setup: Setup, row: str, windows: int, more: tuple[int, ...] = ()) -> list[dict]:
+    """The row's results at ``windows`` evaluation windows (and at each of ``more``, same layers)."""
     r = parse_row(row)
     targeted_values = sum(m * n for m, n in setup.shapes.values())
     rest = 2 * setup.rest_values()
     t0 = time.perf_counter()
     extra: dict = {}
+    counts = (windows, *more)
     if r["kind"] == "dense":
         tbytes = 2 * targeted_values
-        ppl = setup.ppl(windows)
+        ppl = [setup.ppl(w) for w in counts]
     elif r["kind"] == "quanto":
         import copy
 
@@ -269,9 +303,17 @@ def run_row(setup: Setup, row: str, windows: int) -> dict:
         extra["group_sizes"] = sorted({str(v) for v in gs.values()})
         setup.model = model
         try:
-            ppl = setup.ppl(windows)
+            ppl = [setup.ppl(w) for w in counts]
         finally:
             setup.model = base
+    elif r["sequential"]:  # the real engine end to end (rankwise.compress's default sequential mode)
+        layers, extra = engine_layers(setup, r)
+        tbytes = sum(layer.nbytes() for layer in layers.values())
+        old = swap_in(setup, layers)
+        try:
+            ppl = [setup.ppl(w) for w in counts]
+        finally:
+            swap_in(setup, old)
     else:
         if r["kind"] == "hqq":
             layers = hqq_layers(setup, r)
@@ -287,13 +329,14 @@ def run_row(setup: Setup, row: str, windows: int) -> dict:
             extra.pop("specs")
         old = swap_in(setup, layers)
         try:
-            ppl = setup.ppl(windows)
+            ppl = [setup.ppl(w) for w in counts]
         finally:
             swap_in(setup, old)
-    calib = setup.args.calib_windows if setup._stats is not None else None
-    return {"row": row, **r, "eval_windows": windows, "calib_windows": calib, "ppl": ppl, "targeted_bytes": tbytes,
-            "bits_per_weight": 8.0 * tbytes / targeted_values, "model_bytes": tbytes + rest,
-            "seconds": time.perf_counter() - t0, **extra}
+    calibrated = r["kind"] in ("gptq", "lorc", "lq", "lowrank") or r["alloc"] or r["sequential"]
+    calib = setup.args.calib_windows if calibrated else None
+    return [{"row": row, **r, "eval_windows": w, "calib_windows": calib, "ppl": p, "targeted_bytes": tbytes,
+             "bits_per_weight": 8.0 * tbytes / targeted_values, "model_bytes": tbytes + rest,
+             "seconds": time.perf_counter() - t0, **extra} for w, p in zip(counts, ppl)]
 
 
 # -- latency -------------------------------------------------------------------------------------
@@ -372,7 +415,12 @@ def save_results(path: Path, data: dict) -> None:
 
 
 def render(data: dict, png: Path | None) -> str:
-    rows = data["rows"]
+    rows, seen = [], set()
+    for r in data["rows"]:  # one result per (row, windows), the first recorded
+        key = (r["row"], r["eval_windows"], r.get("calib_windows"))
+        if key not in seen:
+            seen.add(key)
+            rows.append(r)
     lines = ["| row | calib x eval windows | bits/weight | targeted MB | model MB | ppl |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["eval_windows"], r["bits_per_weight"])):
@@ -417,6 +465,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--rows", default="")
     ap.add_argument("--eval-windows", type=int, default=8)
+    ap.add_argument("--full-windows", type=int, default=64, help="evaluation windows of the --full-rows")
+    ap.add_argument("--full-rows", default="", help="rows also evaluated at --full-windows (same fitted layers)")
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=3)
@@ -432,10 +482,16 @@ def main(argv=None) -> None:
     out = Path(args.out)
     data = load_results(out)
     if args.render:
-        extra = out.with_name(out.stem + "_llmc.json")  # llm-compressor rows (run in their own venv)
-        if extra.is_file():
-            data["rows"] += json.loads(extra.read_text())["rows"]
+        for extra in sorted(out.parent.glob(out.stem + "_*.json")):  # other runs: llm-compressor (own venv), ...
+            more = json.loads(extra.read_text())
+            data["rows"] += more.get("rows", [])
+            data.setdefault("latency", more.get("latency"))
         print(render(data, out.with_suffix(".png")))
+        if data.get("latency"):
+            print("\n| structure | prefill 512 tok (s) | vs dense | decode (s/token) | vs dense |\n|---|---:|---:|---:|---:|")
+            for v, d in data["latency"]["results"].items():
+                print(f"| {v} | {d['prefill_s']:.3f} | {d['prefill_vs_dense']:.2f}x | {d['decode_s_per_token']:.4f} | "
+                      f"{d['decode_vs_dense']:.2f}x |")
         return
     torch.set_num_threads(args.threads)
     setup = Setup(args)
@@ -452,14 +508,17 @@ def main(argv=None) -> None:
                           for k, v in data["latency"]["results"].items()}, indent=1))
         return
     for row in [r for r in args.rows.split(",") if r]:
-        if any(x["row"] == row and x["eval_windows"] == args.eval_windows
-               and x.get("calib_windows") in (None, args.calib_windows) for x in data["rows"]):
+        wanted = [args.eval_windows] + ([args.full_windows] if row in args.full_rows.split(",") else [])
+        todo = [w for w in wanted if not any(x["row"] == row and x["eval_windows"] == w
+                                             and x.get("calib_windows") in (None, args.calib_windows)
+                                             for x in data["rows"])]
+        if not todo:
             print("skip (done)", row, flush=True)
             continue
-        res = run_row(setup, row, args.eval_windows)
-        print(json.dumps(res), flush=True)
-        data["rows"].append(res)
-        save_results(out, data)  # incrementally
+        for res in run_row(setup, row, todo[0], tuple(todo[1:])):
+            print(json.dumps(res), flush=True)
+            data["rows"].append(res)
+            save_results(out, data)  # incrementally
 
 
 if __name__ == "__main__":
