@@ -25,7 +25,7 @@ def _expected_trainable(init: str, m: int, n: int, r: int) -> int:
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("init", sorted(INITS))
+@pytest.mark.parametrize("init", sorted(n for n in INITS if not INITS[n].quantized))  # quantized: test_adapt_quant
 def test_step0_equals_base_and_counts(arch, init):
     model = tiny_model(arch)
     ids = _ids()

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import ConfigError, NoTargetLayersError, NumericalError
 from ..models.surgery import find_linears, find_modules, set_module
+from ..structures.base import StructuredLinear
 from ..structures.lowrank import LowRankLinear
 from .inits import InitContext, eva_eigen, eva_ranks, get_init
 from .layers import AdapterLayer, adapter_layers, base_dense, base_shape
@@ -63,9 +64,10 @@ def adapt(model: nn.Module, init: str = "pissa", rank: int = 16, alpha: float | 
         if rank > min(m, n):
             raise ConfigError(f"rank {rank} is larger than min(out, in) = {min(m, n)} of layer {name} "
                               f"({m} x {n}); use --rank <= {min(m, n)} or exclude the layer with --targets")
-    unknown = set(options) - {"gamma", "sb_step", "ramp_steps", "svd_niter"}
+    valid = {"gamma", "sb_step", "ramp_steps", "svd_niter", "bits", "group_size", "iters"}
+    unknown = set(options) - valid
     if unknown:
-        raise ConfigError(f"unknown adapt options {sorted(unknown)}; valid: gamma, sb_step, ramp_steps, svd_niter")
+        raise ConfigError(f"unknown adapt options {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
     ctx = InitContext(alpha=alpha, rslora=rslora, seed=seed, svd=svd, **options)
     ranks = {n: rank for n in layers}
     if spec.needs == "activations":
@@ -75,6 +77,12 @@ def adapt(model: nn.Module, init: str = "pissa", rank: int = 16, alpha: float | 
         ctx.eigen = eva_eigen(stats, keep=2 * rank)
         del stats
         ranks = eva_ranks(ctx.eigen, rank)
+    elif spec.needs == "covariance":
+        from ..calibration.stats import collect_input_stats
+
+        stats = collect_input_stats(model, _calib_batches(calib, init), list(layers), progress=progress)
+        ctx.covs = {n: st.cov for n, st in stats.items()}
+        del stats
     elif spec.needs == "gradients":
         from ..calibration.gradients import accumulate_gradients
 
@@ -129,10 +137,16 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Replace every adapter by its base with ``Delta W`` folded in (in place).
 
     Dense bases get ``W + Delta W``; a ``LowRankLinear`` base ``B A`` becomes the exact rank-(k + r)
-    layer ``[B | L] [A ; R]`` from the adapter's factors ``L R = Delta W``.
+    layer ``[B | L] [A ; R]`` from the adapter's factors ``L R = Delta W``; any other structured base
+    (a quantized one) becomes a dense ``nn.Linear`` with ``W' + Delta W`` (its de-quantized weight
+    plus the update: a quantized grid cannot absorb the update exactly).
     """
     for name, a in adapter_layers(model).items():
-        if isinstance(a.base, LowRankLinear):
+        if isinstance(a.base, StructuredLinear) and not isinstance(a.base, LowRankLinear):
+            lin = a.base.to_linear()
+            lin.weight.data += a.delta().to(lin.weight.device, lin.weight.dtype)
+            set_module(model, name, lin)
+        elif isinstance(a.base, LowRankLinear):
             if a.merged:
                 a.unmerge()
             L, R = a.factors()

@@ -36,8 +36,12 @@ class InitContext:
     gamma: float = 16.0           # LoRA-GA's stable scale gamma
     sb_step: float = 1e-3         # LoRA-SB: size eta of the approximated first step -eta G
     ramp_steps: int = 10          # SingLoRA's ramp T
+    bits: int = 4                 # lq-lora / loftq: code width of the quantized base
+    group_size: int = 64          # lq-lora / loftq: input columns per quantization group
+    iters: int = 5                # lq-lora: alternation rounds after the init; loftq: alternations T
     eigen: dict = field(default_factory=dict)     # name -> (ratios, top eigenvectors) (EVA)
     grads: dict = field(default_factory=dict)     # name -> mean gradient (out, in) (LoRA-GA, LoRA-SB)
+    covs: dict = field(default_factory=dict)      # name -> input covariance X^T X (in, in) (LQ-LoRA)
 
     def scaling(self, r: int) -> float:
         alpha = float(self.alpha if self.alpha is not None else r)
@@ -53,18 +57,20 @@ class InitContext:
 class InitSpec:
     name: str
     fn: Callable[..., AdapterLayer]
-    needs: str = "none"            # "none" | "activations" | "gradients"
-    residual: bool = False         # the base becomes W - Delta W_0
+    needs: str = "none"            # "none" | "activations" | "covariance" | "gradients"
+    residual: bool = False         # the base becomes W - Delta W_0 (or, quantized, Q ~ W - Delta W_0)
     peft: bool = False             # result is a plain LoRA (lora_A, lora_B) PEFT can load
     summary: str = ""
+    quantized: bool = False        # the base becomes a frozen QuantLinear (lq-lora, loftq)
 
 
 INITS: dict[str, InitSpec] = {}
 
 
-def register(name: str, needs: str = "none", residual: bool = False, peft: bool = False):
+def register(name: str, needs: str = "none", residual: bool = False, peft: bool = False, quantized: bool = False):
     def deco(fn):
-        INITS[name] = InitSpec(name, fn, needs, residual, peft, (fn.__doc__ or "").strip().splitlines()[0])
+        INITS[name] = InitSpec(name, fn, needs, residual, peft, (fn.__doc__ or "").strip().splitlines()[0],
+                               quantized)
         return fn
     return deco
 

@@ -24,13 +24,14 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..models.surgery import Conv1D, linear_weight
+from ..structures.base import StructuredLinear
 from ..structures.lowrank import LowRankLinear
 
 
 # ---- the frozen base --------------------------------------------------------------------------
 
 def base_shape(base: nn.Module) -> tuple[int, int]:
-    if isinstance(base, LowRankLinear):
+    if isinstance(base, StructuredLinear):
         return base.out_features, base.in_features
     w = linear_weight(base)
     return int(w.shape[0]), int(w.shape[1])
@@ -39,7 +40,7 @@ def base_shape(base: nn.Module) -> tuple[int, int]:
 def base_dense(base: nn.Module) -> torch.Tensor:
     """The base layer's dense weight (out, in) as a float32 copy."""
     with torch.no_grad():
-        if isinstance(base, LowRankLinear):
+        if isinstance(base, StructuredLinear):
             return base.dense().float()
         return linear_weight(base).detach().float().clone()
 
@@ -65,6 +66,9 @@ def add_to_base(base: nn.Module, delta: torch.Tensor, alpha: float = 1.0) -> Non
         base.B.weight.copy_((U[:, :k] * sq).to(base.B.weight.dtype))
         base.A.weight.copy_((sq[:, None] * Vh[:k]).to(base.A.weight.dtype))
         return
+    if isinstance(base, StructuredLinear):
+        raise ConfigError(f"cannot add an update to a {base.kind} layer in place (its stored form cannot hold it); "
+                          "keep the adapter unmerged, or merge_and_unload (which makes the layer dense)")
     w = linear_weight(base)
     w.copy_((w.float() + alpha * delta.to(w.device).float()).to(w.dtype))
 

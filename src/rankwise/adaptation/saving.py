@@ -11,6 +11,13 @@ the plain LoRA of doubled rank (PEFT's conversion)::
 which is the default export (``form="original"``). ``form="residual"`` writes the rank-r adapter plus
 the residual base model under ``residual_base/``.
 
+Quantized bases (``lq-lora``, ``loftq``): the frozen base is ``Q ~ W - Delta W_0``, not equal to it, so
+the conversion onto the original ``W`` would change the model; only ``form="residual"`` is exact.
+PEFT cannot load rankwise's packed ``QuantLinear`` (it wraps ``nn.Linear``, ``Conv1D`` and the
+layers of bitsandbytes, GPTQ, AWQ, HQQ, ...): ``residual_base/`` holds the *de-quantized* base
+``dequant(Q)`` as a plain transformers checkpoint, so ``PeftModel.from_pretrained(residual_base,
+adapter)`` computes the same function as the rankwise model (in float32, not in 4 bits).
+
 rankwise format (every init): ``adapt.json`` + ``adapter.safetensors`` with the trained tensors
 ``<module>.<tensor>`` and, for residual inits, the initial ones ``init.<module>.<tensor>``; loading onto
 the original model subtracts ``Delta W_0`` again.
@@ -30,6 +37,7 @@ from torch import nn
 from ..files import atomic_dir, write_json
 from ..errors import ArtifactError, ConfigError
 from ..models.surgery import set_module
+from ..structures.base import StructuredLinear
 from ..structures.lowrank import LowRankLinear
 from .attach import META_ATTR, merge_and_unload
 from .layers import (
@@ -38,7 +46,7 @@ from .layers import (
 )
 
 FORMAT = "rankwise-adapter"
-PEFT_INITS = ("lora", "eva", "pissa", "milora", "olora", "lora-ga")
+PEFT_INITS = ("lora", "eva", "pissa", "milora", "olora", "lora-ga", "lq-lora", "loftq")
 
 
 def _meta(model: nn.Module) -> dict:
@@ -70,6 +78,12 @@ def peft_state(model: nn.Module, form: str = "original") -> tuple[dict[str, torc
     layers = _check_peft(model, meta)
     if form not in ("original", "residual"):
         raise ConfigError(f"unknown PEFT export form {form!r}; use 'original' or 'residual'")
+    quant = [n for n, a in layers.items() if _quantized_base(a)]
+    if quant and form == "original":
+        raise ConfigError(
+            f"the adapters sit on a quantized base (e.g. {quant[0]}) that only approximates W - Delta W_0, so PEFT's "
+            "conversion onto the original weights would change the model; export form='residual' (--peft-form "
+            "residual): the rank-r adapter plus residual_base/, the de-quantized base as a transformers checkpoint")
     convert = meta["residual"] and form == "original"
     rslora = bool(meta["rslora"])
     tensors, ranks, alphas = {}, {}, {}
@@ -104,13 +118,18 @@ def _peft_provenance(model: nn.Module, form: str) -> dict:
     return {"init": meta["init"], "form": form if meta["residual"] else "plain", "rank": meta["rank"]}
 
 
+def _quantized_base(a: AdapterLayer) -> bool:
+    return isinstance(a.base, StructuredLinear) and not isinstance(a.base, LowRankLinear)
+
+
 def _model_without_adapters(model: nn.Module) -> nn.Module:
-    """A deep copy with each adapter replaced by its (possibly residual) base: the residual base model."""
+    """A deep copy with each adapter replaced by its (possibly residual) base: the residual base model.
+    A quantized base is de-quantized into an ``nn.Linear`` (a plain transformers checkpoint)."""
     m = copy.deepcopy(model)
     for name, a in adapter_layers(m).items():
         if a.merged:
             a.unmerge()
-        set_module(m, name, a.base)
+        set_module(m, name, a.base.to_linear() if _quantized_base(a) else a.base)
     if hasattr(m, META_ATTR):
         delattr(m, META_ATTR)
     return m
@@ -157,6 +176,10 @@ def save_rankwise(model: nn.Module, out: str | os.PathLike, overwrite: bool = Fa
 
     meta = _meta(model)
     layers = adapter_layers(model)
+    if any(_quantized_base(a) for a in layers.values()):
+        raise ConfigError("rankwise's adapter format reloads adapters onto the original dense model; adapters on a "
+                          "quantized base (lq-lora, loftq) export to PEFT's format with form='residual' (adapter + "
+                          "de-quantized residual_base/) or merge into a dense checkpoint (--merge)")
     tensors = {}
     for name, a in layers.items():
         for k, v in a.adapter_state().items():

@@ -11,7 +11,7 @@ from ._common import ModelArg, QuietOpt, TextFileOpt, console, setup, table
 
 def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_size, seqlen, grad_accum, warmup,
               eval_every, eval_windows, text_file, calib_windows, seed, svd, bf16, out, fmt, peft_form, merge,
-              overwrite, quiet):
+              overwrite, quiet, quant_bits=4, quant_group_size=64, quant_iters=5):
     import torch
 
     from ..adaptation.attach import adapt, count_trainable
@@ -39,8 +39,11 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
     n = steps * batch_size * grad_accum
     windows = sample_windows(train_ids, n=n, seqlen=seqlen, seed=seed)
     calib = sample_windows(train_ids, n=calib_windows, seqlen=seqlen, seed=seed + 1) if spec.needs != "none" else None
+    quant = {"bits": quant_bits, "group_size": quant_group_size, "iters": quant_iters} if spec.quantized else {}
+    if spec.quantized:
+        peft_form = "residual"  # the only exact PEFT form on a quantized base (adaptation.saving)
     adapt(model, init, rank=rank, alpha=alpha, targets=targets, calib=calib, rslora=rslora, seed=seed, svd=svd,
-          progress=not quiet)
+          progress=not quiet, **quant)
     model._rankwise_adapt["base_model"] = str(path)
     compressed = any(isinstance(m, LowRankLinear) for m in model.modules())
     if fmt == "auto":
@@ -82,7 +85,8 @@ def register(app: typer.Typer) -> None:
     def adapt_cmd(
         model: Optional[str] = ModelArg,
         init: str = typer.Option("pissa", help="Initialization: lora, pissa, milora, olora, eva, lora-ga, lora-sb, "
-                                               "nlora, nlora-inttune, loldu, salt, singlora."),
+                                               "nlora, nlora-inttune, loldu, salt, singlora; on a quantized base: "
+                                               "lq-lora, loftq."),
         rank: int = typer.Option(16, min=1, help="Adapter rank r (EVA: average rank; budget r x layers)."),
         alpha: Optional[float] = typer.Option(None, help="LoRA alpha; scaling = alpha / r (default alpha = r)."),
         rslora: bool = typer.Option(False, "--rslora", help="Scaling alpha / sqrt(r)."),
@@ -104,16 +108,20 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Output directory."),
         fmt: str = typer.Option("auto", "--format", help="auto (PEFT when possible), peft or rankwise."),
         peft_form: str = typer.Option("original", help="PiSSA-like inits: 'original' (converted LoRA of rank 2r on "
-                                                       "the unmodified base) or 'residual' (+ residual_base/)."),
+                                                       "the unmodified base) or 'residual' (+ residual_base/); "
+                                                       "lq-lora / loftq always 'residual' (de-quantized base)."),
         merge: bool = typer.Option(False, "--merge", help="Save the merged dense checkpoint instead of the adapter."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+        quant_bits: int = typer.Option(4, "--quant-bits", help="lq-lora / loftq: code width of the frozen base."),
+        quant_group_size: int = typer.Option(64, "--quant-group-size", help="lq-lora / loftq: quantization group size."),
+        quant_iters: int = typer.Option(5, "--quant-iters", help="lq-lora: alternation rounds; loftq: alternations."),
         quiet: bool = QuietOpt,
     ) -> None:
         """Attach low-rank adapters initialized from the spectrum / activations / gradients, train, save."""
         setup(quiet)
         log, res = run_adapt(model, init, rank, alpha, rslora, targets, steps, lr, batch_size, seqlen, grad_accum,
                              warmup, eval_every, eval_windows, text_file, calib_windows, seed, svd, bf16, out, fmt,
-                             peft_form, merge, overwrite, quiet)
+                             peft_form, merge, overwrite, quiet, quant_bits, quant_group_size, quant_iters)
         ppl = res.evals[-1]["ppl"] if res.evals else None
         table("rankwise adapt", ["init", "rank", "trainable params", "steps", "first loss", "last loss",
                                  "test ppl", "s/step", "saved as"],

@@ -168,7 +168,8 @@ def register(app: typer.Typer) -> None:
         allocate: Optional[str] = typer.Option(None, "--allocate",
                                                help="Rank allocator: uniform | spectrum | spectrum-typed | "
                                                     "spectrum-band | svd-llm-v2 | sensitivity | sensitivity-band "
-                                                    "(default: uniform; svd-llm-v2 with --method svd-llm-v2)."),
+                                                    "(default: uniform; svd-llm-v2 with --method svd-llm-v2); byte "
+                                                    "budgets: uniform | bits-greedy (widths and ranks per layer)."),
         min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep."),
         speed_aware: bool = typer.Option(False, "--speed-aware/--no-speed-aware",
                                          help="Keep layers dense whose factorized form is not faster (measured, "

@@ -123,6 +123,28 @@ def check_bits(bits: float) -> float:
     return b
 
 
+def check_allocator(allocate: str, structure: str, meth: Method) -> None:
+    """:class:`ConfigError` unless ``--allocate`` shares the budget ``--structure`` takes and the method
+    provides what the allocator reads (a factorization for ranks, candidate settings for bytes)."""
+    from .allocation import ALLOCATORS
+
+    alloc = get_allocator(allocate)
+    if allocate == "uniform":
+        return
+    if alloc.budget != meth.budget:
+        same = sorted(n for n in ALLOCATORS.names() if ALLOCATORS.get(n).budget == meth.budget)
+        flag = {"params": "--ratio", "bytes": "--bits-per-weight"}
+        raise ConfigError(f"--allocate {allocate} shares a {alloc.budget} budget ({flag[alloc.budget]}); --structure "
+                          f"{structure} takes a {meth.budget} budget ({flag[meth.budget]}): use --allocate uniform"
+                          + (f" or one of {', '.join(same)}" if same else ""))
+    if alloc.needs == "spectra" and not hasattr(meth, "factorize"):
+        raise ConfigError(f"--allocate {allocate} allocates ranks of low-rank factors; --structure {structure} "
+                          "takes --allocate uniform")
+    if alloc.needs == "costs" and not hasattr(meth, "candidates"):
+        raise ConfigError(f"--allocate {allocate} chooses among a structure's candidate settings; --structure "
+                          f"{structure} offers none: use --allocate uniform")
+
+
 def build_config(structure: str | None = None, ratio: float | None = None, bits_per_weight: float | None = None, *,
                  method: str | None = None, options: Mapping[str, Any] | None = None, targets=None,
                  allocate: str | None = None, allocate_options: AllocateOptions | Mapping[str, Any] | None = None,
@@ -149,10 +171,7 @@ def build_config(structure: str | None = None, ratio: float | None = None, bits_
         bits_per_weight = check_bits(bits_per_weight)
     if allocate is None:  # SVD-LLM v2 is its truncation and its allocation together
         allocate = "svd-llm-v2" if opts.get("method") == "svd-llm-v2" else "uniform"
-    get_allocator(allocate)
-    if allocate != "uniform" and not hasattr(meth, "factorize"):
-        raise ConfigError(f"--allocate {allocate} allocates ranks of low-rank factors; --structure {structure} "
-                          "takes --allocate uniform")
+    check_allocator(allocate, structure, meth)
     cfg = CompressConfig(structure, dataclasses.asdict(meth.options), ratio, bits_per_weight, targets, allocate,
                          make_options(AllocateOptions, allocate_options, {}, "allocator"),
                          make_options(EngineOptions, engine, {}, "engine").validate(),
@@ -171,21 +190,44 @@ def _targets(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[int
 
 
 def make_plan(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[int, int]],
-              factorizations: Mapping[str, Any], context: AllocationContext) -> tuple[dict, dict]:
-    """``({name: spec or None}, allocation info)``."""
-    info: dict[str, Any] = {}
+              measured: Mapping[str, Any], context: AllocationContext) -> tuple[dict, dict]:
+    """``({name: spec or None}, allocation info)``.
+
+    ``measured`` is what the allocator's dry pass measured per layer (:func:`measure_layer`):
+    factorizations (``needs="spectra"``) or candidate tables (``needs="costs"``). A params method with a
+    factorization gets its ranks from the allocator; a bytes method gets its specs from a bytes
+    allocator, or with ``--allocate uniform`` each layer its own ``plan_layer`` at the uniform budget.
+    """
+    alloc = get_allocator(cfg.allocate)
     if hasattr(method, "factorize") and method.budget == "params":
-        req = AllocationRequest(cfg.ratio, shapes, factorizations, cfg.allocate_options, context)
-        ranks = get_allocator(cfg.allocate).fn(req)
+        req = AllocationRequest(cfg.ratio, shapes, measured, cfg.allocate_options, context)
+        ranks = alloc.fn(req)
         check_plan(shapes, ranks)
         return {n: (None if ranks.get(n) is None else {"rank": int(ranks[n])}) for n in shapes}, req.info
+    if method.budget == "bytes" and alloc.budget == "bytes":
+        req = AllocationRequest(None, shapes, {}, cfg.allocate_options, context,
+                                bits_per_weight=cfg.bits_per_weight, costs=measured)
+        return alloc.fn(req), req.info
     plan = {}
     for n, target in _targets(method, cfg, shapes).items():
         try:
             plan[n] = method.plan_layer(shapes[n], target)
         except ConfigError as e:
             raise ConfigError(f"layer {n} ({shapes[n][0]} x {shapes[n][1]}): {e}") from None
-    return plan, info
+    return plan, {}
+
+
+def measure_layer(method: Method, needs: str, W: torch.Tensor, stats, options: AllocateOptions | None = None):
+    """What an allocator with ``needs`` reads of one layer, measured on the dense model's statistics:
+    its spectrum (``"spectra"``: the factorization with the singular vectors dropped, the final pass
+    refactorizes) or its candidate settings with bytes and whitened errors (``"costs"``)."""
+    if needs == "spectra":
+        fac = method.factorize(W, stats)
+        fac.U, fac.Vh = fac.U[:, :0], fac.Vh[:0]
+        return fac
+    if needs == "costs":
+        return method.candidates(W, stats, (options or AllocateOptions()).bits)
+    raise ConfigError(f"unknown allocator measurement {needs!r}")
 
 
 # -- fitting and reporting ---------------------------------------------------------------------------
@@ -232,19 +274,17 @@ def _dense_report(name: str, shape: tuple[int, int], elem: int) -> LayerReport:
     return LayerReport(name, shape, None, None, m * n, m * n, m * n * elem, m * n * elem)
 
 
-class _SpectraFitter:
-    """A dry pass's ``fit``: the full factorization of each layer, kept for the allocator."""
+class _DryFitter:
+    """A dry pass's ``fit``: what the allocator reads of each layer (:func:`measure_layer`), kept for the plan."""
 
-    def __init__(self, method: Method) -> None:
-        self.method, self.factorizations = method, {}
+    def __init__(self, method: Method, needs: str, options: AllocateOptions) -> None:
+        self.method, self.needs, self.options, self.measured = method, needs, options, {}
 
     def __call__(self, items: Mapping[str, LayerInput]) -> dict:
         for name, x in items.items():
             if not bool(torch.isfinite(x.W).all()):
                 raise NumericalError(f"layer {name} has non-finite weights (nan/inf); fix or reload the model")
-            fac = self.method.factorize(x.W, x.stats)
-            fac.U, fac.Vh = fac.U[:, :0], fac.Vh[:0]  # keep only the spectrum: the final pass refactorizes
-            self.factorizations[name] = fac
+            self.measured[name] = measure_layer(self.method, self.needs, x.W, x.stats, self.options)
         return {}
 
 
@@ -255,18 +295,20 @@ def _needs(method: Method) -> set[str]:
 def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method, cfg: CompressConfig,
          windows: torch.Tensor, fisher: Mapping[str, torch.Tensor], progress: bool,
          context: AllocationContext) -> tuple[dict[str, LayerReport], dict]:
-    """The plan (with a dry spectra pass if the allocator needs it) and the engine pass."""
+    """The plan (after a dry one-shot pass on the dense model when the allocator measures layers) and
+    the engine pass."""
     shapes = {n: linear_shape(m) for n, m in modules.items()}
     needs = _needs(method)
     need_cov = COV in needs
-    facs: dict = {}
-    if get_allocator(cfg.allocate).needs_spectra:
-        spectra = _SpectraFitter(method)
+    alloc = get_allocator(cfg.allocate)
+    measured: dict = {}
+    if alloc.needs != "none":
+        probe = _DryFitter(method, alloc.needs, cfg.allocate_options)
         dry = dataclasses.replace(cfg.engine, mode="one-shot", granularity="block", refit=False)
-        Engine(source, modules, {n: {} for n in modules}, spectra, dry, need_cov=need_cov, fisher=fisher,
-               progress=progress, dry=True).run(windows)
-        facs = spectra.factorizations
-    plan, info = make_plan(method, cfg, shapes, facs, context)
+        Engine(source, modules, {n: {} for n in modules}, probe, dry, need_cov=need_cov or alloc.needs == "costs",
+               fisher=fisher, progress=progress, dry=True).run(windows)
+        measured = probe.measured
+    plan, info = make_plan(method, cfg, shapes, measured, context)
     dtype = next(p for p in source.model.parameters() if p.is_floating_point()).dtype
     elem = torch.empty((), dtype=dtype).element_size()
     fitter = _Fitter(method, dtype)

@@ -96,9 +96,11 @@ class StructuredLinear(nn.Module):
         return lin
 
     def compute_dtype(self) -> torch.dtype:
-        """The floating dtype the layer computes in (its first floating tensor's)."""
-        for t in self.state_dict().values():
-            if t.is_floating_point():
+        """The floating dtype the layer computes in: its first floating tensor's, storage kept in a fixed
+        dtype (``fixed_dtype_keys``, e.g. float16 quantization scales) aside; float32 if none."""
+        fixed = set(self.fixed_dtype_keys)
+        for k, t in self.state_dict().items():
+            if t.is_floating_point() and k not in fixed:
                 return t.dtype
         return torch.float32
 

@@ -27,6 +27,7 @@ class LowRankQuantLinear(QuantLinear):
 
     kind = "lowrank-quant"
     fixed_storage = ("scales", "mins", "left", "right")
+    fixed_dtype_keys = fixed_storage
 
     def __init__(self, in_features: int, out_features: int, bits: int, rank: int, group_size: int = 128,
                  symmetric: bool = False, rotation: dict[str, Any] | None = None, bias: bool = True,

@@ -79,6 +79,7 @@ class QuantLinear(FixedStorageMixin, StructuredLinear):
 
     kind = "quant"
     fixed_storage = ("scales", "mins")
+    fixed_dtype_keys = fixed_storage  # the engine's and the loader's dtype casts keep them float16 too
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128,
                  symmetric: bool = False, rotation: dict[str, Any] | None = None, bias: bool = True,

@@ -3,6 +3,7 @@
 * :mod:`.types`      -- :class:`AllocationRequest`, :class:`AllocateOptions`, the ``ALLOCATORS`` registry
 * :mod:`.budget`     -- the ratio, the uniform rank (one formula), plan checks
 * :mod:`.knapsack`   -- the budgeted choice of one option per layer (convex-hull greedy)
+* :mod:`.bytes`      -- the byte-budget allocator (bits-greedy: widths and ranks per layer)
 * :mod:`.solvers`    -- the pure allocators on spectra and measured losses
 * :mod:`.measure`    -- the measuring glue: speed caps, sensitivity losses, dense reasons
 * :mod:`.speed`      -- the measured speed model (break-even ranks per machine)

@@ -1,6 +1,6 @@
 """Rank allocators: turn a parameter budget into a :data:`~rankwise.compression.allocation.types.RankPlan`.
 
-``ALLOCATORS.get(name).fn(request) -> plan``. An allocator that sets ``needs_spectra`` gets the
+``ALLOCATORS.get(name).fn(request) -> plan``. An allocator with ``needs="spectra"`` gets the
 full factorization of every targeted layer (with ``.spectrum``) under the compression method's
 objective, computed once; the pipeline then truncates each factorization to the planned rank.
 
@@ -41,7 +41,7 @@ def uniform(req: AllocationRequest) -> RankPlan:
     return uniform_speed_aware(req.ratio, req.shapes, caps, info=req.info)
 
 
-@register("spectrum", True, "global greedy over relative whitened truncation error per parameter saved")
+@register("spectrum", "spectra", "global greedy over relative whitened truncation error per parameter saved")
 def spectrum(req: AllocationRequest) -> RankPlan:
     """Global greedy on relative whitened truncation errors ``tail_l(k) / sum sigma_l^2``."""
     spectra = req.spectra()
@@ -51,7 +51,7 @@ def spectrum(req: AllocationRequest) -> RankPlan:
     return plan
 
 
-@register("spectrum-typed", True, "spectrum greedy within each module type (q, k, ..., down), same ratio per type")
+@register("spectrum-typed", "spectra", "spectrum greedy within each module type (q, k, ..., down), same ratio per type")
 def spectrum_typed(req: AllocationRequest) -> RankPlan:
     """``spectrum`` within each module type, every type removing ``ratio`` of its parameters."""
     spectra = req.spectra()
@@ -61,7 +61,7 @@ def spectrum_typed(req: AllocationRequest) -> RankPlan:
     return plan
 
 
-@register("spectrum-band", True, "spectrum greedy with each rank within +-band of the uniform rank, no layer dense")
+@register("spectrum-band", "spectra", "spectrum greedy with each rank within +-band of the uniform rank, no layer dense")
 def spectrum_band(req: AllocationRequest) -> RankPlan:
     """``spectrum`` with ranks within ``options.band`` of the uniform rank, none dense."""
     spectra = req.spectra()
@@ -71,7 +71,7 @@ def spectrum_band(req: AllocationRequest) -> RankPlan:
     return plan
 
 
-@register("sensitivity", True, "measured LM-loss increase per layer at a few ranks + budgeted choice (slower)")
+@register("sensitivity", "spectra", "measured LM-loss increase per layer at a few ranks + budgeted choice (slower)")
 def sensitivity(req: AllocationRequest) -> RankPlan:
     """Measured loss increase when each layer alone is truncated (few windows), then the budgeted choice."""
     plan = allocate_sensitivity_request(req, speed_caps_for(req))
@@ -79,7 +79,7 @@ def sensitivity(req: AllocationRequest) -> RankPlan:
     return plan
 
 
-@register("sensitivity-band", True, "spectrum-band weighted by the measured loss increase of each layer at its uniform rank")
+@register("sensitivity-band", "spectra", "spectrum-band weighted by the measured loss increase of each layer at its uniform rank")
 def sensitivity_band(req: AllocationRequest) -> RankPlan:
     """``spectrum-band`` weighted per layer by the measured loss increase at its uniform rank."""
     plan = allocate_sensitivity_band_request(req, speed_caps_for(req))
@@ -87,7 +87,7 @@ def sensitivity_band(req: AllocationRequest) -> RankPlan:
     return plan
 
 
-@register("svd-llm-v2", True, "SVD-LLM v2: ratio per matrix within each weight type from its theoretical truncation loss")
+@register("svd-llm-v2", "spectra", "SVD-LLM v2: ratio per matrix within each weight type from its theoretical truncation loss")
 def svd_llm_v2(req: AllocationRequest) -> RankPlan:
     """:func:`.solvers.allocate_svd_llm_v2` (speed caps and minimum rank are not part of the method)."""
     plan, ratios = allocate_svd_llm_v2(req.ratio, req.shapes, req.spectra())

@@ -15,8 +15,8 @@ where ``P_hull <= max_params`` is the parameter count of the last hull plan.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 from ...errors import ConfigError
 
@@ -24,8 +24,9 @@ from ...errors import ConfigError
 @dataclass(frozen=True)
 class Option:
     rank: int | None  # None = dense
-    params: int
+    params: int       # the option's size in the budget's unit (parameters, or bytes for a byte budget)
     cost: float
+    label: Any = field(default=None, compare=False)  # what the option stands for beyond a rank (a spec)
 
 
 def _hull(points: list[tuple[int, float, int]]) -> list[int]:

@@ -1,14 +1,19 @@
 """What an allocator gets and returns.
 
-An allocator turns the global budget (``ratio`` = fraction of the targeted weight parameters to
-remove) into a per-layer plan ``{name: rank or None}`` (``None`` keeps the layer dense). Allocators
-that set ``needs_spectra`` get every targeted layer's full factorization under the method's
-objective (``factorizations``), computed once on the dense model.
+An allocator shares one global budget out among the targeted layers. A *params* allocator turns
+``ratio`` (fraction of the targeted weight parameters to remove) into ``{name: rank or None}``
+(``None`` keeps the layer dense); a *bytes* allocator turns ``bits_per_weight`` (stored bits per
+targeted weight, all overhead counted) into ``{name: spec}`` (the structure's hyperparameters).
+
+What an allocator reads per layer is measured once on the dense model by a dry pass, as its
+``needs`` says: ``"spectra"`` -- every layer's full factorization under the method's objective
+(``request.factorizations``); ``"costs"`` -- every layer's candidate settings with their exact bytes
+and whitened errors (``request.costs``, from the method's ``candidates``); ``"none"`` -- nothing.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -29,6 +34,7 @@ class AllocateOptions:
     sensitivity_windows: int = 2       # calibration windows per measured loss
     sensitivity_seqlen: int = 256      # tokens per window of a measured loss
     sensitivity_points: int = 3        # candidate ranks measured per layer (sensitivity)
+    bits: list[int] | None = None      # bits-greedy: candidate code widths (None: 2..8, or the fixed bits)
 
 
 @dataclass
@@ -49,36 +55,56 @@ class AllocationContext:
 
 @dataclass
 class AllocationRequest:
-    """Everything an allocator may use; what it decided beyond the ranks goes into ``info``."""
+    """Everything an allocator may use; what it decided beyond the plan goes into ``info``.
 
-    ratio: float
+    The budget is ``ratio`` (params allocators) or ``bits_per_weight`` (bytes allocators)."""
+
+    ratio: float | None
     shapes: Mapping[str, tuple[int, int]]
     factorizations: Mapping[str, Any] = field(default_factory=dict)
     options: AllocateOptions = field(default_factory=AllocateOptions)
     context: AllocationContext = field(default_factory=AllocationContext)
     info: dict[str, Any] = field(default_factory=dict)
+    bits_per_weight: float | None = None
+    costs: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # {name: [Candidate]} (needs="costs")
 
     def spectra(self):
         """``{name: singular values}`` (float64 numpy, descending) of every targeted layer."""
         return {n: self.factorizations[n].spectrum.double().cpu().numpy() for n in self.shapes}
 
 
+#: What a dry pass can measure per layer for an allocator.
+NEEDS = ("none", "spectra", "costs")
+#: The budgets an allocator can share out: ``--ratio`` (values) or ``--bits-per-weight`` (bytes).
+BUDGETS = ("params", "bytes")
+
+
 @dataclass(frozen=True)
 class Allocator:
     name: str
-    fn: Callable[[AllocationRequest], RankPlan] = field(repr=False)
-    needs_spectra: bool = False
+    fn: Callable[[AllocationRequest], dict] = field(repr=False)
+    needs: str = "none"        # one of NEEDS
+    budget: str = "params"     # one of BUDGETS
     description: str = ""
+
+    @property
+    def needs_spectra(self) -> bool:
+        return self.needs == "spectra"
 
 
 #: name -> Allocator; filled by :mod:`.allocators`.
 ALLOCATORS: Registry[Allocator] = Registry("allocator", package="rankwise.compression.allocation")
 
 
-def register(name: str, needs_spectra: bool = False, description: str = ""):
-    """Decorator: register ``fn(request) -> plan`` as allocator ``name``."""
+def register(name: str, needs: str = "none", description: str = "", budget: str = "params"):
+    """Decorator: register ``fn(request) -> plan`` as allocator ``name`` (``needs`` in :data:`NEEDS`,
+    ``budget`` in :data:`BUDGETS`)."""
+    if needs not in NEEDS or budget not in BUDGETS:
+        raise ValueError(f"allocator {name}: needs must be one of {NEEDS} and budget one of {BUDGETS}")
+
     def deco(fn):
-        ALLOCATORS.register(name, Allocator(name, fn, needs_spectra, description or (fn.__doc__ or "").split("\n")[0]))
+        ALLOCATORS.register(name, Allocator(name, fn, needs, budget,
+                                            description or (fn.__doc__ or "").split("\n")[0]))
         return fn
     return deco
 

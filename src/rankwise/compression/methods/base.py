@@ -16,7 +16,10 @@ Adding a method is one file in this package::
         def plan_layer(self, shape, target): return {"rank": ...}   # spec meeting the layer's budget
         def fit(self, W, bias, stats, spec): return MyLayer(...)     # the fitted layer
 
-and one test. The budget of a layer (``target``) is a number of stored weight values (``budget =
+and one test. Optional: ``factorize(W, stats)`` (a full factorization: the rank allocators read its
+spectrum) and ``candidates(W, stats, bits)`` (every setting the layer could take, each a
+:class:`Candidate` with its spec, exact bytes and whitened error: the byte allocators choose among
+them). The budget of a layer (``target``) is a number of stored weight values (``budget =
 "params"``: ``(1 - ratio) * out * in`` under the uniform allocator) or of bytes (``budget =
 "bytes"``: ``bits_per_weight * out * in / 8``). ``plan_layer`` returns the layer's hyperparameters
 (its ``spec``, JSON-able) or ``None`` to keep the layer dense; it raises :class:`ConfigError` naming
@@ -32,7 +35,7 @@ that fits ``stats.target(W)`` under ``stats.covariance()`` gets the refit for fr
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -55,6 +58,17 @@ class LayerInput:
     bias: torch.Tensor | None
     stats: LayerStats
     spec: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One setting a layer could take under a byte budget: its ``spec``, the bytes the layer would
+    store (``nbytes``, all overhead counted) and its ``cost``, the relative whitened error
+    ``tr((W - W') C (W - W')^T) / tr(W C W^T)`` of the fit with that spec (``C`` the input covariance)."""
+
+    spec: Mapping[str, Any] = field(compare=False)
+    nbytes: int
+    cost: float
 
 
 @dataclass
@@ -111,5 +125,5 @@ def get_method(name: str, options: Any = None, **kwargs: Any) -> Method:
     return STRUCTURES.get(name)(options, **kwargs)
 
 
-__all__ = ["ABS_MEAN", "COV", "FISHER", "LayerInput", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
-           ]
+__all__ = ["ABS_MEAN", "COV", "FISHER", "Candidate", "LayerInput", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
+           "make_options"]

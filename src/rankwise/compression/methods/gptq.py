@@ -16,8 +16,8 @@ import torch
 from ...errors import ConfigError
 from ...linalg.gptq import gptq
 from ...structures.quant import QuantLinear
-from .base import COV, STRUCTURES, LayerStats, Method
-from .rtn import QuantOptions, plan_quant, rotation_for
+from .base import COV, STRUCTURES, Candidate, LayerStats, Method
+from .rtn import QuantOptions, plan_quant, quant_candidates, rotation_for
 
 
 @dataclass
@@ -70,6 +70,9 @@ class GPTQ(Method):
 
     def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any]:
         return plan_quant(shape, target, self.options)
+
+    def candidates(self, W: torch.Tensor, stats: LayerStats, bits: list[int] | None = None) -> list[Candidate]:
+        return quant_candidates(self, W, stats, bits)
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> QuantLinear:

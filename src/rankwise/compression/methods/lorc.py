@@ -11,6 +11,12 @@ bytes left, ``floor((target - quant bytes) / (2 (out + in)))`` (capped at ``min(
 ``bits`` keeps that width and takes the rank from what is left; a fixed ``rank`` takes the largest
 width that fits with it; both fixed must fit. Otherwise :class:`ConfigError` names the layer and
 the smallest size.
+
+Candidates for the byte allocators (:func:`lowrank_quant_candidates`, shared with ``lq``): for each
+code width ``b``, ``Q = quant(T)`` once and the whitened SVD of ``(T - Q) S`` (``S S^T = C``); the
+rank-k LoRC fit then has the error ``sum_{i>k} s_i^2`` exactly (before the float16 rounding of the
+factors), so every rank of :func:`rank_grid` costs nothing more. For ``lq`` this is an upper bound of
+its fit's error: the alternation starts from LoRC's fit and keeps only rounds that lower it.
 """
 from __future__ import annotations
 
@@ -20,13 +26,14 @@ from typing import Any, Mapping
 import torch
 
 from ...errors import ConfigError
-from ...linalg.lowrank_quant import QUANTIZERS, lq
-from ...linalg.whitening import KINDS as WHITENINGS
+from ...linalg.factorization import whitened_svd
+from ...linalg.lowrank_quant import QUANTIZERS, lq, quantize_target
+from ...linalg.whitening import KINDS as WHITENINGS, make_whitener
 from ...structures.lowrank_quant import LowRankQuantLinear
 from ...structures.quant import QuantLinear
-from .base import COV, STRUCTURES, LayerStats, Method
+from .base import COV, STRUCTURES, Candidate, LayerStats, Method
 from .gptq import GPTQOptions, rotated_problem, rotation_seed
-from .rtn import bit_candidates, quant_spec, too_small
+from .rtn import bit_candidates, candidate_widths, quant_spec, relative_error, too_small
 
 
 @dataclass
@@ -67,6 +74,40 @@ def plan_lowrank_quant(shape: tuple[int, int], target: float, opts: LowRankQuant
                     f"{spec['group_size']} + rank-{k} float16 factors")
 
 
+def rank_grid(m: int, n: int) -> list[int]:
+    """Candidate ranks of an (m, n) layer: 1, 2, 3, 4, 6, 8, 12, ... (powers of two and their 1.5 multiples)
+    up to ``min(m, n) / 2`` (beyond it the factors cost about as much as the dense matrix)."""
+    top, out, p = max(1, min(m, n) // 2), set(), 1
+    while p <= top:
+        out.update(k for k in (p, p + p // 2) if 1 <= k <= top)
+        p *= 2
+    return sorted(out)
+
+
+def lowrank_quant_candidates(W: torch.Tensor, stats: LayerStats, opts: LowRankQuantOptions,
+                             bits: list[int] | None = None) -> list[Candidate]:
+    """Candidates ``(bits, rank)`` with exact bytes and the LoRC fit's relative whitened error (module doc)."""
+    m, n = W.shape
+    ranks = [opts.rank] if opts.rank is not None else rank_grid(m, n)
+    spec0 = quant_spec((m, n), candidate_widths(opts, bits)[0], opts)
+    T, C, _ = rotated_problem(W, stats, spec0)  # the rotation does not depend on the width
+    whitener = make_whitener(C, opts.whitening)
+    kw = opts.solver_kwargs() if opts.quantizer == "gptq" else {}
+    out = []
+    for b in candidate_widths(opts, bits):
+        spec = quant_spec((m, n), b, opts)
+        Q = quantize_target(T, C, b, int(spec["group_size"]), bool(spec["symmetric"]), opts.quantizer, **kw)
+        Qd = Q.dense(torch.float64)
+        err = whitened_svd(T - Qd, whitener=whitener).errors().square()
+        base = relative_error(T, Qd, C)
+        scale = base / float(err[0]) if float(err[0]) > 0 else 0.0  # err[0] = ||(T - Q) S||^2 under C_eff
+        qbytes = QuantLinear.spec_nbytes(n, m, spec)
+        for k in ranks:
+            out.append(Candidate({**spec, "rank": int(k)}, qbytes + LowRankQuantLinear.factor_bytes(n, m, k),
+                                 float(err[k]) * scale))
+    return out
+
+
 def fit_lowrank_quant(W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats, spec: Mapping[str, Any],
                       opts: LowRankQuantOptions, iters: int, init: str) -> LowRankQuantLinear:
     """The fitted :class:`LowRankQuantLinear` (LoRC: ``iters=0, init="lorc"``); ``layer.fit_info`` holds the
@@ -93,6 +134,9 @@ class LoRC(Method):
 
     def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any]:
         return plan_lowrank_quant(shape, target, self.options)
+
+    def candidates(self, W: torch.Tensor, stats: LayerStats, bits: list[int] | None = None) -> list[Candidate]:
+        return lowrank_quant_candidates(W, stats, self.options, bits)
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> LowRankQuantLinear:

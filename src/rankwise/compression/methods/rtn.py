@@ -10,6 +10,10 @@ counted, a dense layer keeps it too). ``bits=None`` takes the largest width in 8
 fits; a fixed ``bits`` must fit. When nothing fits, :class:`ConfigError` names the layer, the bytes
 of the smallest form and the options to change. The options (shared by ``gptq``, ``lorc``, ``lq``)
 are validated when the method is built.
+
+Candidates for the byte allocators (:func:`quant_candidates`, shared with ``gptq``): one per code
+width, the layer fitted at that width; its cost is the relative whitened error
+``tr((T - W') C (T - W')^T) / tr(T C T^T)`` of that very fit (exact, not estimated).
 """
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ import torch
 
 from ...errors import ConfigError
 from ...linalg.hadamard import HadamardRotation
+from ...linalg.gptq import quant_objective
 from ...linalg.quant import MAX_BITS, MIN_BITS, check_bits, check_group_size, rtn
 from ...structures.quant import QuantLinear, rotation_spec
-from .base import STRUCTURES, LayerStats, Method
+from .base import STRUCTURES, Candidate, LayerStats, Method
 
 
 @dataclass
@@ -56,6 +61,35 @@ def quant_spec(shape: tuple[int, int], bits: int, opts: QuantOptions) -> dict[st
 def bit_candidates(opts: QuantOptions) -> list[int]:
     """Widths to try, widest first: the fixed ``bits``, or 8..2."""
     return [opts.bits] if opts.bits is not None else list(range(MAX_BITS, MIN_BITS - 1, -1))
+
+
+def candidate_widths(opts: QuantOptions, bits: list[int] | None = None) -> list[int]:
+    """Code widths a byte allocator may choose, narrowest first: ``bits`` (default 2..8), or the fixed width."""
+    if opts.bits is not None:
+        return [opts.bits]
+    widths = sorted({check_bits(b) for b in bits}) if bits else list(range(MIN_BITS, MAX_BITS + 1))
+    if not widths:
+        raise ConfigError("the list of candidate widths is empty; give at least one of 2..8")
+    return widths
+
+
+def relative_error(T: torch.Tensor, Wp: torch.Tensor, C: torch.Tensor) -> float:
+    """``tr((T - W') C (T - W')^T) / tr(T C T^T)`` (0 when the denominator is 0)."""
+    den = quant_objective(T, torch.zeros_like(T), C)
+    return 0.0 if den <= 0 else quant_objective(T, Wp, C) / den
+
+
+def quant_candidates(meth: Method, W: torch.Tensor, stats: LayerStats, bits: list[int] | None = None
+                     ) -> list[Candidate]:
+    """One :class:`Candidate` per width of :func:`candidate_widths`: ``meth.fit`` at that width, its
+    bytes and its relative whitened error under ``stats.covariance()`` (see the module docstring)."""
+    T, C = stats.target(W).double(), stats.covariance()
+    out = []
+    for b in candidate_widths(meth.options, bits):
+        spec = quant_spec(tuple(W.shape), b, meth.options)
+        layer = meth.fit(W, None, stats, spec)
+        out.append(Candidate(spec, layer.nbytes(), relative_error(T, layer.dense().double(), C)))
+    return out
 
 
 def too_small(shape: tuple[int, int], target: float, need: int, what: str) -> ConfigError:
@@ -98,6 +132,9 @@ class RTN(Method):
 
     def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any]:
         return plan_quant(shape, target, self.options)
+
+    def candidates(self, W: torch.Tensor, stats: LayerStats, bits: list[int] | None = None) -> list[Candidate]:
+        return quant_candidates(self, W, stats, bits)
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None,
             spec: Mapping[str, Any]) -> QuantLinear:
