@@ -210,7 +210,8 @@ def compress_heal(base, tok, train_win, test_ids, cfg, args) -> dict:
     from rankwise.api import compress
 
     t0 = time.perf_counter()
-    small, report = compress(base, ratio=0.4, tokenizer=tok, calib_windows=16, calib_seqlen=256, progress=False)
+    small, report = compress(base, ratio=0.4, tokenizer=tok, calib_options={"windows": 16, "seqlen": 256},
+                             progress=False)
     before = perplexity(small, ids=test_ids, seqlen=args.eval_seqlen, windows=args.windows).ppl
     out = {"ratio": 0.4, "method": getattr(report, "method", None), "compress_seconds": time.perf_counter() - t0,
            "ppl_compressed": before, "healed": {}}

@@ -53,7 +53,8 @@ def main(argv=None) -> dict:
     from rankwise.compression.allocation.measure import make_layer_loss
     from rankwise.compression.allocation.solvers import allocate_sensitivity, allocate_spectrum
     from rankwise.compression.allocation.budget import plan_params, uniform_rank
-    from rankwise.compression.methods import LayerStats, get_method
+    from rankwise.calibration.stats import LayerStats
+    from rankwise.compression.methods import get_method
     from rankwise.compression.compress import calibration_windows
     from rankwise.compression.rankplot import plot_ranks
     from rankwise.evaluation.perplexity import perplexity
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
 
     t0 = time.perf_counter()
     stats = collect_input_stats(model, windows, names, cov=True)
-    meth = get_method(args.method)
+    meth = get_method("lowrank", {"method": args.method})
     facs = {n: meth.factorize(linear_weight(layers[n]).detach().float(), LayerStats(stats[n])) for n in names}
     del stats
     t_factorize = time.perf_counter() - t0

@@ -26,11 +26,11 @@ if mode == "in-memory":
     from rankwise.compression.saving import save_compressed
     from rankwise.models.loading import load_model
     model, tok, path = load_model(model_name)
-    model, rep = compress(model, "svd-llm", 0.4, tokenizer=tok, calib_windows=nwin, sequential=True, progress=False)
+    model, rep = compress(model, ratio=0.4, tokenizer=tok, calib_options={"windows": nwin}, progress=False)
     save_compressed(model, tok, out, rep)
 else:
-    from rankwise.compression.lowmem import compress_low_memory
-    rep = compress_low_memory(model_name, out, "svd-llm", 0.4, calib_windows=nwin, progress=False)
+    from rankwise.compression.compress import compress_low_memory
+    rep = compress_low_memory(model_name, out, ratio=0.4, calib_options={"windows": nwin}, progress=False)
 print(json.dumps({"mode": mode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.perf_counter() - t0, "removed": rep.achieved_ratio}))
 """

@@ -107,17 +107,38 @@ def test_eva_uses_input_covariance_eigenvectors_and_redistributes():
     assert float(a.lora_B.abs().max()) == 0.0
 
 
-def test_lora_ga_direction_is_gradient_svd():
+def _mean_weight_gradient(model, windows, name):
+    """Independent reference: mean over windows of d CE(next token) / d W of layer ``name``, by plain autograd."""
+    W = dict(model.named_modules())[name].weight
+    grads = []
+    for w in windows:
+        logits = model(input_ids=w[None], use_cache=False).logits[0, :-1]
+        loss = torch.nn.functional.cross_entropy(logits, w[1:])
+        grads.append(torch.autograd.grad(loss, W)[0].double())
+    return torch.stack(grads).mean(0).numpy()
+
+
+def test_lora_ga_factors_are_the_gradient_svd():
     model = tiny_model("llama")
     calib = _ids(2, 32, 4)
     name = "model.layers.0.self_attn.v_proj"
-    adapt(model, "lora-ga", rank=2, calib=calib, targets=[name], gamma=4.0)
+    W0 = linear_weight(dict(model.named_modules())[name]).detach().double().numpy().copy()
+    G = _mean_weight_gradient(tiny_model("llama"), calib, name)  # same seed: the same weights
+    U, S, Vt = np.linalg.svd(G)
+    r, gamma = 2, 4.0
+    assert np.all(S[: 2 * r] - S[1: 2 * r + 1] > 1e-3 * S[0])  # distinct: singular vectors unique up to sign
+    adapt(model, "lora-ga", rank=r, calib=calib, targets=[name], gamma=gamma)
     a = adapter_layers(model)[name]
-    m = a.out_features
-    c = m ** 0.25 / 2.0
-    # columns of B are orthonormal singular vectors scaled by c
-    BtB = (a.lora_B.T @ a.lora_B).detach().double().numpy()
-    np.testing.assert_allclose(BtB, c * c * np.eye(2), atol=1e-5)
+    B, A = a.lora_B.detach().double().numpy(), a.lora_A.detach().double().numpy()
+    c = a.out_features ** 0.25 / gamma ** 0.5
+    # B = c U[:, :r] and A = c V[:, r:2r]^T, each vector up to its sign
+    np.testing.assert_allclose(np.abs(U[:, :r].T @ B), c * np.eye(r), atol=1e-4 * c)
+    np.testing.assert_allclose(np.abs(A @ Vt[r: 2 * r].T), c * np.eye(r), atol=1e-4 * c)
+    np.testing.assert_allclose(np.abs(B), c * np.abs(U[:, :r]), atol=1e-4 * c)
+    np.testing.assert_allclose(np.abs(A), c * np.abs(Vt[r: 2 * r]), atol=1e-4 * c)
+    # the frozen base is the residual W - s B A
+    W_res = base_dense(a.base).detach().double().numpy()
+    np.testing.assert_allclose(W_res, W0 - a.scaling * B @ A, atol=1e-5)
 
 
 def test_singlora_shapes_square_and_rectangular():

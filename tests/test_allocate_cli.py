@@ -13,7 +13,7 @@ from rankwise.cli import main
                                     "--refit"]])
 def test_cli_allocate_and_low_memory(tiny_dir, tmp_path, extra):
     out = tmp_path / "out"
-    rc = main(["compress", str(tiny_dir), "--ratio", "0.4", "--calib-windows", "4", "--calib-seqlen", "64",
+    rc = main(["compress", str(tiny_dir), "--ratio", "0.4", "--calib-windows", "8", "--calib-seqlen", "64",
                "--out", str(out), "--quiet", *extra])
     assert rc == 0
     meta = json.loads((out / "rankwise.json").read_text())

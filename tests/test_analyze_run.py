@@ -83,3 +83,15 @@ def test_whitened_metrics_from_calibration(tiny_llama, random_ids):
     s = np.linalg.svd((w.double() @ torch.linalg.cholesky(st.covariance_mean)).numpy(), compute_uv=False)
     np.testing.assert_allclose(res.white_spectra[name].numpy(), s, rtol=1e-7)
     assert res.layers[0]["w_rank90"] == rank_for_energy(torch.from_numpy(s), 0.9)
+
+
+def test_parallel_layers_give_the_serial_result(tiny_llama):
+    """Layers run on several worker threads give exactly the one-worker records, in model order."""
+    one = analyze(tiny_llama, workers=1)
+    three = analyze(tiny_llama, workers=3)
+    assert [r["name"] for r in three.layers] == [r["name"] for r in one.layers]
+    assert three.layers == one.layers
+    t = three.summary["timing"]
+    assert t["workers"] == 3 and set(t["metric_cpu_s"]) == set(three.summary["metrics"])
+    assert t["decomposition_cpu_s"] > 0 and all(v > 0 for v in t["metric_cpu_s"].values())
+    assert torch.get_num_threads() == 1                             # the one_thread fixture's setting, restored

@@ -11,6 +11,15 @@ from rankwise.models.loading import load_model
 from rankwise.structures.lowrank import LowRankLinear
 
 
+#: Stored reference (torch 2.13.0 CPU, transformers 5.23.0, this test's exact settings), measured with 1 and
+#: with 2 threads: dense 26.477537 both; compressed 816.1308 / 816.1332 (2.9e-6 relative apart). The dense
+#: value is a fixed model on fixed windows (float32 logits, float64 sums): 1e-4 covers any BLAS. The
+#: compressed one goes through whitening of rank-deficient covariances, which amplifies rounding: 1%
+#: is ~3000x the thread-count effect yet far below what a changed method, ratio, refit or calibration
+#: does (plain SVD: ~1e7). A deliberate change to the compression numerics must update these numbers.
+REFERENCE = {"dense": 26.477537, "compressed": 816.131}
+
+
 @pytest.mark.integration
 def test_real_model_compresses_to_sane_perplexity(real_test_ids, real_calib_ids):
     model, tok, _ = load_model("smollm2-135m-instruct")  # a private copy: the session fixture stays dense
@@ -23,5 +32,6 @@ def test_real_model_compresses_to_sane_perplexity(real_test_ids, real_calib_ids)
     comp = perplexity(model, ids=real_test_ids, seqlen=256, windows=4).ppl
     assert math.isfinite(comp)
     # 20% removed keeps only ~40% of each layer's rank, and 4 x 128 calibration tokens leave the
-    # 1536-dim covariances rank-deficient: measured 26.5 -> 816. Plain SVD gives ~1e7 (BENCHMARKS.md).
-    assert dense < comp < 100 * dense, (dense, comp)
+    # 1536-dim covariances rank-deficient, hence the large jump. Plain SVD gives ~1e7 (BENCHMARKS.md).
+    assert dense == pytest.approx(REFERENCE["dense"], rel=1e-4), dense
+    assert comp == pytest.approx(REFERENCE["compressed"], rel=1e-2), comp

@@ -1,13 +1,21 @@
-"""Singular values via the float64 Gram eigenvalues, and the scalar summaries, against numpy."""
+"""Singular values via the Gram eigenvalues (float64 and float32 routes), and the scalar summaries, against numpy."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from rankwise.errors import NumericalError
-from rankwise.linalg.spectrum import (batched_singular_values, condition_number, effective_rank, energy_curve,
+from rankwise.errors import ConfigError, NumericalError
+from rankwise.linalg.spectrum import (condition_number, effective_rank, energy_curve, gram_eigenvalues,
                                       rank_for_energy, singular_values, stable_rank)
+
+
+def _student_t(shape, df: int, seed: int) -> torch.Tensor:
+    """Seeded Student-t samples (heavy tails like trained weights): z / sqrt(chi2_df / df)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(*shape, generator=g)
+    chi2 = (torch.randn(*shape, df, generator=g) ** 2).sum(-1)
+    return z / (chi2 / df).sqrt()
 
 
 @pytest.mark.parametrize("shape", [(7, 13), (13, 7), (10, 10), (1, 5)])
@@ -20,12 +28,40 @@ def test_singular_values_match_numpy(shape):
     np.testing.assert_allclose(s.numpy(), ref, rtol=1e-10, atol=1e-12)
 
 
-def test_batched_matches_single_and_keeps_order():
+def test_stacked_matrices_match_numpy_per_matrix():
+    """(..., m, n) input (the torch route) gives each matrix's spectrum, wide and tall alike."""
     g = torch.Generator().manual_seed(2)
-    mats = [torch.randn(6, 9, generator=g), torch.randn(9, 4, generator=g), torch.randn(6, 9, generator=g)]
-    out = batched_singular_values(mats)
-    for w, s in zip(mats, out):
-        np.testing.assert_allclose(s.numpy(), np.linalg.svd(w.double().numpy(), compute_uv=False), rtol=1e-10)
+    for shape in [(3, 6, 9), (2, 2, 9, 4)]:
+        w = torch.randn(*shape, generator=g)
+        ref = np.linalg.svd(w.double().numpy(), compute_uv=False)
+        s = singular_values(w)
+        assert s.shape == ref.shape and s.dtype == torch.float64
+        np.testing.assert_allclose(s.numpy(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_gram_eigenvalues_are_ascending_squares():
+    w = torch.randn(20, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    ev = gram_eigenvalues(w)
+    ref = np.sort(np.linalg.svd(w.numpy(), compute_uv=False) ** 2)
+    np.testing.assert_allclose(ev.numpy(), ref, rtol=1e-12)
+    assert bool((ev[1:] >= ev[:-1]).all())
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_float32_route_within_its_error_bound(batched):
+    """|lambda32 - lambda64| <= c p eps32 lambda_max (module docstring), on a heavy-tailed spectrum."""
+    w = _student_t((4, 60, 150) if batched else (150, 60), df=3, seed=5)
+    ev64 = gram_eigenvalues(w.double())
+    ev32 = gram_eigenvalues(w, torch.float32)
+    assert ev32.dtype == torch.float64
+    lam_max = ev64.amax(dim=-1, keepdim=True)
+    err = ((ev32 - ev64).abs() / lam_max).max().item()
+    assert 0 < err <= 60 * 6e-8                       # p = 60; float32 unit roundoff 6e-8
+
+
+def test_bad_dtype_raises_config_error():
+    with pytest.raises(ConfigError, match="float32 or torch.float64"):
+        singular_values(torch.ones(3, 4), torch.float16)
 
 
 def test_closed_forms_on_known_spectrum():

@@ -1,2 +1,6 @@
+"""``python -m rankwise``: the same entry point as the ``rankwise`` console script."""
+import sys
+
 from .cli import main
-raise SystemExit(main())
+
+sys.exit(main())

@@ -41,18 +41,31 @@ def save(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report=No
 
 
 def compress(model: nn.Module, structure: str | None = None, ratio: float | None = None, *,
-             method: str | None = None, calib=None, tokenizer=None, inplace: bool = False, **options):
+             method: str | None = None, calib=None, tokenizer=None, inplace: bool = False, heal=None, **options):
     """Compress ``model``'s linear layers; returns ``(compressed_model, report)``.
 
     A deep copy is compressed unless ``inplace=True``. ``structure`` defaults to low rank, ``ratio``
     (fraction of the targeted weight values removed) to 0.4; ``method`` picks the low-rank objective.
     See :func:`rankwise.compression.compress.compress` for every option (``bits_per_weight``,
     ``options``, ``allocate``, ``mode``, ``granularity``, ``refit``, ``calib_options``, ``device``, ...).
+    ``heal``: :class:`rankwise.healing.HealOptions` (or a dict, e.g. ``{"steps": 100}``) trains low-rank
+    corrections of the factors on the calibration windows and merges them back (same size); the
+    report's ``healing`` records it.
     """
-    from .compression.compress import compress as _compress
+    from .compression.compress import calibration_windows, compress as _compress
+    from .options import make_options
+    from .healing import HealOptions, heal as _heal
 
+    heal_opts = make_options(HealOptions, heal, {}, "healing")
     target = model if inplace else copy.deepcopy(model)
-    return _compress(target, structure, ratio, method=method, calib=calib, tokenizer=tokenizer, **options)
+    if heal_opts.steps and not (isinstance(calib, torch.Tensor) and calib.ndim == 2):
+        co = dict(options.get("calib_options") or {})
+        calib, _ = calibration_windows(target, calib, tokenizer, co.get("windows", 64), co.get("seqlen", 512),
+                                       co.get("seed", 3))
+    target, report = _compress(target, structure, ratio, method=method, calib=calib, tokenizer=tokenizer, **options)
+    if heal_opts.steps:
+        report.healing = _heal(target, calib, heal_opts, progress=options.get("progress", True))
+    return target, report
 
 
 def compress_low_memory(model: str | os.PathLike | None, out_dir: str | os.PathLike, **options):

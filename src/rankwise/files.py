@@ -54,8 +54,9 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
-    """Open a temp file next to ``path`` (``mode`` "w" or "wb"); on success it replaces ``path``.
+def atomic_file(path: str | os.PathLike, mode: str = "w", newline: str | None = None) -> Iterator[Any]:
+    """Open a temp file next to ``path`` (``mode`` "w" or "wb"; text is UTF-8 with ``newline`` as in
+    :func:`open`, e.g. ``""`` for the csv module); on success it replaces ``path``.
 
     On any exception the temp file is removed and ``path`` is left untouched.
     """
@@ -63,7 +64,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": newline} if "b" not in mode else {})) as f:
             yield f
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

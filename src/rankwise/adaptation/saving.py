@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..files import atomic_dir
+from ..files import atomic_dir, write_json
 from ..errors import ArtifactError, ConfigError
 from ..models.surgery import set_module
 from ..structures.lowrank import LowRankLinear
@@ -129,8 +129,8 @@ def save_peft(model: nn.Module, out: str | os.PathLike, form: str = "original", 
         if extra is not None:
             extra(tmp)
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        (tmp / "rankwise_adapter.json").write_text(json.dumps(_peft_provenance(model, form), indent=2))
+        write_json(tmp / "adapter_config.json", config)
+        write_json(tmp / "rankwise_adapter.json", _peft_provenance(model, form))
         if form == "residual" and _meta(model)["residual"]:
             res = _model_without_adapters(model)
             res.save_pretrained(tmp / "residual_base", safe_serialization=True)
@@ -169,7 +169,7 @@ def save_rankwise(model: nn.Module, out: str | os.PathLike, overwrite: bool = Fa
         if extra is not None:
             extra(tmp)
         save_file(tensors, str(tmp / "adapter.safetensors"), metadata={"format": "pt"})
-        (tmp / "adapt.json").write_text(json.dumps(config, indent=2, default=str))
+        write_json(tmp / "adapt.json", config)
     return Path(out)
 
 

@@ -157,14 +157,12 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, eval_ids: t
 
 
 def plot_losses(curves: dict[str, list[float]], path, title: str = "adapter training loss") -> None:
-    """One PNG with a loss curve per label."""
-    import matplotlib
+    """One PNG with a loss curve per label (written atomically)."""
+    from ..figures import colormap, new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = plt.cm.tab20.colors
+    fig = new_figure((7, 4.5))
+    ax = fig.subplots()
+    colors = colormap("tab20").colors
     for i, (label, ys) in enumerate(curves.items()):
         ax.plot(range(1, len(ys) + 1), ys, label=label, lw=1.6 if i < 2 else 1.1,
                 color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20], ls="-" if i < 10 else "--")
@@ -174,5 +172,4 @@ def plot_losses(curves: dict[str, list[float]], path, title: str = "adapter trai
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(fig, path, dpi=120)

@@ -13,17 +13,25 @@ ESD is fitted with the median eigenvalue as ``xmin`` (their ``fix_fingers='xmin_
 We orient the window's long side along the matrix's long side (eigenvalues of ``W`` and ``W^T``
 coincide) and shrink ``h`` when the matrix is smaller than one window. ``sampling="random"``
 draws the window starts uniformly with a seeded ``torch.Generator`` instead of the grid.
+
+The window spectra are computed in float32 (``DTYPE``): all windows of a layer are stacked, their
+(h, h) Grams formed by one batched product and decomposed by one batched ``eigvalsh``. The fit reads
+only the upper half of the pooled ESD, whose eigenvalues the float32 Gram route gets to a relative
+error of ``~p eps32 lambda_max / lambda ~ 1e-5`` (module ``linalg.spectrum``); measured on all 210
+SmolLM2-135M layers the FARMS alpha moves by at most 1.9e-6 (mean 4e-7) against the float64 route,
+which is 1.5x slower. Pass ``dtype=torch.float64`` to get the float64 route.
 """
 from __future__ import annotations
 
 import torch
 
-from ..linalg.spectrum import singular_values
+from ..linalg.spectrum import gram_eigenvalues
 from .powerlaw import PowerLawFit, fit_power_law
 
 ROWS = 100
 RATIO = 2.0
 PER_DIM = 10
+DTYPE = torch.float32
 
 
 def _starts(dim: int, size: int, per_dim: int, sampling: str, g: torch.Generator | None) -> list[int]:
@@ -56,13 +64,13 @@ def farms_windows(shape: tuple[int, int], rows: int = ROWS, ratio: float = RATIO
     return wins
 
 
-def farms_eigenvalues(w: torch.Tensor, **kw) -> torch.Tensor:
-    """The pooled ESD: all eigenvalues ``sigma^2`` of all windows, ascending, float64."""
+def farms_eigenvalues(w: torch.Tensor, dtype: torch.dtype = DTYPE, **kw) -> torch.Tensor:
+    """The pooled ESD: all eigenvalues ``sigma^2`` of all windows, ascending, float64 (computed in ``dtype``)."""
     wins = farms_windows(tuple(w.shape), **kw)
     subs = torch.stack([w[r: r + h, c: c + k] for r, c, h, k in wins])
-    return (singular_values(subs) ** 2).flatten().sort().values
+    return gram_eigenvalues(subs, dtype).flatten().sort().values
 
 
-def farms_fit(w: torch.Tensor, xmin: str = "mid", **kw) -> PowerLawFit:
+def farms_fit(w: torch.Tensor, xmin: str = "mid", dtype: torch.dtype = DTYPE, **kw) -> PowerLawFit:
     """Power-law fit of the FARMS pooled ESD of ``w`` (xmin rule ``mid`` as the paper's code, or ``ks``)."""
-    return fit_power_law(farms_eigenvalues(w, **kw).numpy(), thresh=0.0, xmin=xmin)
+    return fit_power_law(farms_eigenvalues(w, dtype, **kw).cpu().numpy(), thresh=0.0, xmin=xmin)

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from ..registry import Registry
 from ..linalg.spectrum import condition_number, effective_rank, rank_for_energy, stable_rank
 from .farms import farms_fit
 from .intruders import INTRUDER_EPS, INTRUDER_K, intruder_dimensions, update_stats
@@ -39,16 +40,14 @@ class LayerData:
 
 
 Metric = Callable[[LayerData], dict]
-METRICS: dict[str, Metric] = {}
+#: name -> metric (one registry pattern for every named thing: :class:`rankwise.registry.Registry`).
+METRICS: Registry[Metric] = Registry("metric")
 #: Metrics that need extra inputs, and which.
 REQUIRES = {"whitened": "calibration data (--calib)", "intruders": "a model to compare with (--compare)"}
 
 
 def register(name: str) -> Callable[[Metric], Metric]:
-    def deco(fn: Metric) -> Metric:
-        METRICS[name] = fn
-        return fn
-    return deco
+    return METRICS.register(name)
 
 
 def _energy_ranks(s: torch.Tensor, prefix: str) -> dict:
@@ -82,9 +81,10 @@ def powerlaw_metrics(d: LayerData) -> dict:
 
 @register("farms")
 def farms_metrics(d: LayerData) -> dict:
-    """Power-law alpha of the FARMS pooled ESD of fixed-aspect-ratio windows (see ``farms``)."""
+    """Power-law alpha of the FARMS pooled ESD of fixed-aspect-ratio windows (see ``farms``; window
+    spectra in float32)."""
     o = d.options
-    f = farms_fit(d.weight.detach().to("cpu", torch.float64), xmin=o.get("farms_xmin", "mid"),
+    f = farms_fit(d.weight.detach().cpu(), xmin=o.get("farms_xmin", "mid"),
                   sampling=o.get("farms_sampling", "grid"), seed=o.get("seed", 0))
     return {"farms_alpha": f.alpha, "farms_D": f.D, "farms_num_evals": f.num_evals,
             "farms_missing_reason": f.reason}

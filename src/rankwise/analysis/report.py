@@ -14,22 +14,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ..files import atomic_dir
+from ..figures import colormap, new_figure, save_png
+from ..files import atomic_dir, write_text
 from .run import AnalysisResult
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _colors(types: Sequence[str]) -> dict[str, tuple]:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10")
+    cmap = colormap("tab10")
     return {t: cmap(i % 10) for i, t in enumerate(dict.fromkeys(types))}
 
 
@@ -48,11 +39,11 @@ def pick_layers(result: AnalysisResult, n: int = 4) -> list[str]:
 
 
 def _esd(result, names, path):
-    plt = _plt()
     recs = {r["name"]: r for r in result.layers}
     cols = min(2, len(names))
     rows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    fig = new_figure((5.5 * cols, 4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, n in zip(axes.flat, names):
         ev = (result.spectra[n].numpy() ** 2)
         ev = ev[ev > 1e-5]
@@ -77,18 +68,17 @@ def _esd(result, names, path):
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_png(fig, path, dpi=80)
 
 
 def _by_layer(result, path):
-    plt = _plt()
     recs = result.layers
     colors = _colors([r["type"] for r in recs])
     has_farms = any(r.get("farms_alpha") is not None for r in recs)
     panels = [("alpha", "alpha (ESD power law)")] + ([("farms_alpha", "FARMS alpha")] if has_farms else []) + \
              [("stable_rank", "stable rank")]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 3 * len(panels)), squeeze=False)
+    fig = new_figure((10, 3 * len(panels)))
+    axes = fig.subplots(len(panels), 1, squeeze=False)
     for ax, (key, label) in zip(axes[:, 0], panels):
         for t, c in colors.items():
             pts = [(r["index"] if r["index"] is not None else i, r.get(key)) for i, r in enumerate(recs)
@@ -101,15 +91,14 @@ def _by_layer(result, path):
     axes[-1, 0].set_xlabel("layer (block) index")
     axes[0, 0].legend(fontsize=7, ncol=min(7, len(colors)), loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_png(fig, path, dpi=80)
 
 
 def _energy(result, path):
-    plt = _plt()
     recs = result.layers
     colors = _colors([r["type"] for r in recs])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = new_figure((7, 4.5))
+    ax = fig.subplots()
     seen = set()
     for r in recs:
         s = result.spectra[r["name"]].numpy()
@@ -125,14 +114,13 @@ def _energy(result, path):
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_png(fig, path, dpi=80)
 
 
 def _whitened(result, names, path):
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    cmap = plt.get_cmap("tab10")
+    fig = new_figure((7, 4.5))
+    ax = fig.subplots()
+    cmap = colormap("tab10")
     for i, n in enumerate(names):
         s, sw = result.spectra[n].numpy(), result.white_spectra[n].numpy()
         ax.plot(np.arange(1, s.size + 1), s / s[0], color=cmap(i), lw=1.2, label=f"{n} (W)")
@@ -144,15 +132,14 @@ def _whitened(result, names, path):
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_png(fig, path, dpi=80)
 
 
 def _intruders(result, path):
-    plt = _plt()
     recs = result.layers
     colors = _colors([r["type"] for r in recs])
-    fig, ax = plt.subplots(figsize=(10, 3.5))
+    fig = new_figure((10, 3.5))
+    ax = fig.subplots()
     ax.bar(range(len(recs)), [r.get("intruders", 0) for r in recs], color=[colors[r["type"]] for r in recs])
     for t, c in colors.items():
         ax.bar([0], [0], color=c, label=t)
@@ -160,8 +147,7 @@ def _intruders(result, path):
     ax.set_ylabel("intruder dimensions")
     ax.legend(fontsize=7, ncol=min(7, len(colors)))
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_png(fig, path, dpi=80)
 
 
 def _fmt(v) -> str:
@@ -245,6 +231,6 @@ def write_report(result: AnalysisResult, out_dir: str | os.PathLike, title: str 
             if any("intruders" in r for r in result.layers):
                 _intruders(result, tmp / "intruders.png")
                 imgs.append(("intruder dimensions per layer", "intruders", tmp / "intruders.png"))
-        (tmp / "index.html").write_text(_html(result, [(c, a, tmp / p.name) for c, a, p in imgs], title))
+        write_text(tmp / "index.html", _html(result, [(c, a, tmp / p.name) for c, a, p in imgs], title))
         result.write_json(tmp / "analysis.json")
     return out_dir / "index.html"

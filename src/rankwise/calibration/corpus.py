@@ -91,14 +91,14 @@ def _corpus_dir() -> Path:
 
 def build_wiki_corpus(dest: Path | None = None) -> Path:
     """Write ``calib.txt`` and ``test.txt`` (articles joined by blank lines) atomically."""
-    from ..files import atomic_dir
+    from ..files import atomic_dir, write_text
 
     dest = dest or _corpus_dir()
     articles = parse_articles()
     with atomic_dir(dest, overwrite=True) as tmp:
         for split in SPLITS:
             keep = [t for i, (_, t) in enumerate(articles) if (i % 10 == 0) == (split == "test")]
-            (tmp / f"{split}.txt").write_text("\n\n".join(keep), encoding="utf-8")
+            write_text(tmp / f"{split}.txt", "\n\n".join(keep))
     return dest
 
 
@@ -133,12 +133,8 @@ def split_text(text: str, holdout: float = EVAL_HOLDOUT) -> tuple[str, str]:
     cut at the first paragraph break (else whitespace) at or after that point, so that the two parts
     never share text. Deterministic."""
     cut = int(len(text) * (1.0 - holdout))
-    for sep in ("\n\n", "\n", " "):
-        j = text.find(sep, cut)
-        if j != -1:
-            cut = j
-            break
-    head, tail = text[:cut], text[cut:].strip()
+    cut = next((j for j in (text.find(sep, cut) for sep in ("\n\n", "\n", " ")) if j != -1), -1)
+    head, tail = (text[:cut], text[cut:].strip()) if cut != -1 else ("", "")
     if not head.strip() or not tail:
         raise CorpusError(f"the text ({len(text):,} characters) is too short to hold out its last {holdout:.0%} "
                           "for evaluation; pass a longer --text-file, or --calib-file and --eval-file")

@@ -5,9 +5,12 @@
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorpusError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI reads the defaults below without it
+    import torch
 
 DEFAULT_SEQLEN = 512
 DEFAULT_EVAL_WINDOWS = 64
@@ -54,6 +57,8 @@ def tokenize(tokenizer, text: str, chunk_chars: int = CHUNK_CHARS) -> torch.Tens
     piece, the same run followed by a word as two.) The equality with one call is tested on the
     bundled models' tokenizers and corpus.
     """
+    import torch
+
     if len(text) <= chunk_chars + CUT_CONTEXT:
         return torch.tensor(_ids(tokenizer, text), dtype=torch.long)
     parts: list[torch.Tensor] = []
@@ -92,6 +97,8 @@ def calib_windows(ids: torch.Tensor, n: int = DEFAULT_CALIB_WINDOWS, seqlen: int
             f"calibration text has {ids.numel()} tokens, too short for windows of {seqlen}; "
             "use a longer --text-file or a smaller --calib-seqlen"
         )
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen + 1, (n,), generator=g)
     return torch.stack([ids[s: s + seqlen] for s in starts.tolist()])

@@ -47,5 +47,13 @@ def fmt(v) -> str:
     return str(v)
 
 
+def check_output_file(path: Optional[Path], flag: str, suffix: str) -> None:
+    """A file output (``--json``, ``--csv``) must not be an existing directory: checked before any work."""
+    from ..errors import ConfigError
+
+    if path is not None and Path(path).is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; pass a file path such as {Path(path) / ('result' + suffix)}")
+
+
 def path_or_none(p: Optional[Path]) -> Optional[str]:
     return None if p is None else str(p)

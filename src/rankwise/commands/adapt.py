@@ -1,7 +1,6 @@
 """``rankwise adapt``: attach initialized low-rank adapters, train them, save them (PEFT or rankwise format)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -22,10 +21,13 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
     from ..calibration.corpus import load_corpus
     from ..calibration.sampling import calib_windows as sample_windows, check_seqlen, tokenize
     from ..errors import ConfigError, OutputExistsError
+    from ..files import write_json
     from ..models.loading import load_model
     from ..structures.lowrank import LowRankLinear
 
     spec = get_init(init)  # unknown init -> error listing the valid ones, before any loading
+    if alpha is not None and not alpha > 0:
+        raise ConfigError(f"--alpha must be positive (the adapter scale is alpha / r), got {alpha}; omit it for alpha = r")
     if fmt not in ("auto", "peft", "rankwise"):
         raise ConfigError(f"unknown --format {fmt!r}; use auto, peft or rankwise")
     if Path(out).exists() and not overwrite:
@@ -63,7 +65,7 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
            "merged": merge, "trainable_params": count_trainable(model), "config": cfg.__dict__, **res.to_dict()}
 
     def extra(d: Path) -> None:
-        (d / "train_log.json").write_text(json.dumps(log, indent=2, default=str))
+        write_json(d / "train_log.json", log)
         plot_losses({init: res.losses}, d / "loss.png", title=f"rankwise adapt: {init}, rank {rank}")
 
     if merge:
@@ -81,21 +83,21 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelArg,
         init: str = typer.Option("pissa", help="Initialization: lora, pissa, milora, olora, eva, lora-ga, lora-sb, "
                                                "nlora, nlora-inttune, loldu, salt, singlora."),
-        rank: int = typer.Option(16, help="Adapter rank r (EVA: average rank; budget r x layers)."),
+        rank: int = typer.Option(16, min=1, help="Adapter rank r (EVA: average rank; budget r x layers)."),
         alpha: Optional[float] = typer.Option(None, help="LoRA alpha; scaling = alpha / r (default alpha = r)."),
         rslora: bool = typer.Option(False, "--rslora", help="Scaling alpha / sqrt(r)."),
         targets: Optional[str] = typer.Option(None, help="Comma-separated layer names or regexes (default: all "
                                                          "attention and MLP projections)."),
-        steps: int = typer.Option(100, help="Optimizer steps."),
+        steps: int = typer.Option(100, min=1, help="Optimizer steps."),
         lr: float = typer.Option(2e-4, help="Peak learning rate (AdamW)."),
-        batch_size: int = typer.Option(2, help="Windows per micro-batch."),
-        seqlen: int = typer.Option(256, help="Tokens per training window."),
-        grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-        warmup: int = typer.Option(10, help="Linear warmup steps (then cosine decay)."),
-        eval_every: int = typer.Option(0, help="Evaluate test perplexity every K steps (0: only at the end)."),
-        eval_windows: int = typer.Option(4, help="Test windows per evaluation."),
+        batch_size: int = typer.Option(2, min=1, help="Windows per micro-batch."),
+        seqlen: int = typer.Option(256, min=2, help="Tokens per training window."),
+        grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
+        warmup: int = typer.Option(10, min=0, help="Linear warmup steps (then cosine decay)."),
+        eval_every: int = typer.Option(0, min=0, help="Evaluate test perplexity every K steps (0: only at the end)."),
+        eval_windows: int = typer.Option(4, min=1, help="Test windows per evaluation."),
         text_file: Optional[Path] = TextFileOpt,
-        calib_windows: int = typer.Option(8, help="Calibration windows for eva / lora-ga / lora-sb."),
+        calib_windows: int = typer.Option(8, min=1, help="Calibration windows for eva / lora-ga / lora-sb."),
         seed: int = typer.Option(0, help="Seed for windows, batch order and random inits."),
         svd: str = typer.Option("exact", help="SVD for pissa / salt: exact or randomized."),
         bf16: bool = typer.Option(False, "--bf16", help="Base model in bfloat16 (adapters stay float32)."),

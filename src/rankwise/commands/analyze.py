@@ -7,7 +7,10 @@ from typing import Optional
 import typer
 
 from ..calibration.sampling import DEFAULT_SEED
-from ._common import ModelArg, QuietOpt, TextFileOpt, console, err_console, setup
+from ..errors import ConfigError
+from ._common import ModelArg, QuietOpt, TextFileOpt, check_output_file, console, err_console, setup
+
+FARMS_SAMPLINGS = ("grid", "random")
 
 
 def _calib_windows(model, tok, text_file, n, seqlen, seed):
@@ -16,6 +19,22 @@ def _calib_windows(model, tok, text_file, n, seqlen, seed):
 
     check_seqlen(model, seqlen)
     return calib_windows(tokenize(tok, load_corpus("calib", text_file)), n, seqlen, seed)
+
+
+def check_device(device: str | None) -> None:
+    """``--device`` names a torch device that exists here, else :class:`ConfigError`."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown --device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "meta": False, "cuda": torch.cuda.is_available(),
+                 "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
+    if not available.get(dev.type, False):
+        raise ConfigError(f"--device {device!r} is not available on this machine; use --device cpu or omit it")
 
 
 def _cols(result) -> list[tuple[str, str]]:
@@ -66,12 +85,12 @@ def register(app: typer.Typer) -> None:
         calib: bool = typer.Option(False, "--calib", help="Also the activation-aware (whitened) spectrum, from "
                                    "calibration windows of the default corpus or --text-file."),
         text_file: Optional[Path] = TextFileOpt,
-        calib_windows: int = typer.Option(64, help="Calibration windows (with --calib)."),
-        calib_seqlen: int = typer.Option(512, help="Tokens per calibration window."),
+        calib_windows: int = typer.Option(64, min=1, help="Calibration windows (with --calib)."),
+        calib_seqlen: int = typer.Option(512, min=2, help="Tokens per calibration window."),
         seed: int = typer.Option(DEFAULT_SEED, help="Seed for calibration windows and FARMS random sampling."),
         metrics: Optional[str] = typer.Option(None, "--metrics", help="Comma-separated metrics (default: spectrum,"
                                               "powerlaw,farms [+whitened] [+intruders])."),
-        intruder_k: int = typer.Option(10, help="Top-k tuned singular vectors checked for intruders."),
+        intruder_k: int = typer.Option(10, min=1, help="Top-k tuned singular vectors checked for intruders."),
         intruder_eps: float = typer.Option(0.5, help="Intruder threshold on max |cosine similarity|."),
         farms_sampling: str = typer.Option("grid", help="FARMS windows: 'grid' (paper) or 'random' (seeded)."),
         device: Optional[str] = typer.Option(None, help="Device for the spectra (e.g. cuda); default: model's."),
@@ -83,9 +102,15 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Singular values, stable/effective rank, energy ranks, power-law alpha (WeightWatcher-compatible),
         FARMS alpha, whitened spectrum (--calib) and intruder dimensions (--compare), per layer."""
+        check_output_file(json_out, "--json", ".json")
+        check_output_file(csv_out, "--csv", ".csv")
+        if farms_sampling not in FARMS_SAMPLINGS:
+            raise ConfigError(f"unknown --farms-sampling {farms_sampling!r}; use {' or '.join(FARMS_SAMPLINGS)}")
         setup(quiet)
         from ..analysis.run import analyze
         from ..models.loading import load_model
+
+        check_device(device)
 
         m, tok, path = load_model(model)
         base = load_model(compare)[0] if compare else None

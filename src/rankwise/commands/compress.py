@@ -87,15 +87,18 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
                  targets=None, allocate=None, allocate_options=None, engine=None, calib_options=None,
                  text_file=None, calib_file=None, eval_file=None, low_memory=False, out=None, overwrite=False,
                  export_dense_dir=None, do_eval=False, eval_windows=DEFAULT_EVAL_WINDOWS,
-                 eval_seqlen=DEFAULT_SEQLEN, quiet=False, dtype=None):
+                 eval_seqlen=DEFAULT_SEQLEN, heal=None, quiet=False, dtype=None):
     """The command's body (also used by ``rankwise demo``): returns ``(model, tokenizer, path, report)``.
 
     ``dtype``: ``None``/``"auto"`` (the checkpoint's), ``float32``, ``bfloat16``, ``float16``. In a
-    distributed run (every rank calls this) only rank 0 checks and writes the outputs, evaluates and
-    exports; bad input fails on every rank with the same message."""
-    from ..compression.compress import build_config, compress, compress_low_memory
+    distributed run (every rank calls this) only rank 0 checks and writes the outputs, evaluates, heals
+    and exports; bad input fails on every rank with the same message."""
+    from ..api import compress
+    from ..compression.compress import build_config, calibration_windows, compress_low_memory
     from ..compression.engine.device import parse_dtype
     from ..compression.engine.distributed import Comm
+    from ..healing import HealOptions, heal as heal_model
+    from ..options import make_options
     from ..compression.saving import save_compressed
     from ..errors import ConfigError
     from ..evaluation.perplexity import perplexity
@@ -109,26 +112,34 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
 
     def preflight():
         build_config(structure, ratio, bits_per_weight, **kw)  # every option checked before any model work
+        healing = make_options(HealOptions, heal, {}, "healing")
         want = parse_dtype(dtype)
         if low_memory and out is None:
             raise ConfigError("--low-memory writes the model block by block and needs --out DIR")
         if comm.is_main:
             check_new_output(out, overwrite, "--out")
             check_new_output(export_dense_dir, overwrite, "--export-dense")
-        return texts(text_file, calib_file, eval_file), want
+        return healing, want, texts(text_file, calib_file, eval_file)
 
-    (calib, eval_text, eval_label), want = comm.agreed(preflight)
+    heal, want, (calib, eval_text, eval_label) = comm.agreed(preflight)
     if low_memory:  # writes --out block by block; the compressed model is loaded back only if needed
         report = compress_low_memory(model_arg, out, structure, ratio, bits_per_weight, calib=calib,
                                      progress=not quiet, overwrite=overwrite, dtype=want, **kw)
-        model, tok, path = (load_model(out) if comm.is_main and (do_eval or export_dense_dir is not None)
+        if not comm.is_main:
+            return None, None, Path(out), report
+        model, tok, path = (load_model(out) if (do_eval or export_dense_dir is not None or heal.steps)
                             else (None, None, Path(out)))
+        if heal.steps:  # the compressed model (smaller than the original) is healed in memory, then rewritten
+            co = dict(calib_options or {})
+            windows, _ = calibration_windows(model, calib, tok, co.get("windows", DEFAULT_CALIB_WINDOWS),
+                                             co.get("seqlen", DEFAULT_SEQLEN), co.get("seed", DEFAULT_SEED))
+            report.healing = heal_model(model, windows, heal, progress=not quiet)
     else:
         model, tok, path = comm.agreed(lambda: load_model(model_arg, dtype=want or checkpoint_dtype(model_arg)))
-        model, report = compress(model, structure, ratio, bits_per_weight, calib=calib, tokenizer=tok,
-                                 progress=not quiet, **kw)
-    if not comm.is_main:
-        return model, tok, path, report
+        model, report = compress(model, structure, ratio, bits_per_weight=bits_per_weight, calib=calib, tokenizer=tok,
+                                 progress=not quiet, inplace=True, heal=heal, **kw)
+        if not comm.is_main:
+            return model, tok, path, report
     if do_eval:
         from ..calibration.corpus import load_corpus
 
@@ -136,8 +147,9 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
                          seqlen=eval_seqlen, windows=eval_windows, progress=not quiet)
         report.perplexity = {"compressed": res.ppl, "windows": res.windows, "seqlen": res.seqlen,
                              "corpus": eval_label}
-    if out is not None and not low_memory:  # the low-memory path has written --out already
-        save_compressed(model, tok, out, report, overwrite=overwrite, extra={"source_model": str(path)})
+    if out is not None and (not low_memory or heal.steps):  # low-memory wrote --out already, unhealed
+        save_compressed(model, tok, out, report, overwrite=overwrite or low_memory,
+                        extra={"source_model": str(model_arg if low_memory else path)})
     if export_dense_dir is not None:
         export_dense(model, tok, export_dense_dir, overwrite=overwrite)
     return model, tok, path, report
@@ -211,6 +223,11 @@ def register(app: typer.Typer) -> None:
                                           "last 10% of --text-file, or the default test split)."),
         eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="Windows for --eval."),
         eval_seqlen: int = typer.Option(DEFAULT_SEQLEN, help="Tokens per window for --eval."),
+        heal_steps: int = typer.Option(0, "--heal-steps",
+                                       help="Train low-rank corrections of the factors for N steps on the "
+                                            "calibration windows and merge them back (same size); 0 = off."),
+        heal_rank: int = typer.Option(8, "--heal-rank", help="Rank of each healing correction."),
+        heal_lr: float = typer.Option(5e-4, "--heal-lr", help="Healing learning rate."),
         quiet: bool = QuietOpt,
     ) -> None:
         """Replace the linear layers by structures fitted on calibration activations.
@@ -239,7 +256,8 @@ def register(app: typer.Typer) -> None:
                 calib_options={"windows": calib_windows, "seqlen": calib_seqlen, "seed": seed},
                 text_file=text_file, calib_file=calib_file, eval_file=eval_file, low_memory=low_memory, out=out,
                 overwrite=overwrite, export_dense_dir=export_dense_dir, do_eval=do_eval, eval_windows=eval_windows,
-                eval_seqlen=eval_seqlen, quiet=quiet, dtype=dtype)
+                eval_seqlen=eval_seqlen, heal={"steps": heal_steps, "rank": heal_rank, "lr": heal_lr}, quiet=quiet,
+                dtype=dtype)
             if not main:
                 return
             if not quiet:

@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         quiet: bool = QuietOpt,
     ) -> None:
         """Compress the default model (best method, 40% removed), evaluate dense vs compressed, write a report."""
-        from ..files import write_json
+        from ..files import write_json, write_text
         from ..calibration.corpus import load_corpus
         from ..compression.compress import compress
         from ..compression.saving import save_compressed

@@ -41,7 +41,8 @@ from .allocation.budget import check_plan, check_ratio
 from .engine import Engine, EngineOptions, ModelSource, StreamedSource, WeightSource
 from .engine.device import check_dtype, compute_device
 from .engine.distributed import Comm, module_fingerprint, sigterm_as_exit
-from .methods.base import LayerInput, Method, get_method, make_options
+from ..options import make_options
+from .methods.base import LayerInput, Method, get_method
 from .report import CompressionReport, LayerReport
 
 log = logging.getLogger(__name__)
@@ -419,6 +420,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
 
     from ..files import atomic_dir, check_new_output
     from ..models.loading import load_tokenizer
+    from ..models.offline import hub_offline
     from ..models.registry import resolve_model
     from ..models.saved import MANIFEST, WEIGHTS_FILE, manifest, write_side_files
     from ..models.skeleton import empty_model
@@ -446,7 +448,8 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         stored = index_dtypes(index)
         want = parse_dtype(dtype) or next((d for d in stored.values() if d.is_floating_point), torch.float32)
         device = run_device(cfg, want, comm)
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with hub_offline():
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         tok = load_tokenizer(path)
         model = empty_model(config)
         windows, source_name = calibration_windows(model, calib, tok, cfg.calib.windows, cfg.calib.seqlen,
@@ -502,7 +505,8 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
             if (path / "generation_config.json").is_file():
                 from transformers import GenerationConfig
 
-                GenerationConfig.from_pretrained(str(path)).save_pretrained(tmp)
+                with hub_offline():
+                    GenerationConfig.from_pretrained(str(path), local_files_only=True).save_pretrained(tmp)
             from ..files import write_json
 
             write_json(tmp / MANIFEST, meta)
@@ -540,4 +544,5 @@ def _meta_extra(report: CompressionReport) -> dict[str, Any]:
     return {"structure": report.structure, "method": report.method, "budget": report.budget,
             "allocate": report.allocate, "mode": report.mode, "granularity": report.granularity,
             "refit": report.refit, "calibration": report.calibration, "perplexity": report.perplexity,
+            "healing": report.healing,
             "config": report.config, "report": report.to_dict()}

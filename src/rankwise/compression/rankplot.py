@@ -5,6 +5,8 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+from ..figures import new_figure, save_png
+from ..files import write_text
 from ..models.surgery import layer_index, module_type
 
 
@@ -13,13 +15,9 @@ def plot_ranks(series: Mapping[str, Mapping[str, int | None]], shapes: Mapping[s
     """PNG of the kept rank by block index, one subplot per module type, one line per plan in
     ``series`` (label -> ranks); dense layers are drawn at ``min(m, n)`` with an open marker.
     Written atomically (temp file + rename)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     types = list(dict.fromkeys(module_type(n) for n in shapes))
-    fig, axes = plt.subplots(1, len(types), figsize=(3.2 * len(types), 3.2), squeeze=False, sharey=False)
+    fig = new_figure((3.2 * len(types), 3.2))
+    axes = fig.subplots(1, len(types), squeeze=False, sharey=False)
     for ax, t in zip(axes[0], types):
         for label, ranks in series.items():
             names = [n for n in shapes if module_type(n) == t]
@@ -36,12 +34,7 @@ def plot_ranks(series: Mapping[str, Mapping[str, int | None]], shapes: Mapping[s
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def write_rank_report(report, out_dir: str | os.PathLike) -> tuple[Path, Path | None]:

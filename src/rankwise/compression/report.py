@@ -40,6 +40,7 @@ class CompressionReport:
     perplexity: dict[str, Any] | None = None
     allocation: dict[str, Any] | None = None  # allocator decisions: speed caps, dense reasons, tables
     config: dict[str, Any] | None = None      # the full configuration (options of every part)
+    healing: dict[str, Any] | None = None     # healing steps after compression (options, losses)
 
     @property
     def ratio(self) -> float | None:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ..calibration.sampling import (
     DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, check_seqlen, eval_windows, tokenize,
 )
-from ..errors import NumericalError
+from ..errors import ConfigError, NumericalError
 
 
 @dataclass
@@ -62,9 +62,14 @@ def perplexity(
     Pass token ``ids`` directly, or ``text`` + ``tokenizer``; with neither, the default
     corpus's test split is used. ``windows=None`` scores every full window.
     """
+    if windows is not None and windows < 1:
+        raise ConfigError(f"windows must be a positive number of windows (or None for all), got {windows!r}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive number of windows per forward pass, got {batch_size!r}")
     if ids is None:
         if tokenizer is None:
-            raise ValueError("perplexity needs token ids, or a tokenizer to tokenize text")
+            raise ConfigError("perplexity() needs token ids or a tokenizer: pass ids=<LongTensor> or "
+                              "tokenizer=<the model's tokenizer> (with text=..., or none for the default corpus)")
         if text is None:
             from ..calibration.corpus import load_corpus
 

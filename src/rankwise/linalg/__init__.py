@@ -17,6 +17,8 @@ from .factorization import (
 from .refit import activation_error, refit_left
 from .svd import truncated_svd
 from .whitening import Whitener, cholesky_whitener, eigh_whitener, make_whitener
+from .lowrank_quant import LowRankQuant, gptq, lorc, lq, rtn  # noqa: F401  (gptq from .gptq, rtn from .quant)
+from . import blockdiag, kronecker, monarch, shared_basis, sparse  # noqa: F401,E402  structured fits (issue 13)
 
 __all__ = [
     "Factorization", "Whitener", "activation_error", "asvd_scales", "cholesky_whitener", "eigh_whitener",

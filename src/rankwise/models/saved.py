@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import ArtifactError
 from ..files import atomic_dir, write_json
 from ..structures.base import StructuredLinear, build_layer
+from .offline import hub_offline
 from .skeleton import empty_model, meta_parameters
 from .surgery import Conv1D, set_module
 
@@ -149,7 +150,8 @@ def _skeleton(path: Path) -> nn.Module:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with hub_offline():
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}/config.json is missing or invalid ({e})") from None
     return empty_model(config)

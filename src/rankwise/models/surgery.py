@@ -5,13 +5,14 @@ Weights are always returned in ``nn.Linear`` orientation, ``W`` of shape (out, i
 """
 from __future__ import annotations
 
+import functools
 import re
 from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import NoTargetLayersError
+from ..errors import ConfigError, NoTargetLayersError
 
 try:  # transformers' GPT-2 style layer
     from transformers.pytorch_utils import Conv1D
@@ -25,11 +26,23 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
 
 
+@functools.lru_cache(maxsize=256)
+def _compile(pattern: str) -> re.Pattern:
+    """The compiled regex of a target pattern; an invalid one is a :class:`ConfigError`."""
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(
+            f"invalid layer pattern {pattern!r} (a --targets / --layers entry): {e}; pass layer names like "
+            "q_proj,down_proj or a valid Python regex (escape special characters, e.g. \\[ or \\.)"
+        ) from None
+
+
 def _matches(name: str, patterns: Sequence[str]) -> bool:
     """A pattern matches a module name when it equals its last component or is a regex found in it."""
     last = name.rsplit(".", 1)[-1]
     for p in patterns:
-        if p == last or re.search(p, name):
+        if p == last or _compile(p).search(name):
             return True
     return False
 
@@ -56,7 +69,8 @@ def parse_targets(targets: Sequence[str] | str | None) -> tuple[str, ...]:
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     patterns = tuple(targets or ())
-    _compile(patterns)
+    for p in patterns:
+        _compile(p)  # an invalid regex fails even on a model with no linear layer
     return patterns
 
 
@@ -75,17 +89,6 @@ def find_linears(
             + "; pass --targets with layer names (e.g. q_proj,down_proj) or regexes"
         )
     return found
-
-
-def _compile(patterns: Sequence[str]) -> None:
-    from ..errors import ConfigError
-
-    for p in patterns:
-        try:
-            re.compile(p)
-        except re.error as e:
-            raise ConfigError(f"--targets pattern {p!r} is not a valid regular expression ({e}); "
-                              "pass layer names (e.g. q_proj) or a valid regex") from None
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -74,9 +74,12 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
 
 def save_tiny(dest: str | os.PathLike, arch: str = "llama", seed: int = 0) -> Path:
     """Write a tiny model + tokenizer as a normal HF directory; returns its path."""
+    from ..files import atomic_dir
+
     dest = Path(dest)
     model = tiny_model(arch, seed)
     tok = tiny_tokenizer(model.config.vocab_size)
-    model.save_pretrained(dest, safe_serialization=True)
-    tok.save_pretrained(dest)
+    with atomic_dir(dest, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
     return dest

@@ -1,7 +1,15 @@
-"""Structured-matrix layers: parameter count, ``dense()``, forward, state dict.
+"""Structured-matrix layers: stored form, ``dense()``, forward, byte count, save/load spec.
 
-* :mod:`.lowrank` — :class:`LowRankLinear` (``y = B(Ax) + b``), :func:`lowrank_saves`.
+* :mod:`.base` -- :class:`StructuredLinear` (the interface) and :data:`LAYERS` (kind -> class).
+* :mod:`.lowrank` -- :class:`LowRankLinear` (``y = B(Ax) + b``), :func:`lowrank_saves`.
+* :mod:`.quant` -- :class:`QuantLinear` (packed integer codes + float16 scales, optional rotation).
+* :mod:`.lowrank_quant` -- :class:`LowRankQuantLinear` (quantized matrix + low-rank factors).
 """
+from .base import LAYERS, StructuredLinear, build_layer
 from .lowrank import LowRankLinear, lowrank_saves, max_saving_rank
+from .lowrank_quant import LowRankQuantLinear
+from .quant import QuantLinear
+from . import blockdiag, kronecker, monarch, shared_basis, sparse  # noqa: F401  layer kinds (issue 13)
 
-__all__ = ["LowRankLinear", "lowrank_saves", "max_saving_rank"]
+__all__ = ["LAYERS", "LowRankLinear", "LowRankQuantLinear", "QuantLinear", "StructuredLinear", "build_layer",
+           "lowrank_saves", "max_saving_rank"]

@@ -39,6 +39,7 @@ import torch
 
 from ...calibration.stats import ABS_MEAN, COV, FISHER, LayerStats
 from ...errors import ConfigError
+from ...options import make_options
 from ...registry import Registry
 from ...structures.base import StructuredLinear
 
@@ -105,26 +106,10 @@ class Method:
         return {"structure": self.name, "budget": self.budget, "options": dataclasses.asdict(self.options)}
 
 
-def make_options(cls: type, options: Any, kwargs: Mapping[str, Any], owner: str) -> Any:
-    """``cls`` built from an instance, a dict and/or keyword arguments; unknown keys raise ConfigError."""
-    if isinstance(options, cls) and not kwargs:
-        return options
-    base = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options or {})
-    base.update(kwargs)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(base) - fields)
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for {owner or cls.__name__}; valid: {sorted(fields) or 'none'}")
-    try:
-        return cls(**base)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"bad options for {owner or cls.__name__}: {e}") from None
-
-
 def get_method(name: str, options: Any = None, **kwargs: Any) -> Method:
     """An instance of the registered method ``name`` with its options."""
     return STRUCTURES.get(name)(options, **kwargs)
 
 
 __all__ = ["ABS_MEAN", "COV", "FISHER", "LayerInput", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
-           "make_options"]
+           ]

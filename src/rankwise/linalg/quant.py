@@ -1,0 +1,260 @@
+"""Uniform weight quantization in groups along the input dimension: grids, round-to-nearest, packing.
+
+A matrix ``W (m, n)`` is cut, row by row, into ``G = ceil(n / g)`` groups of ``g`` consecutive input
+columns (group ``j`` = columns ``[j g, min((j + 1) g, n))``). **Ragged groups**: when ``g`` does not
+divide ``n`` (SmolLM2's 576 inputs with ``g = 128``) the last group is shorter (``n - (G - 1) g``
+columns); nothing is padded and nothing is refused. ``g > n`` means one group (``g`` becomes ``n``);
+``g < 1`` raises :class:`ConfigError`. Each (row, group) has its own affine grid of ``2^b`` points
+(``b`` in 2..8 bits, codes ``0 .. maxq = 2^b - 1``):
+
+* asymmetric: ``w' = scale * code + min``, ``scale = (hi - lo) / maxq``, ``min = lo``, where
+  ``lo, hi`` are the group's smallest and largest entries. The grid spans exactly ``[lo, hi]``.
+  This is llama.cpp's Q4_1 / Q5_1 form (a scale and a minimum per block), so the zero point is kept
+  in weight units (``min = -zero * scale``) rather than as a float code offset: with float16
+  storage, ``min`` reproduces a Q4_1 model bit for bit, while a float16 zero point ``zero =
+  -lo / scale`` loses up to 2^-8 of a step (a relative error of 5e-4 on SmolLM2, see the tests).
+* symmetric: ``w' = scale * (code - 2^(b-1))``, ``scale = 2 max|w| / maxq`` (GPTQ's symmetric
+  grid); no minimum is stored.
+
+Scales and minimums are stored in float16 (2 bytes each). Every code is chosen against the stored
+(float16-rounded) grid, so round-to-nearest really is the nearest stored grid point.
+
+Error guarantee (RTN): every entry inside its group's range is within ``scale / 2`` of its
+reconstruction, up to float16 rounding of ``scale`` and ``min`` (which can move the far end of the
+grid by ``maxq * 2^-11`` of a step): asymmetric ``|w - w'| <= scale/2``
+on ``[lo, hi]``; symmetric the grid covers ``[-max|w| - scale/2, max|w| - scale/2]``, so again
+``|w - w'| <= scale/2``.
+
+Packing (:func:`pack_codes`): the codes of a row form a little-endian bitstream: code ``j`` occupies
+bits ``[j b, (j + 1) b)`` of the stream, and stream bit ``t`` is bit ``t mod 8`` (least significant
+first) of byte ``t div 8`` of the row. A row takes ``ceil(n b / 8)`` bytes (unused high bits are 0),
+so 2/4/8-bit codes pack 4/2/1 whole values per byte (4-bit: ``byte k = c[2k] | c[2k+1] << 4``) and
+3/5/6/7-bit codes pack 8 values into ``b`` bytes.
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError, NumericalError
+from ._checks import as_matrix
+
+MIN_BITS, MAX_BITS = 2, 8
+
+
+def check_bits(bits: int) -> int:
+    """``bits`` as an int in 2..8 (an integral float is accepted), else :class:`ConfigError`."""
+    if isinstance(bits, float) and bits.is_integer():
+        bits = int(bits)
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise ConfigError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
+    bits = int(bits)
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"bits must be from {MIN_BITS} to {MAX_BITS}, got {bits}; choose a width in that range")
+    return bits
+
+
+def check_group_size(group_size: int, n: int) -> int:
+    """The effective group size for ``n`` input columns: ``min(group_size, n)``; ``< 1`` raises."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise ConfigError(f"group size must be a positive integer, got {group_size!r}")
+    if group_size < 1:
+        raise ConfigError(f"group size must be >= 1, got {group_size}; use e.g. 128 (or the input size for one "
+                          "group per row)")
+    return min(group_size, n)
+
+
+def num_groups(n: int, group_size: int) -> int:
+    """``ceil(n / g)`` groups along ``n`` input columns (the last one shorter when ``g`` does not divide ``n``)."""
+    return -(-n // check_group_size(group_size, n))
+
+
+def column_groups(n: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The group of each input column, ``j // g`` (LongTensor (n,))."""
+    return torch.arange(n, device=device) // check_group_size(group_size, n)
+
+
+def packed_row_bytes(n: int, bits: int) -> int:
+    """Bytes of one packed row of ``n`` codes: ``ceil(n bits / 8)``."""
+    return -(-n * check_bits(bits) // 8)
+
+
+# ---- grids --------------------------------------------------------------------------------------
+
+
+def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float16 ``(scale, min)`` (``min`` None when symmetric) of the grids spanning ``[lo, hi]`` entrywise."""
+    maxq = 2 ** bits - 1
+    lo = lo.to(torch.float64)
+    hi = hi.to(torch.float64)
+    if symmetric:
+        scale, mn = 2.0 * torch.maximum(lo.abs(), hi.abs()) / maxq, None
+    else:
+        scale, mn = (hi - lo) / maxq, lo.to(torch.float16)
+    scale = scale.to(torch.float16)
+    if not bool(torch.isfinite(scale).all()) or (mn is not None and not bool(torch.isfinite(mn).all())):
+        raise NumericalError("a weight group's range exceeds float16 (|w| > 65504 or a range that large); "
+                             "rescale the weights before quantizing")
+    return scale, mn
+
+
+@dataclass
+class QuantGrid:
+    """Per (row, group) grids of a ``(m, n)`` matrix; see the module docstring.
+
+    ``scales`` and ``mins`` are float16 ``(m, G)``; ``mins`` is None for a symmetric grid.
+    """
+
+    bits: int
+    group_size: int
+    n: int
+    scales: torch.Tensor
+    mins: torch.Tensor | None = None
+
+    @property
+    def symmetric(self) -> bool:
+        return self.mins is None
+
+    @property
+    def maxq(self) -> int:
+        return 2 ** self.bits - 1
+
+    @property
+    def groups(self) -> torch.Tensor:
+        return column_groups(self.n, self.group_size, self.scales.device)
+
+    def columns(self, cols: torch.Tensor | slice | None = None, dtype: torch.dtype = torch.float64
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, offset)`` per entry of the selected columns (m, len(cols)): ``w' = scale * code + offset``."""
+        g = self.groups if cols is None else self.groups[cols]
+        scale = self.scales.to(dtype)[:, g]
+        if self.mins is None:
+            offset = -(2 ** (self.bits - 1)) * scale
+        else:
+            offset = self.mins.to(dtype)[:, g]
+        return scale, offset
+
+    def round(self, W: torch.Tensor, cols: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Nearest codes (int64) of ``W`` (m, len(cols)) on the grids of the selected columns."""
+        scale, offset = self.columns(cols)
+        zero = 2 ** (self.bits - 1) if self.symmetric else 0
+        return round_to_grid(W, scale, offset, self.maxq, zero)
+
+    def nbytes(self) -> int:
+        """Bytes of the scales and minimums."""
+        return sum(t.numel() * t.element_size() for t in (self.scales, self.mins) if t is not None)
+
+
+def fit_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantGrid:
+    """The round-to-nearest grid of ``W (m, n)``: each (row, group) spans the group's ``[lo, hi]``."""
+    bits = check_bits(bits)
+    W = as_matrix(W, "W")
+    m, n = W.shape
+    g = check_group_size(group_size, n)
+    G = -(-n // g)
+    idx = column_groups(n, g, W.device).expand(m, n)
+    lo = W.new_zeros(m, G).scatter_reduce(1, idx, W, "amin", include_self=False)
+    hi = W.new_zeros(m, G).scatter_reduce(1, idx, W, "amax", include_self=False)
+    scale, mn = grid_from_range(lo, hi, bits, symmetric)
+    return QuantGrid(bits, g, n, scale, mn)
+
+
+def round_to_grid(W: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, maxq: int, zero_code: int = 0
+                  ) -> torch.Tensor:
+    """Nearest codes ``clamp(round((w - offset) / scale), 0, maxq)`` entrywise (int64). Where ``scale`` is 0
+    (a constant group) every code gives the same value; ``zero_code`` is returned there (0 for the
+    asymmetric grid, whose single point is the minimum; ``2^(b-1)`` for the symmetric one)."""
+    W = W.to(torch.float64)
+    pos = scale > 0
+    inv = torch.where(pos, 1.0 / torch.where(pos, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    codes = torch.round((W - offset) * inv).clamp_(0, maxq)
+    codes = torch.where(pos, codes, torch.full_like(codes, float(zero_code)))
+    return codes.to(torch.int64)
+
+
+def quantize(W: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """Codes (uint8 (m, n)) of the nearest points of ``grid`` to ``W``."""
+    W = as_matrix(W, "W")
+    if W.shape != (grid.scales.shape[0], grid.n):
+        raise ConfigError(f"W {tuple(W.shape)} does not match the grid's {grid.scales.shape[0]} x {grid.n}")
+    return grid.round(W).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, grid: QuantGrid, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``scale * code + offset`` (m, n) in ``dtype``."""
+    scale, offset = grid.columns(dtype=dtype)
+    return codes.to(dtype) * scale + offset
+
+
+@dataclass
+class QuantizedMatrix:
+    """Codes (uint8 (m, n), unpacked) on a :class:`QuantGrid`; ``info`` records how they were found."""
+
+    codes: torch.Tensor
+    grid: QuantGrid
+    info: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.codes.shape[0]), int(self.codes.shape[1])
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.codes, self.grid, dtype)
+
+    def nbytes(self) -> int:
+        """Stored bytes once packed: codes + scales (+ minimums)."""
+        m, n = self.shape
+        return m * packed_row_bytes(n, self.grid.bits) + self.grid.nbytes()
+
+
+def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedMatrix:
+    """Round-to-nearest on the min/max grid of each (row, group) (:func:`fit_grid`); guarantee in the module doc."""
+    W = as_matrix(W, "W")
+    grid = fit_grid(W, bits, group_size, symmetric)
+    return QuantizedMatrix(quantize(W, grid), grid, {"solver": "rtn"})
+
+
+# ---- packing ------------------------------------------------------------------------------------
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes ``(m, n)`` (values < 2^bits) into uint8 ``(m, ceil(n bits / 8))``; layout in the module doc.
+
+    Eight codes make one ``8 bits``-bit integer, written as ``bits`` little-endian bytes.
+    """
+    bits = check_bits(bits)
+    if codes.ndim != 2:
+        raise ConfigError(f"codes must be a 2-D (rows, columns) tensor, got shape {tuple(codes.shape)}")
+    m, n = codes.shape
+    c = codes.to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2 ** bits):
+        raise ConfigError(f"codes must lie in 0..{2 ** bits - 1} for {bits}-bit packing")
+    n8 = -(-n // 8) * 8
+    c = torch.nn.functional.pad(c, (0, n8 - n)).view(m, n8 // 8, 8)
+    word = (c << (torch.arange(8, device=c.device) * bits)).sum(-1)  # (m, n8/8), < 2^56: no overflow
+    byte = (word[..., None] >> (torch.arange(bits, device=c.device) * 8)) & 0xFF  # (m, n8/8, bits)
+    return byte.reshape(m, -1)[:, : packed_row_bytes(n, bits)].to(torch.uint8).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 codes ``(m, n)``."""
+    bits = check_bits(bits)
+    if packed.ndim != 2 or packed.shape[1] != packed_row_bytes(n, bits):
+        raise ConfigError(f"packed codes must be (rows, {packed_row_bytes(n, bits)}) for {n} {bits}-bit codes, "
+                          f"got {tuple(packed.shape)}")
+    m = packed.shape[0]
+    n8 = -(-n // 8) * 8
+    p = torch.nn.functional.pad(packed.to(torch.int64), (0, n8 // 8 * bits - packed.shape[1]))
+    word = (p.view(m, n8 // 8, bits) << (torch.arange(bits, device=p.device) * 8)).sum(-1)
+    c = (word[..., None] >> (torch.arange(8, device=p.device) * bits)) & (2 ** bits - 1)
+    return c.reshape(m, n8)[:, :n].to(torch.uint8)
+
+
+__all__ = [
+    "MAX_BITS", "MIN_BITS", "QuantGrid", "QuantizedMatrix", "check_bits", "check_group_size", "column_groups",
+    "dequantize", "fit_grid", "grid_from_range", "num_groups", "pack_codes", "packed_row_bytes",
+    "quantize", "round_to_grid", "rtn", "unpack_codes",
+]
