@@ -28,7 +28,7 @@ ABS_MEAN, COV, FISHER = "abs_mean", "cov", "fisher"
 
 
 #: Bytes of one float64 row chunk of a batch (bounds the transient copy; at least 256 rows).
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 8 * 2**20
 
 
 def row_chunks(x: torch.Tensor, device: torch.device | str | None = None):
@@ -79,8 +79,8 @@ class InputStats:
         for c in row_chunks(x, self.abs_sum.device):
             if self.cov is not None:
                 self.cov.addmm_(c.T, c)
-            self.abs_sum.add_(c.abs().sum(0))
-            self.sq_sum.add_((c * c).sum(0))
+            self.abs_sum.add_(torch.linalg.vector_norm(c, 1, dim=0))  # reductions: no chunk-sized temporary
+            self.sq_sum.add_(torch.linalg.vector_norm(c, 2, dim=0).square_())
             self.n += int(c.shape[0])
         return self
 

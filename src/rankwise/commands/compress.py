@@ -123,6 +123,9 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
 
     heal, want, (calib, eval_text, eval_label) = comm.agreed(preflight)
     if low_memory:  # writes --out block by block; the compressed model is loaded back only if needed
+        from ..compression.engine.memory import mmap_large_allocations
+
+        mmap_large_allocations()  # this process is ours: keep freed buffers from fragmenting the heap
         report = compress_low_memory(model_arg, out, structure, ratio, bits_per_weight, calib=calib,
                                      progress=not quiet, overwrite=overwrite, dtype=want, **kw)
         if not comm.is_main:

@@ -39,7 +39,8 @@ from ..structures.base import StructuredLinear
 from .allocation import AllocateOptions, AllocationContext, AllocationRequest, get_allocator
 from .allocation.budget import check_plan, check_ratio
 from .engine import Engine, EngineOptions, ModelSource, StreamedSource, WeightSource
-from .engine.device import check_dtype, compute_device
+from .engine.device import compute_device
+from .engine.memory import trim
 from .engine.distributed import Comm, module_fingerprint, sigterm_as_exit
 from ..options import make_options
 from .methods.base import LayerInput, Method, get_method
@@ -462,6 +463,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
 
     (cfg, meth, path, index, dtype, device, config, model, windows, source_name, modules,
      ident) = comm.agreed(preflight)
+    trim()  # the tokenizer and the calibration text are gone
     comm.check_same(_agreement(cfg, ident, windows))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()

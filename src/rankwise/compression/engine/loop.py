@@ -40,6 +40,7 @@ from ...models.surgery import linear_bias, linear_shape, linear_weight, set_modu
 from ...structures.base import StructuredLinear
 from ..methods.base import LayerInput
 from .groups import dataflow_groups
+from .memory import trim
 from .distributed import Comm
 from .runner import Activations, Stop, advance, capture_inputs, run_block
 from .source import WeightSource
@@ -303,6 +304,7 @@ class Engine:
             old = self.source.model.get_submodule(n)
             home = linear_weight(old).device  # the compute device inside a unit; the model's outside
             set_module(self.source.model, n, layers[n].to(home))
+            self.source.retire(old)
             if self.on_replace is not None:
                 self.on_replace(n, layers[n], self.ridges.get(n))
 
@@ -342,6 +344,8 @@ class Engine:
         with src.outside(windows):
             acts = comm.agreed(capture_inputs, src.model, src.blocks, windows, opts.batch_size, self.device,
                                batches=mine)
+        if not src.in_memory:
+            trim()
         dense_acts = acts.copy() if opts.refit else None
         last = max(by_block)
         for start in range(0, last + 1, self.bpu):
@@ -369,6 +373,8 @@ class Engine:
             del dense
             for i in unit:
                 src.release(i, write=not self.dry)
+            if not src.in_memory:
+                trim()
         for i in range(last + 1, len(src.blocks)):  # blocks after the last target: streamed sources copy them
             if not src.in_memory and not self.dry:
                 src.load(i)

@@ -55,6 +55,9 @@ class WeightSource:
     def release(self, i: int, write: bool = True) -> None:
         pass
 
+    def retire(self, module: nn.Module) -> None:
+        """``module`` was replaced by its compressed layer (in memory: left to its owner)."""
+
     def dense_copy(self, i: int) -> nn.Module:
         """A copy of block ``i`` as loaded (call before its layers are replaced)."""
         return copy.deepcopy(self.blocks[i])
@@ -155,6 +158,11 @@ class StreamedSource(WeightSource):
         if left:
             raise ArtifactError(f"{self.path}: block {i} has no tensor for {left[:4]} in the safetensors files")
         return block.to(self.device)
+
+    def retire(self, module: nn.Module) -> None:
+        """Free the replaced layer's weights now: the skeleton's module objects outlive the block (the
+        caller's ``{name: module}`` of targets holds them), and each would keep its loaded weights."""
+        free(module)
 
     def release(self, i: int, write: bool = True) -> None:
         """Write block ``i`` (compressed) to its shard unless ``write`` is off (a dry pass), then free it."""
