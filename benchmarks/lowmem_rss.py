@@ -1,7 +1,11 @@
-"""Peak RSS of in-memory vs --low-memory compression (svd-llm, uniform, 40% removed), each mode in a
-fresh subprocess that reports its own ``ru_maxrss``; both write the compressed model to a temp dir.
+"""Peak RSS of ``rankwise compress --low-memory`` as users run it (svd-llm, uniform, 40 % removed,
+the default 64 x 512 calibration), against the memory model (BENCHMARKS.md, "memory model").
 
-    python benchmarks/lowmem_rss.py --calib-windows 8 --threads 1 [--model gemma3-270m]
+Each run is a fresh ``python -m rankwise compress ... --out TMP -q`` subprocess whose peak RSS is read
+with ``os.wait4``. A ``base`` child measures the fixed part: the same imports, the model's skeleton
+(config, classes, no weights), the tokenizer and the tokenized calibration text, and nothing else.
+
+    python benchmarks/lowmem_rss.py --threads 1 [--model gemma3-270m] [--modes base,low-memory,in-memory]
 """
 from __future__ import annotations
 
@@ -11,64 +15,87 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
 
-CHILD = r"""
-import json, os, resource, sys, time
-import torch
-torch.set_num_threads(int(sys.argv[5]))
-mode, model_name, out, nwin = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-t0 = time.perf_counter()
-if mode == "in-memory":
-    from rankwise.compression.compress import compress
-    from rankwise.compression.saving import save_compressed
-    from rankwise.models.loading import load_model
-    model, tok, path = load_model(model_name)
-    model, rep = compress(model, ratio=0.4, tokenizer=tok, calib_options={"windows": nwin}, progress=False)
-    save_compressed(model, tok, out, rep)
-else:
-    from rankwise.compression.compress import compress_low_memory
-    rep = compress_low_memory(model_name, out, ratio=0.4, calib_options={"windows": nwin}, progress=False)
-print(json.dumps({"mode": mode, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "seconds": time.perf_counter() - t0, "removed": rep.achieved_ratio}))
+BASE = r"""
+import sys, torch
+torch.set_num_threads(int(sys.argv[2]))
+import rankwise.cli, rankwise.compression.compress
+from transformers import AutoConfig
+from rankwise.calibration.corpus import load_corpus
+from rankwise.compression.compress import calibration_windows
+from rankwise.models.loading import load_tokenizer
+from rankwise.models.registry import resolve_model
+from rankwise.models.skeleton import empty_model
+path = resolve_model(sys.argv[1])
+tok = load_tokenizer(path)
+model = empty_model(AutoConfig.from_pretrained(str(path), local_files_only=True))
+windows, _ = calibration_windows(model, None, tok)
 """
 
 
+def run(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """``(peak RSS MB, seconds, stderr tail)`` of one child process."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        sys.exit(f"{cmd[:6]} failed ({p.returncode}):\n{err[-3000:]}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - t0, err[-500:]
+
+
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--calib-windows", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--modes", default="in-memory,low-memory")
-    ap.add_argument("--reuse", default=None, help="results JSON whose rows fill in modes not run now")
+    ap.add_argument("--modes", default="base,low-memory")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    rows = []
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads),
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
-            out = Path(tmp) / mode
-            p = subprocess.run([sys.executable, "-c", CHILD, mode, args.model, str(out), str(args.calib_windows),
-                                str(args.threads)], capture_output=True, text=True, env=env)
-            if p.returncode != 0:
-                sys.exit(p.stderr[-3000:])
-            row = json.loads(p.stdout.strip().splitlines()[-1])
-            row["weights_mb"] = (out / "model.safetensors").stat().st_size / 2**20
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    if args.reuse:
-        old = {r["mode"]: dict(r, reused_from=args.reuse) for r in json.loads(Path(args.reuse).read_text())["rows"]}
-        have = {r["mode"] for r in rows}
-        rows = [r for m in ("in-memory", "low-memory") for r in ([x for x in rows if x["mode"] == m]
-                                                                  or ([old[m]] if m in old and m not in have else []))]
-    res = {"benchmark": "lowmem_rss", "model": args.model, "method": "svd-llm", "ratio": 0.4,
-           "calib": f"{args.calib_windows} x 512", "threads": args.threads, "rows": rows,
-           "low_over_in_memory": rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]}
+            if mode == "base":
+                cmd = [sys.executable, "-c", BASE, args.model, str(args.threads)]
+            else:
+                cmd = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(int(sys.argv.pop(1))); "
+                       "from rankwise.cli import main; raise SystemExit(main(sys.argv[1:]))", str(args.threads),
+                       "compress", args.model, "--out", str(Path(tmp) / mode), "-q"]
+                if mode == "low-memory":
+                    cmd.append("--low-memory")
+            rss, sec, _ = run(cmd, env)
+            rows[mode] = {"peak_rss_mb": rss, "seconds": sec}
+            if mode != "base":
+                rows[mode]["weights_mb"] = (Path(tmp) / mode / "model.safetensors").stat().st_size / 2 ** 20
+            print(mode, json.dumps(rows[mode]), flush=True)
+    res = {"benchmark": "lowmem_rss", "model": args.model, "method": "svd-llm", "ratio": 0.4, "calib": "64 x 512",
+           "threads": args.threads, "rows": rows}
+    if "base" in rows:
+        res["base_mb"] = rows["base"]["peak_rss_mb"]
+        from compress_scale import memory_model
+        from transformers import AutoConfig
+
+        from rankwise.models.registry import resolve_model
+
+        cfg = AutoConfig.from_pretrained(str(resolve_model(args.model)), local_files_only=True)
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                     num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                     num_key_value_heads=cfg.num_key_value_heads, head_dim=hd, vocab_size=cfg.vocab_size)
+        res["memory_model"] = memory_model(shape, 64 * 512, 4 * 512, res["base_mb"])
+        if "low-memory" in rows:
+            res["predicted_over_measured"] = res["memory_model"]["peak"] / rows["low-memory"]["peak_rss_mb"]
     out = Path(args.out or RESULTS / f"lowmem_rss_{args.model}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res.get("memory_model"), indent=1))
     print(f"wrote {out}")
     return res
 

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from ..errors import NumericalError
-from .stats import InputStats, LayerStats, batch_sums, first_tensor
+from .stats import InputStats, LayerStats, first_tensor, row_chunks
 
 
 def _flat(x: torch.Tensor, device) -> torch.Tensor:
-    return x.detach().reshape(-1, x.shape[-1]).to(device=device, dtype=torch.float64)
+    """(tokens, in) rows of ``x`` on ``device`` in ``x``'s dtype (cast to float64 chunk by chunk)."""
+    return x.detach().reshape(-1, x.shape[-1]).to(device=device)
 
 
 class PairedAccumulator:
@@ -68,8 +69,9 @@ class PairedAccumulator:
                 bucket[name] = [InputStats.zeros(n, device=dev, cov=self.cov),
                                 torch.zeros(n, n, dtype=torch.float64, device=dev)]
             st, M = bucket[name]
-            st.add_sums(batch_sums(xc, xc.shape[1], self.cov, dev))
-            M.addmm_(xd.T, xc)
+            st.add_(xc)
+            for a, c in zip(row_chunks(xd, dev), row_chunks(xc, dev)):
+                M.addmm_(a.T, c)
         return hook
 
     def __enter__(self) -> "PairedAccumulator":

@@ -27,13 +27,27 @@ BatchSums = tuple  # (cov | None, abs_sum, sq_sum, n) of one batch
 ABS_MEAN, COV, FISHER = "abs_mean", "cov", "fisher"
 
 
+#: Bytes of one float64 row chunk of a batch (bounds the transient copy; at least 256 rows).
+CHUNK_BYTES = 8 * 2**20
+
+
+def row_chunks(x: torch.Tensor, device: torch.device | str | None = None):
+    """The rows of ``x (..., in)`` flattened to (tokens, in), as float64 chunks on ``device``: a batch is
+    never copied to float64 whole (a 4 x 512 x 11008 batch would be 180 MB)."""
+    flat = x.detach().reshape(-1, x.shape[-1])
+    step = max(256, CHUNK_BYTES // (8 * max(1, flat.shape[1])))
+    for a in range(0, flat.shape[0], step):
+        yield flat[a: a + step].to(device=device or x.device, dtype=torch.float64)
+
+
 def batch_sums(x: torch.Tensor, in_features: int, cov: bool = True,
                device: torch.device | str | None = None) -> BatchSums:
     """``(sum_t x_t x_t^T | None, sum_t |x_t|, sum_t x_t^2, tokens)`` of a batch ``x (..., in)``, float64."""
     if x.shape[-1] != in_features:
         raise ConfigError(f"input has {x.shape[-1]} features, statistics expect {in_features}")
-    x = x.detach().reshape(-1, x.shape[-1]).to(device=device or x.device, dtype=torch.float64)
-    return (x.T @ x if cov else None), x.abs().sum(0), (x * x).sum(0), int(x.shape[0])
+    st = InputStats.zeros(in_features, device=device or x.device, cov=cov)
+    st.add_(x)
+    return st.cov, st.abs_sum, st.sq_sum, st.n
 
 
 @dataclass
@@ -58,8 +72,17 @@ class InputStats:
         return int(self.abs_sum.shape[0])
 
     def add_(self, x: torch.Tensor) -> "InputStats":
-        """Accumulate a batch of inputs ``x`` of shape (..., in) (in place; returns self)."""
-        return self.add_sums(batch_sums(x, self.in_features, self.cov is not None, self.abs_sum.device))
+        """Accumulate a batch of inputs ``x`` of shape (..., in) (in place; returns self): float64 row
+        chunks added straight into the sums, no (in, in) temporary."""
+        if x.shape[-1] != self.in_features:
+            raise ConfigError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
+        for c in row_chunks(x, self.abs_sum.device):
+            if self.cov is not None:
+                self.cov.addmm_(c.T, c)
+            self.abs_sum.add_(torch.linalg.vector_norm(c, 1, dim=0))  # reductions: no chunk-sized temporary
+            self.sq_sum.add_(torch.linalg.vector_norm(c, 2, dim=0).square_())
+            self.n += int(c.shape[0])
+        return self
 
     def add_sums(self, sums: "BatchSums") -> "InputStats":
         """Add precomputed :func:`batch_sums` (lets layers that read the same tensor share the work)."""
@@ -126,21 +149,44 @@ class StatsAccumulator:
 
     Hooks are removed on exit (also on error). Non-finite inputs raise :class:`NumericalError`
     naming the layer. Layers called one after another on the very same (unmodified) tensor, as
-    q/k/v and gate/up are, share one computation of the batch sums. ``cov=False`` skips the (in, in) covariance (ASVD needs only ``abs_sum``).
+    q/k/v and gate/up are, share one computation of the batch sums; with ``share`` they share one
+    :class:`InputStats` object too (``stats["k"] is stats["q"]``: a third of the memory for q/k/v).
+    ``cov=False`` skips the (in, in) covariance (ASVD needs only ``abs_sum``).
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], cov: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, share: bool = False) -> None:
         self.modules = dict(modules)
         self.cov = cov
         self.device = device
+        self.share = share
         self.stats: dict[str, InputStats] = {}
+        self.leader: dict[str, str] = {}  # share: layer -> the layer whose statistics it shares
         self._handles: list = []
         self._last: tuple | None = None
+
+    def _shared_hook(self, name: str, x: torch.Tensor) -> None:
+        if name in self.leader:  # its leader already added this batch
+            return
+        last = self._last
+        if name not in self.stats and last is not None and last[0] is x and last[1] == x._version:
+            self.leader[name] = last[2]
+            self.stats[name] = self.stats[last[2]]
+            return
+        st = self.stats.get(name)
+        if st is None:
+            st = self.stats[name] = InputStats.zeros(x.shape[-1], device=self.device or x.device, cov=self.cov)
+        if not bool(torch.isfinite(x).all()):
+            raise NumericalError(f"non-finite activations (nan/inf) entering layer {name!r} during calibration; "
+                                 "check the model weights or run in float32")
+        st.add_(x)
+        self._last = (x, x._version, name)
 
     def _hook(self, name: str):
         def hook(module, args, kwargs):
             x = first_tensor(args, kwargs)
+            if self.share:
+                return self._shared_hook(name, x)
             st = self.stats.get(name)
             if st is None:
                 st = InputStats.zeros(x.shape[-1], device=self.device or x.device, cov=self.cov)

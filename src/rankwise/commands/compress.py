@@ -69,14 +69,35 @@ def texts(text_file, calib_file, eval_file):
     return calib, ev, str(eval_file) if eval_file is not None else "wiki test"
 
 
+def checkpoint_dtype(model_arg):
+    """The floating dtype the checkpoint stores (safetensors headers); float32 when unknown."""
+    import torch
+
+    from ..errors import RankwiseError
+    from ..models.registry import resolve_model
+    from ..models.streaming import index_dtypes, weight_index
+
+    try:
+        dtypes = index_dtypes(weight_index(Path(resolve_model(model_arg))))
+    except RankwiseError:
+        return torch.float32
+    return next((d for d in dtypes.values() if d.is_floating_point), torch.float32)
+
+
 def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=None, method=None, options=None,
                  targets=None, allocate=None, allocate_options=None, engine=None, calib_options=None,
                  text_file=None, calib_file=None, eval_file=None, low_memory=False, out=None, overwrite=False,
                  export_dense_dir=None, do_eval=False, eval_windows=DEFAULT_EVAL_WINDOWS,
-                 eval_seqlen=DEFAULT_SEQLEN, heal=None, quiet=False):
-    """The command's body (also used by ``rankwise demo``): returns ``(model, tokenizer, path, report)``."""
+                 eval_seqlen=DEFAULT_SEQLEN, heal=None, quiet=False, dtype=None):
+    """The command's body (also used by ``rankwise demo``): returns ``(model, tokenizer, path, report)``.
+
+    ``dtype``: ``None``/``"auto"`` (the checkpoint's), ``float32``, ``bfloat16``, ``float16``. In a
+    distributed run (every rank calls this) only rank 0 checks and writes the outputs, evaluates, heals
+    and exports; bad input fails on every rank with the same message."""
     from ..api import compress
     from ..compression.compress import build_config, calibration_windows, compress_low_memory
+    from ..compression.engine.device import parse_dtype
+    from ..compression.engine.distributed import Comm
     from ..healing import HealOptions, heal as heal_model
     from ..options import make_options
     from ..compression.saving import save_compressed
@@ -86,18 +107,30 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
     from ..models.loading import load_model
     from ..models.saved import export_dense
 
+    comm = Comm.current()
     kw = dict(method=method, options=options, targets=targets, allocate=allocate,
               allocate_options=allocate_options, engine=engine, calib_options=calib_options)
-    build_config(structure, ratio, bits_per_weight, **kw)  # every option checked before any model work
-    heal = make_options(HealOptions, heal, {}, "healing")
-    check_new_output(out, overwrite, "--out")
-    check_new_output(export_dense_dir, overwrite, "--export-dense")
-    calib, eval_text, eval_label = texts(text_file, calib_file, eval_file)
-    if low_memory:  # writes --out block by block; the compressed model is loaded back only if needed
-        if out is None:
+
+    def preflight():
+        build_config(structure, ratio, bits_per_weight, **kw)  # every option checked before any model work
+        healing = make_options(HealOptions, heal, {}, "healing")
+        want = parse_dtype(dtype)
+        if low_memory and out is None:
             raise ConfigError("--low-memory writes the model block by block and needs --out DIR")
+        if comm.is_main:
+            check_new_output(out, overwrite, "--out")
+            check_new_output(export_dense_dir, overwrite, "--export-dense")
+        return healing, want, texts(text_file, calib_file, eval_file)
+
+    heal, want, (calib, eval_text, eval_label) = comm.agreed(preflight)
+    if low_memory:  # writes --out block by block; the compressed model is loaded back only if needed
+        from ..compression.engine.memory import mmap_large_allocations
+
+        mmap_large_allocations()  # this process is ours: keep freed buffers from fragmenting the heap
         report = compress_low_memory(model_arg, out, structure, ratio, bits_per_weight, calib=calib,
-                                     progress=not quiet, overwrite=overwrite, **kw)
+                                     progress=not quiet, overwrite=overwrite, dtype=want, **kw)
+        if not comm.is_main:
+            return None, None, Path(out), report
         model, tok, path = (load_model(out) if (do_eval or export_dense_dir is not None or heal.steps)
                             else (None, None, Path(out)))
         if heal.steps:  # the compressed model (smaller than the original) is healed in memory, then rewritten
@@ -106,9 +139,11 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
                                              co.get("seqlen", DEFAULT_SEQLEN), co.get("seed", DEFAULT_SEED))
             report.healing = heal_model(model, windows, heal, progress=not quiet)
     else:
-        model, tok, path = load_model(model_arg)
+        model, tok, path = comm.agreed(lambda: load_model(model_arg, dtype=want or checkpoint_dtype(model_arg)))
         model, report = compress(model, structure, ratio, bits_per_weight=bits_per_weight, calib=calib, tokenizer=tok,
                                  progress=not quiet, inplace=True, heal=heal, **kw)
+        if not comm.is_main:
+            return model, tok, path, report
     if do_eval:
         from ..calibration.corpus import load_corpus
 
@@ -178,7 +213,12 @@ def register(app: typer.Typer) -> None:
                                                      help="Speed profile JSON instead of the machine cache."),
         low_memory: bool = typer.Option(False, "--low-memory",
                                         help="Compress block by block from the safetensors files (one block resident)."),
-        device: str = typer.Option("cpu", "--device", help="Compute device: cpu | cuda | cuda:N."),
+        device: str = typer.Option("cpu", "--device",
+                                   help="Compute device: cpu | cuda | cuda:N (blocks visit it one at a time; under "
+                                        "torchrun, cuda = each rank's GPU)."),
+        dtype: str = typer.Option("auto", "--dtype",
+                                  help="Compute and storage dtype: auto (the checkpoint's) | float32 | bfloat16 | "
+                                       "float16."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="Directory to write the compressed model to."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (still atomic)."),
         export_dense_dir: Optional[Path] = typer.Option(None, "--export-dense",
@@ -195,26 +235,47 @@ def register(app: typer.Typer) -> None:
         heal_lr: float = typer.Option(5e-4, "--heal-lr", help="Healing learning rate."),
         quiet: bool = QuietOpt,
     ) -> None:
-        """Replace the linear layers by structures fitted on calibration activations."""
-        setup(quiet)
-        options = parse_sets(sets)
-        for key, value in (("whitening", whitening), ("group_size", group_size)):
-            if value is not None:
-                options[key] = value
-        _, _, _, report = run_compress(
-            model, structure=structure, ratio=ratio, bits_per_weight=bits_per_weight, method=method,
-            options=options, targets=targets, allocate=allocate,
-            allocate_options={"min_rank": min_rank, "speed_aware": speed_aware,
-                              "speed_profile": None if speed_profile is None else str(speed_profile)},
-            engine={k: v for k, v in (("mode", mode), ("granularity", granularity), ("refit", refit),
-                                      ("refit_ridge", refit_ridge), ("device", device)) if v is not None},
-            calib_options={"windows": calib_windows, "seqlen": calib_seqlen, "seed": seed},
-            text_file=text_file, calib_file=calib_file, eval_file=eval_file, low_memory=low_memory, out=out,
-            overwrite=overwrite, export_dense_dir=export_dense_dir, do_eval=do_eval, eval_windows=eval_windows,
-            eval_seqlen=eval_seqlen, heal={"steps": heal_steps, "rank": heal_rank, "lr": heal_lr}, quiet=quiet)
-        if not quiet:
-            print_report(report)
-        if out is not None:
-            console.print(f"wrote {out}  (evaluate it with: rankwise eval {out})")
-        if export_dense_dir is not None:
-            console.print(f"wrote dense checkpoint {export_dense_dir}")
+        """Replace the linear layers by structures fitted on calibration activations.
+
+        Runs data and layer parallel under ``torchrun --nproc-per-node N -m rankwise compress ...``
+        (gloo with --device cpu, nccl with --device cuda); rank 0 writes --out."""
+        import contextlib
+
+        from ..compression.engine.distributed import Comm, init_from_env, shutdown, sigterm_as_exit
+
+        def run_cmd(main: bool) -> None:
+            nonlocal quiet
+            quiet = quiet or not main  # one rank reports
+            setup(quiet)
+            options = parse_sets(sets)
+            for key, value in (("whitening", whitening), ("group_size", group_size)):
+                if value is not None:
+                    options[key] = value
+            _, _, _, report = run_compress(
+                model, structure=structure, ratio=ratio, bits_per_weight=bits_per_weight, method=method,
+                options=options, targets=targets, allocate=allocate,
+                allocate_options={"min_rank": min_rank, "speed_aware": speed_aware,
+                                  "speed_profile": None if speed_profile is None else str(speed_profile)},
+                engine={k: v for k, v in (("mode", mode), ("granularity", granularity), ("refit", refit),
+                                          ("refit_ridge", refit_ridge), ("device", device)) if v is not None},
+                calib_options={"windows": calib_windows, "seqlen": calib_seqlen, "seed": seed},
+                text_file=text_file, calib_file=calib_file, eval_file=eval_file, low_memory=low_memory, out=out,
+                overwrite=overwrite, export_dense_dir=export_dense_dir, do_eval=do_eval, eval_windows=eval_windows,
+                eval_seqlen=eval_seqlen, heal={"steps": heal_steps, "rank": heal_rank, "lr": heal_lr}, quiet=quiet,
+                dtype=dtype)
+            if not main:
+                return
+            if not quiet:
+                print_report(report)
+            if out is not None:
+                console.print(f"wrote {out}  (evaluate it with: rankwise eval {out})")
+            if export_dense_dir is not None:
+                console.print(f"wrote dense checkpoint {export_dense_dir}")
+
+        started = init_from_env(device)  # under torchrun: the process group, from its environment
+        try:
+            with sigterm_as_exit() if started else contextlib.nullcontext():
+                run_cmd(Comm.current().is_main)
+        finally:
+            if started:
+                shutdown()

@@ -17,6 +17,7 @@ Flow (the same for the model in memory and for a checkpoint streamed from disk):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -38,6 +39,9 @@ from ..structures.base import StructuredLinear
 from .allocation import AllocateOptions, AllocationContext, AllocationRequest, get_allocator
 from .allocation.budget import check_plan, check_ratio
 from .engine import Engine, EngineOptions, ModelSource, StreamedSource, WeightSource
+from .engine.device import compute_device
+from .engine.memory import trim
+from .engine.distributed import Comm, module_fingerprint, sigterm_as_exit
 from ..options import make_options
 from .methods.base import LayerInput, Method, get_method
 from .report import CompressionReport, LayerReport
@@ -292,6 +296,37 @@ def _needs(method: Method) -> set[str]:
     return set(method.needs())
 
 
+def _joint(method: Method) -> bool:
+    """Whether the method fits a unit's layers together (a distributed run keeps them on one rank)."""
+    return type(method).fit_unit is not Method.fit_unit
+
+
+def run_device(cfg: CompressConfig, dtype: torch.dtype, comm: Comm) -> torch.device:
+    """This rank's compute device, checked to exist and to compute in ``dtype``: ``--device cuda``
+    in a distributed run means each rank's current GPU (``torchrun`` sets it to ``LOCAL_RANK``)."""
+    spec = cfg.engine.device
+    if comm.active and str(spec) == "cuda" and torch.cuda.is_available():
+        spec = f"cuda:{torch.cuda.current_device()}"
+    return compute_device(spec, dtype)
+
+
+def windows_digest(windows: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _agreement(cfg: CompressConfig, model_id: Mapping[str, Any], windows: torch.Tensor) -> dict[str, Any]:
+    """What every rank of a distributed run must agree on (compared before any collective work)."""
+    import transformers
+
+    from .. import __version__
+
+    return {"config": cfg.to_dict(), "model": dict(model_id), "calibration windows": windows_digest(windows),
+            "windows shape": list(windows.shape),
+            "versions": [__version__, torch.__version__, transformers.__version__]}
+
+
 def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method, cfg: CompressConfig,
          windows: torch.Tensor, fisher: Mapping[str, torch.Tensor], progress: bool,
          context: AllocationContext) -> tuple[dict[str, LayerReport], dict]:
@@ -309,11 +344,11 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
                fisher=fisher, progress=progress, dry=True).run(windows)
         measured = probe.measured
     plan, info = make_plan(method, cfg, shapes, measured, context)
-    dtype = next(p for p in source.model.parameters() if p.is_floating_point()).dtype
+    dtype = source.dtype
     elem = torch.empty((), dtype=dtype).element_size()
     fitter = _Fitter(method, dtype)
     engine = Engine(source, modules, plan, fitter, cfg.engine, blocks_per_unit=method.blocks_per_unit,
-                    need_cov=need_cov, fisher=fisher, progress=progress,
+                    need_cov=need_cov, fisher=fisher, progress=progress, joint=_joint(method),
                     on_replace=lambda n, layer, ridge: fitter.replaced(n, layer, shapes[n], elem, ridge))
     engine.run(windows)
     reports = {n: fitter.layers.get(n) or _dense_report(n, shapes[n], elem) for n in modules}
@@ -367,13 +402,22 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
     t0 = time.perf_counter()
     engine = {**(dataclasses.asdict(engine) if isinstance(engine, EngineOptions) else dict(engine or {})),
               **engine_kw}
-    cfg, meth = build_config(structure, ratio, bits_per_weight, method=method, options=options, targets=targets,
-                             allocate=allocate, allocate_options=allocate_options, engine=engine,
-                             calib_options=calib_options)
-    modules = find_linears(model, targets)
+    comm = Comm.current()
+
+    def preflight():
+        cfg, meth = build_config(structure, ratio, bits_per_weight, method=method, options=options,
+                                 targets=targets, allocate=allocate, allocate_options=allocate_options,
+                                 engine=engine, calib_options=calib_options)
+        model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        device = run_device(cfg, model_dtype, comm)
+        modules = find_linears(model, targets)
+        windows, source_name = calibration_windows(model, calib, tokenizer, cfg.calib.windows, cfg.calib.seqlen,
+                                                   cfg.calib.seed)
+        return cfg, meth, device, modules, windows, source_name
+
+    cfg, meth, device, modules, windows, source_name = comm.agreed(preflight)
+    comm.check_same(_agreement(cfg, module_fingerprint(model) if comm.active else {}, windows))
     needs = _needs(meth)
-    windows, source_name = calibration_windows(model, calib, tokenizer, cfg.calib.windows, cfg.calib.seqlen,
-                                               cfg.calib.seed)
     was_training = model.training
     model.eval()
     model_before = count_parameters(model)
@@ -385,7 +429,6 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
                                       squared=True, progress=progress)
     ctx = context or AllocationContext()
     ctx.model, ctx.windows, ctx.progress = model, windows, progress
-    device = torch.device(cfg.engine.device)
     filt = _QuietDamping()
     logging.getLogger("rankwise").addFilter(filt)
     try:
@@ -405,96 +448,144 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
                         bits_per_weight: float | None = None, *, method: str | None = None,
                         options: Mapping[str, Any] | None = None, calib=None, targets=None,
                         allocate: str | None = None, allocate_options=None, engine=None, calib_options=None,
-                        progress: bool = True, overwrite: bool = False, dtype: torch.dtype | None = None,
+                        progress: bool = True, overwrite: bool = False, dtype: torch.dtype | str | None = None,
                         extra: Mapping[str, Any] | None = None, **engine_kw) -> CompressionReport:
     """Compress the checkpoint at ``model_arg`` (built-in name or HF directory) block by block into
     ``out_dir``: same options and same result as :func:`compress` followed by saving, with at most one
     block's weights in memory. The Fisher-weighted objective (gradients of the whole model) is not
-    available. ``dtype``: compute/storage dtype (default: the checkpoint's)."""
+    available. ``dtype``: compute/storage dtype (default: the checkpoint's).
+
+    Memory (see BENCHMARKS.md, "memory model"): the calibration text is tokenized in chunks, the
+    embeddings and head are never resident while blocks are compressed (the capture of the block-0
+    inputs reads only the embedding rows of the calibration tokens; the output copies them from the
+    checkpoint in chunks), and the cached activations are advanced in place.
+
+    Inside a ``torch.distributed`` process group every rank runs this with the same arguments and
+    only rank 0 writes ``out_dir`` (see :mod:`.engine.distributed`).
+    """
     from transformers import AutoConfig
 
     from ..files import atomic_dir, check_new_output
     from ..models.loading import load_tokenizer
     from ..models.offline import hub_offline
     from ..models.registry import resolve_model
-    from ..models.saved import MANIFEST, WEIGHTS_FILE, dedup_state, manifest, write_side_files
-    from ..models.skeleton import empty_model, meta_parameters
-    from ..models.streaming import load_tensors, stream_merge, weight_index
+    from ..models.saved import MANIFEST, WEIGHTS_FILE, manifest, write_side_files
+    from ..models.skeleton import empty_model
+    from ..models.streaming import FileTensors, index_dtypes, index_shapes, stream_merge, weight_index
+    from ..models.surgery import block_prefix
+    from .engine.device import parse_dtype
     from .rankplot import write_rank_report
 
     t0 = time.perf_counter()
     engine = {**(dataclasses.asdict(engine) if isinstance(engine, EngineOptions) else dict(engine or {})),
               **engine_kw}
-    cfg, meth = build_config(structure, ratio, bits_per_weight, method=method, options=options, targets=targets,
-                             allocate=allocate, allocate_options=allocate_options, engine=engine,
-                             calib_options=calib_options)
-    if FISHER in _needs(meth):
-        raise ConfigError("--low-memory cannot use the fwsvd objective: it needs gradients of the whole model; "
-                          "use svd, asvd or svd-llm, or drop --low-memory")
-    check_new_output(out_dir, overwrite)
-    path = Path(resolve_model(model_arg))
-    index = weight_index(path)
-    with hub_offline():
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-    tok = load_tokenizer(path)
-    model = empty_model(config)
-    from ..models.surgery import block_prefix
+    comm = Comm.current()
 
-    prefix = block_prefix(model) + "."
-    outside = [k for k in index if not k.startswith(prefix)]
-    first = load_tensors(index, outside[:1])
-    dtype = dtype or next((t.dtype for t in first.values() if t.is_floating_point()), torch.float32)
-    model.load_state_dict(load_tensors(index, outside, dtype), strict=False, assign=True)
+    def preflight():
+        cfg, meth = build_config(structure, ratio, bits_per_weight, method=method, options=options,
+                                 targets=targets, allocate=allocate, allocate_options=allocate_options,
+                                 engine=engine, calib_options=calib_options)
+        if FISHER in _needs(meth):
+            raise ConfigError("--low-memory cannot use the fwsvd objective: it needs gradients of the whole model; "
+                              "use svd, asvd or svd-llm, or drop --low-memory")
+        if comm.is_main:
+            check_new_output(out_dir, overwrite)
+        path = Path(resolve_model(model_arg))
+        index = weight_index(path)
+        stored = index_dtypes(index)
+        want = parse_dtype(dtype) or next((d for d in stored.values() if d.is_floating_point), torch.float32)
+        device = run_device(cfg, want, comm)
+        with hub_offline():
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        tok = load_tokenizer(path)
+        model = empty_model(config)
+        windows, source_name = calibration_windows(model, calib, tok, cfg.calib.windows, cfg.calib.seqlen,
+                                                   cfg.calib.seed)
+        modules = find_linears(model, targets)
+        shapes = index_shapes(index)
+        ident = {"tensors": sum(1 for _ in shapes), "params": sum(int(torch.Size(v).numel()) for v in shapes.values()),
+                 "dtype": str(want)}
+        return cfg, meth, path, index, want, device, config, model, windows, source_name, modules, ident
+
+    (cfg, meth, path, index, dtype, device, config, model, windows, source_name, modules,
+     ident) = comm.agreed(preflight)
+    trim()  # the tokenizer and the calibration text are gone
+    comm.check_same(_agreement(cfg, ident, windows))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    left = [n for n in meta_parameters(model) if not n.startswith(prefix)]
-    if left:
-        from ..errors import ArtifactError
-
-        raise ArtifactError(f"{path}: no tensor for {left[:4]} in the safetensors files")
-    device = torch.device(cfg.engine.device)
-    if device.type != "cpu":
-        model.to(device)
-    windows, source_name = calibration_windows(model, calib, tok, cfg.calib.windows, cfg.calib.seqlen, cfg.calib.seed)
-    modules = find_linears(model, targets)
+    prefix = block_prefix(model) + "."
+    outside, aliases = _outside_tensors(model, prefix, index, path)
     ctx = AllocationContext(model=None, windows=windows, progress=progress)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        shard_dir = tmp / ".blocks"
-        shard_dir.mkdir()
+    filt = _QuietDamping()
+    with (sigterm_as_exit() if comm.active else contextlib.nullcontext()), \
+            (atomic_dir(out_dir, overwrite=overwrite) if comm.is_main else contextlib.nullcontext(None)) as tmp:
+        shard_dir = None
+        if tmp is not None:
+            shard_dir = tmp / ".blocks"
+            shard_dir.mkdir()
         source = StreamedSource(model, index, dtype, shard_dir, device, path)
         model_before = source.parameter_count()
-        filt = _QuietDamping()
         logging.getLogger("rankwise").addFilter(filt)
         try:
             layers, info = _run(source, modules, meth, cfg, windows, {}, progress, ctx)
         finally:
             logging.getLogger("rankwise").removeFilter(filt)
-        rest = {k: v.to("cpu") for k, v in model.state_dict().items() if not k.startswith(prefix)}
-        rest, aliases = dedup_state(rest)
-        aliases.update(source.aliases)  # tensors shared across blocks (a shared basis), written once
-        stream_merge([rest] + source.shards, tmp / WEIGHTS_FILE, {"format": "pt", "rankwise": "rankwise"})
-        for s in source.shards:
-            s.unlink()
-        shard_dir.rmdir()
         delta = sum(lr.params_after - lr.params_before for lr in layers.values())
         desc = {"source": source_name, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
                 "seed": cfg.calib.seed, "fisher_windows": 0, "low_memory": True}
         report = _report(cfg, meth, layers, info, desc, t0, model_before, model_before + delta)
-        described = {n: {"kind": lr.kind, "shape": list(lr.shape), "bias": f"{n}.bias" in index, "spec": lr.spec}
-                     for n, lr in layers.items() if lr.kind is not None}
-        meta = manifest(described, aliases, dtype, {**_meta_extra(report), "source_model": str(path), **(extra or {})})
-        write_side_files(tmp, config, tok, None)
-        if (path / "generation_config.json").is_file():
-            from transformers import GenerationConfig
 
-            with hub_offline():
-                GenerationConfig.from_pretrained(str(path), local_files_only=True).save_pretrained(tmp)
-        from ..files import write_json
+        def write() -> None:
+            if tmp is None:
+                return
+            in_file = [k for k in outside if k in index]
+            buffers = {k: outside[k] for k in outside if k not in index}
+            stream_merge([FileTensors(index, in_file, dtype), buffers] + source.shards, tmp / WEIGHTS_FILE,
+                         {"format": "pt", "rankwise": "rankwise"})
+            for s in source.shards:
+                s.unlink()
+            shard_dir.rmdir()
+            described = {n: {"kind": lr.kind, "shape": list(lr.shape), "bias": f"{n}.bias" in index, "spec": lr.spec}
+                         for n, lr in layers.items() if lr.kind is not None}
+            aliases.update(source.aliases)  # tensors shared across blocks (a shared basis), written once
+            meta = manifest(described, aliases, dtype,
+                            {**_meta_extra(report), "source_model": str(path), **(extra or {})})
+            write_side_files(tmp, config, load_tokenizer(path), None)
+            if (path / "generation_config.json").is_file():
+                from transformers import GenerationConfig
 
-        write_json(tmp / MANIFEST, meta)
-        write_rank_report(report, tmp)
+                with hub_offline():
+                    GenerationConfig.from_pretrained(str(path), local_files_only=True).save_pretrained(tmp)
+            from ..files import write_json
+
+            write_json(tmp / MANIFEST, meta)
+            write_rank_report(report, tmp)
+
+        comm.agreed(write)
     _damping_summary(report)
     return report
+
+
+def _outside_tensors(model: nn.Module, prefix: str, index: Mapping[str, Path], path: Path
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state keys outside the blocks, each shared tensor once (``{key: tensor}``, meta for those
+    the checkpoint holds) and ``aliases = {dropped key: kept key}`` (tied head and embeddings)."""
+    from ..errors import ArtifactError
+
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, str] = {}
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key.startswith(prefix):
+            continue
+        if id(t) in seen:
+            aliases[key] = seen[id(t)]
+            continue
+        seen[id(t)] = key
+        if key not in index and t.is_meta:
+            raise ArtifactError(f"{path}: no tensor for {key} in the safetensors files")
+        kept[key] = t.detach()
+    return kept, aliases
 
 
 def _meta_extra(report: CompressionReport) -> dict[str, Any]:

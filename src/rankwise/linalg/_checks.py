@@ -54,4 +54,5 @@ def as_covariance(C: torch.Tensor, n: int | None = None, name: str = "C") -> tor
     if C.shape[0] != C.shape[1] or (n is not None and C.shape[0] != n):
         want = f"({n}, {n})" if n is not None else "square"
         raise ConfigError(f"{name} must be {want} (inputs x inputs), got {tuple(C.shape)}")
-    return 0.5 * (C + C.T)
+    S = C + C.T  # one (n, n) temporary, not two: at n = 11008 (a 7B down_proj) each is ~1 GB
+    return S.mul_(0.5)

@@ -3,13 +3,18 @@
 * :func:`weight_index` -- ``{tensor key: file}`` of a model directory (single file or sharded index).
 * :func:`load_tensors` -- the named tensors only, read with ``safe_open`` (no other tensor touched).
 * :func:`index_shapes` -- every tensor's shape from the headers alone.
-* :func:`stream_merge` -- concatenate shards (files or in-memory dicts) into one safetensors file,
-  holding at most one tensor read from a file at a time.
+* :func:`index_dtypes` -- every tensor's dtype from the headers alone.
+* :func:`load_rows` -- chosen rows of one tensor (an embedding's rows for the calibration tokens).
+* :func:`stream_merge` -- concatenate shards (files, in-memory dicts, or :class:`FileTensors`: named
+  tensors of the source checkpoint copied in row chunks, cast on the way) into one safetensors file,
+  holding at most one tensor read from a shard file, or one chunk of a source tensor, at a time.
 """
 from __future__ import annotations
 
 import json
+import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -75,6 +80,107 @@ def index_shapes(index: Mapping[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def read_header(file: Path) -> tuple[int, dict]:
+    """``(offset of the data, {key: {dtype, shape, data_offsets}})`` of a safetensors file."""
+    try:
+        with open(file, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise ArtifactError(f"{file} is not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    return 8 + n, header
+
+
+def _entries(index: Mapping[str, Path], keys: Sequence[str]) -> dict[str, tuple[Path, int, dict]]:
+    heads: dict[Path, tuple[int, dict]] = {}
+    out = {}
+    for k in keys:
+        file = index[k]
+        if file not in heads:
+            heads[file] = read_header(file)
+        start, header = heads[file]
+        if k not in header:
+            raise ArtifactError(f"{file} has no tensor {k} although its index lists it")
+        out[k] = (file, start, header[k])
+    return out
+
+
+def index_dtypes(index: Mapping[str, Path]) -> dict[str, torch.dtype]:
+    """Dtypes of every tensor in the checkpoint, read from the headers only."""
+    out = {}
+    for k, (file, _, e) in _entries(index, list(index)).items():
+        if e["dtype"] not in DTYPES:
+            raise ArtifactError(f"{file}: tensor {k} has dtype {e['dtype']}, which low-memory mode does not support "
+                                f"({', '.join(DTYPES)}); convert the checkpoint first")
+        out[k] = DTYPES[e["dtype"]]
+    return out
+
+
+def load_rows(index: Mapping[str, Path], key: str, rows: torch.Tensor, dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+    """Rows ``rows`` (sorted, unique) of the tensor ``key`` (an embedding matrix), read from its file
+    run by run: ``len(rows) x row`` bytes are read, not the whole tensor."""
+    file, start, e = _entries(index, [key])[key]
+    src = DTYPES[e["dtype"]]
+    shape = list(e["shape"])
+    row_bytes = torch.empty((), dtype=src).element_size()
+    for s in shape[1:]:
+        row_bytes *= int(s)
+    r = rows.tolist()
+    out = torch.empty((len(r), *shape[1:]), dtype=src)
+    flat = out.view(len(r), -1).view(torch.uint8) if out.numel() else out
+    base = start + e["data_offsets"][0]
+    with open(file, "rb") as f:
+        i = 0
+        while i < len(r):
+            j = i
+            while j + 1 < len(r) and r[j + 1] == r[j] + 1:
+                j += 1
+            f.seek(base + r[i] * row_bytes)
+            f.readinto(memoryview(flat[i: j + 1].numpy()).cast("B"))
+            i = j + 1
+    return out.to(dtype) if dtype is not None and out.is_floating_point() else out
+
+
+@dataclass
+class FileTensors:
+    """Tensors ``keys`` of a checkpoint (``index``), to be copied by :func:`stream_merge` in row
+    chunks of at most ``chunk_bytes`` (floating ones cast to ``dtype`` if given)."""
+
+    index: Mapping[str, Path]
+    keys: Sequence[str]
+    dtype: torch.dtype | None = None
+    chunk_bytes: int = 16 * 2**20
+
+
+def _copy_chunks(out, src: FileTensors, key: str, entry: tuple[Path, int, dict]) -> None:
+    file, start, e = entry
+    dt = DTYPES[e["dtype"]]
+    shape = list(e["shape"])
+    a, b = e["data_offsets"]
+    elem = torch.empty((), dtype=dt).element_size()
+    row = elem
+    for s in shape[1:]:
+        row *= int(s)
+    rows = max(1, src.chunk_bytes // max(1, row)) if shape else 1
+    cast = src.dtype is not None and dt.is_floating_point and src.dtype != dt
+    with open(file, "rb") as f:
+        f.seek(start + a)
+        left = b - a
+        while left > 0:
+            n = min(left, rows * row)
+            raw = f.read(n)
+            if len(raw) != n:
+                raise ArtifactError(f"{file} is truncated: tensor {key} ends early")
+            if cast:
+                t = torch.frombuffer(bytearray(raw), dtype=dt).to(src.dtype)
+                out.write(t.view(torch.uint8).numpy().data)
+            else:
+                out.write(raw)
+            left -= n
+
+
 def _dtype_name(dtype: torch.dtype, key: str) -> str:
     try:
         return DTYPE_NAMES[dtype]
@@ -100,6 +206,21 @@ def stream_merge(shards: Sequence[Path | Mapping[str, torch.Tensor]], dest: Path
 
     entries, offset = [], 0
     for shard in shards:
+        if isinstance(shard, FileTensors):
+            for k, (file, _, e) in _entries(shard.index, shard.keys).items():
+                dt = DTYPES.get(e["dtype"])
+                if dt is None:
+                    raise ArtifactError(f"{file}: tensor {k} has dtype {e['dtype']}, which low-memory mode does not "
+                                        f"support ({', '.join(DTYPES)}); convert the checkpoint first")
+                if shard.dtype is not None and dt.is_floating_point:
+                    dt = shard.dtype
+                count = 1
+                for s in e["shape"]:
+                    count *= int(s)
+                nbytes = torch.empty((), dtype=dt).element_size() * count
+                entries.append((k, _dtype_name(dt, k), list(e["shape"]), offset, offset + nbytes))
+                offset += nbytes
+            continue
         if isinstance(shard, Mapping):
             for k, t in shard.items():
                 nbytes = t.numel() * t.element_size()
@@ -129,6 +250,10 @@ def stream_merge(shards: Sequence[Path | Mapping[str, torch.Tensor]], dest: Path
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for shard in shards:
+            if isinstance(shard, FileTensors):
+                for k, entry in _entries(shard.index, shard.keys).items():
+                    _copy_chunks(out, shard, k, entry)
+                continue
             if isinstance(shard, Mapping):
                 for t in shard.values():
                     _write_tensor(out, t)

@@ -17,6 +17,11 @@ each unit *before* it is compressed. With ``refit`` (sequential only) the dense 
 are cached too and each group is fitted to the dense outputs from the compressed inputs,
 ``min ||W X - W' X'||`` (cross moments, :mod:`rankwise.calibration.paired`), with a ridge toward ``W``
 chosen per group on held-out calibration windows (:func:`choose_ridge`) unless fixed.
+
+Device and precision: see :mod:`.device` (blocks visit the compute device one unit at a time,
+statistics in float64 there, layers stored in the model's dtype at the model's home). Inside a
+``torch.distributed`` process group the calibration batches are sharded across ranks and the layers
+of each group are fitted by one rank each and broadcast (:mod:`.distributed`).
 """
 from __future__ import annotations
 
@@ -29,12 +34,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...calibration.paired import PairedAccumulator
-from ...calibration.stats import LayerStats, StatsAccumulator, collect_input_stats
+from ...calibration.stats import InputStats, LayerStats, StatsAccumulator, collect_input_stats
 from ...errors import ConfigError, NumericalError
-from ...models.surgery import linear_bias, linear_weight, set_module
+from ...models.surgery import linear_bias, linear_shape, linear_weight, set_module
 from ...structures.base import StructuredLinear
 from ..methods.base import LayerInput
 from .groups import dataflow_groups
+from .memory import trim
+from .distributed import Comm
 from .runner import Activations, Stop, advance, capture_inputs, run_block
 from .source import WeightSource
 
@@ -122,21 +129,38 @@ def heldout_objective(W: torch.Tensor, Wp: torch.Tensor, held: LayerStats) -> fl
     return float(((P @ C) * P).sum() - 2.0 * ((W64 @ M) * P).sum())
 
 
+def _sum_input_stats(comm: Comm, stats: list[InputStats]) -> None:
+    """All-reduce the sums of ``stats`` (each object once, in the given order) across ranks."""
+    if not comm.active:
+        return
+    uniq = list({id(st): st for st in stats}.values())
+    comm.sum_([t for st in uniq for t in (st.cov, st.abs_sum, st.sq_sum) if t is not None])
+    n = torch.tensor([st.n for st in uniq], dtype=torch.int64)
+    comm.sum_([n])
+    for st, k in zip(uniq, n.tolist()):
+        st.n = int(k)
+
+
 class Engine:
-    """One compression pass over ``source`` (see the module docstring)."""
+    """One compression pass over ``source`` (see the module docstring).
+
+    ``joint``: the fit takes a group's layers together (``Method.fit_unit`` overridden); a distributed
+    run then fits the whole group on one rank instead of spreading its layers."""
 
     def __init__(self, source: WeightSource, modules: Mapping[str, nn.Module], plan: Mapping[str, object],
                  fit: FitFn, options: EngineOptions, *, blocks_per_unit: int = 1, need_cov: bool = True,
                  fisher: Mapping[str, torch.Tensor] | None = None, progress: bool = False,
                  on_replace: Callable[[str, StructuredLinear, float | None], None] | None = None,
-                 dry: bool = False) -> None:
+                 dry: bool = False, joint: bool = False, comm: Comm | None = None) -> None:
         self.source, self.plan, self.fit, self.opts = source, plan, fit, options.validate()
         self.names = [n for n in modules if plan.get(n) is not None]
         self.bpu, self.need_cov, self.fisher = max(1, int(blocks_per_unit)), need_cov, dict(fisher or {})
-        self.device = torch.device(options.device)
+        self.device = source.device
         self.progress = progress
         self.ridges: dict[str, float] = {}
-        self.on_replace, self.dry = on_replace, dry
+        self.on_replace, self.dry, self.joint = on_replace, dry, joint
+        self.comm = comm or Comm.current()
+        self._turn = 0  # groups fitted so far (a joint group's rank in a distributed run)
         if dry and options.mode != "one-shot":
             raise ConfigError("a dry pass (statistics of the dense model only) runs in one-shot mode")
         if self.bpu > 1 and options.granularity == "subgroup":
@@ -146,16 +170,30 @@ class Engine:
     def _modules(self, names) -> dict[str, nn.Module]:
         return {n: self.source.model.get_submodule(n) for n in names}
 
+    def _held_from(self, nb: int) -> int:
+        """Global index of the first held-out batch (the last ``holdout`` windows), ``nb`` if none."""
+        if self.opts.refit_ridge is not None:
+            return nb
+        if nb < 2:
+            raise ConfigError("choosing the refit ridge needs at least two calibration batches: raise "
+                              "--calib-windows or pass --refit-ridge")
+        return nb - max(1, min(nb - 1, math.ceil(self.opts.holdout / self.opts.batch_size)))
+
     def _collect(self, names, chain, acts, dense) -> tuple[dict[str, LayerStats], dict[str, LayerStats]]:
         """``(stats, held)``: per layer statistics over all windows, and over the held-out windows
-        (refit with a ridge to choose only; else empty)."""
+        (refit with a ridge to choose only; else empty). Each rank runs its own batches; the sums are
+        then added across ranks."""
         mods = self._modules(names)
-        nb = len(acts.hidden)
+        comm = self.comm
         if dense is None:
-            with StatsAccumulator(mods, cov=self.need_cov, device=self.device) as acc:
-                for b in range(nb):
-                    _run_until(chain, acts, b, mods, self.device)
-            return {n: LayerStats(acc.stats[n], self.fisher.get(n)) for n in names}, {}
+            def local():
+                with StatsAccumulator(mods, cov=self.need_cov, device=self.device, share=True) as acc:
+                    for b in range(len(acts.hidden)):
+                        _run_until(chain, acts, b, mods, self.device)
+                return acc.stats
+            found = comm.agreed(local)
+            _sum_input_stats(comm, [found[n] for n in names])
+            return {n: LayerStats(found[n], self.fisher.get(n)) for n in names}, {}
         dense_chain, dense_acts, dense_blocks = dense
         pre = self.source.prefix + "."
         dmods = {}
@@ -163,15 +201,28 @@ class Engine:
             i, rest = n[len(pre):].split(".", 1)
             dmods[n] = dense_blocks[int(i)].get_submodule(rest)
         choose = self.opts.refit_ridge is None
-        held_from = nb - max(1, min(nb - 1, math.ceil(self.opts.holdout / self.opts.batch_size))) if choose else nb
-        if choose and nb < 2:
-            raise ConfigError("choosing the refit ridge needs at least two calibration batches: raise "
-                              "--calib-windows or pass --refit-ridge")
-        with PairedAccumulator(dmods, mods, cov=True, device=self.device) as acc:
-            for b in range(nb):
-                acc.bucket = "held" if b >= held_from else "fit"
-                _run_until(dense_chain, dense_acts, b, dmods, self.device)
-                _run_until(chain, acts, b, mods, self.device)
+        held_from = self._held_from(self.nb)
+
+        def local():
+            with PairedAccumulator(dmods, mods, cov=True, device=self.device) as acc:
+                for b, gb in enumerate(acts.ids):
+                    acc.bucket = "held" if gb >= held_from else "fit"
+                    _run_until(dense_chain, dense_acts, b, dmods, self.device)
+                    _run_until(chain, acts, b, mods, self.device)
+            return acc
+        acc = comm.agreed(local)
+        buckets = ("fit", "held") if choose else ("fit",)
+        if comm.active:  # every rank needs every (bucket, layer), even with no batch in the bucket
+            for bucket in buckets:
+                have = acc.buckets.setdefault(bucket, {})
+                for n in names:
+                    if n not in have:
+                        k = linear_shape(mods[n])[1]
+                        have[n] = [InputStats.zeros(k, device=self.device),
+                                   torch.zeros(k, k, dtype=torch.float64, device=self.device)]
+            parts = [acc.buckets[b][n] for b in buckets for n in names]
+            _sum_input_stats(comm, [st for st, _ in parts])
+            comm.sum_([M for _, M in parts])
         ridge = self.opts.refit_ridge
         stats = {n: acc.layer_stats(n) for n in names}
         for st in stats.values():
@@ -192,10 +243,24 @@ class Engine:
             out[n] = LayerInput(W, None if bias is None else bias.detach(), stats[n], self.plan[n])
         return out
 
+    def _owners(self, names) -> dict[str, int]:
+        """The rank that fits each layer of the group (all rank 0's without a process group)."""
+        cost = {}
+        for n in names:
+            m, k = linear_shape(self.source.model.get_submodule(n))
+            cost[n] = float(m) * k * min(m, k)  # the SVD's flops
+        return self.comm.owners(list(names), cost, joint=self.joint, turn=self._turn)
+
+    def _fit_mine(self, names, stats, owners) -> dict[str, StructuredLinear]:
+        """Fit the layers of ``names`` this rank owns (every rank raises if any rank's fit failed)."""
+        mine = [n for n in names if owners[n] == self.comm.rank]
+        return self.comm.agreed(lambda: self.fit(self._inputs(mine, stats)) if mine else {})
+
     def choose_ridge(self, names, split: Mapping[str, Mapping[str, LayerStats]]) -> float:
         """The candidate ridge whose fit (on the non-held-out windows) has the smallest summed held-out
         objective over the group's layers (:func:`heldout_objective`)."""
         best, best_val = None, math.inf
+        owners = self._owners(names)
         weights = {n: linear_weight(self.source.model.get_submodule(n)).detach().to(torch.float32) for n in names}
         for lam in RIDGE_CANDIDATES:
             stats = {}
@@ -203,8 +268,13 @@ class Engine:
                 st = split["fit"][n]
                 stats[n] = LayerStats(st.inputs, st.fisher, None if math.isinf(lam) else st.cross,
                                       None if math.isinf(lam) else lam)
-            layers = self.fit(self._inputs(names, stats))
-            val = sum(heldout_objective(weights[n], layers[n].dense(), split["held"][n]) for n in names)
+            layers = self._fit_mine(names, stats, owners)
+            vals = torch.zeros(len(names), dtype=torch.float64)
+            for j, n in enumerate(names):
+                if n in layers:
+                    vals[j] = heldout_objective(weights[n], layers[n].dense(), split["held"][n])
+            self.comm.sum_([vals])  # one non-zero per entry: the sum is exact, as in one process
+            val = sum(float(v) for v in vals.tolist())
             if val < best_val:
                 best, best_val = lam, val
         return best
@@ -221,12 +291,20 @@ class Engine:
         elif self.opts.refit:
             for n in names:
                 self.ridges[n] = float(self.opts.refit_ridge)
-        layers = self.fit(self._inputs(names, stats))
+        if self.dry:  # spectra for the allocator: every rank factorizes every layer
+            self.fit(self._inputs(names, stats))
+            self._bar.update(len(names))
+            return
+        owners = self._owners(names)
+        self._turn += 1
+        layers = self._fit_mine(names, stats, owners)
+        layers = self.comm.share_layers(list(names), owners, layers, self.device)
         for n in names:
             self._bar.update()
-            if self.dry:
-                continue
-            set_module(self.source.model, n, layers[n].to(self.device))
+            old = self.source.model.get_submodule(n)
+            home = linear_weight(old).device  # the compute device inside a unit; the model's outside
+            set_module(self.source.model, n, layers[n].to(home))
+            self.source.retire(old)
             if self.on_replace is not None:
                 self.on_replace(n, layers[n], self.ridges.get(n))
 
@@ -255,14 +333,20 @@ class Engine:
         if by_block:
             self._blocks(windows, by_block)
         if rest:  # targeted layers outside the decoder blocks: one pass on the partly compressed model
-            st = collect_input_stats(src.model, windows, rest, opts.batch_size, cov=self.need_cov)
+            st = self.comm.agreed(collect_input_stats, src.model, windows, rest, opts.batch_size, cov=self.need_cov)
             self._fit_group(rest, {n: LayerStats(st[n], self.fisher.get(n)) for n in rest}, {})
         self._bar.close()
 
     def _blocks(self, windows: torch.Tensor, by_block: dict[int, list[str]]) -> None:
-        src, opts = self.source, self.opts
-        acts = capture_inputs(src.model, src.blocks, windows, opts.batch_size, self.device)
-        dense_acts = Activations(list(acts.hidden), acts.extras) if opts.refit else None
+        src, opts, comm = self.source, self.opts, self.comm
+        self.nb = -(-int(windows.shape[0]) // opts.batch_size)
+        mine = comm.agreed(comm.batches, self.nb)
+        with src.outside(windows):
+            acts = comm.agreed(capture_inputs, src.model, src.blocks, windows, opts.batch_size, self.device,
+                               batches=mine)
+        if not src.in_memory:
+            trim()
+        dense_acts = acts.copy() if opts.refit else None
         last = max(by_block)
         for start in range(0, last + 1, self.bpu):
             unit = list(range(start, min(start + self.bpu, len(src.blocks))))
@@ -274,20 +358,23 @@ class Engine:
                 dense = ([(i, dense_blocks[i]) for i in unit], dense_acts, dense_blocks)
             if opts.mode == "one-shot":
                 stats, _ = self._collect(names, chain, acts, None) if names else ({}, {})
-                acts.hidden = advance(chain, acts, self.device)
+                advance(chain, acts, self.device, inplace=True)
                 if names:
                     self._fit_group(names, stats, {})
             else:
                 for group in (self._groups(unit, names, acts) if names else []):
                     stats, split = self._collect(group, chain, acts, dense)
                     self._fit_group(group, stats, split)
+                    del stats, split
                 if start + self.bpu <= last:
-                    acts.hidden = advance(chain, acts, self.device)
+                    advance(chain, acts, self.device, inplace=True)
                 if dense is not None and start + self.bpu <= last:
-                    dense_acts.hidden = advance(dense[0], dense_acts, self.device)
+                    advance(dense[0], dense_acts, self.device, inplace=True)
             del dense
             for i in unit:
                 src.release(i, write=not self.dry)
+            if not src.in_memory:
+                trim()
         for i in range(last + 1, len(src.blocks)):  # blocks after the last target: streamed sources copy them
             if not src.in_memory and not self.dry:
                 src.load(i)

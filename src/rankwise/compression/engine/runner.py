@@ -5,7 +5,10 @@ returns its input, and keeps the hidden states entering block 0 plus the other a
 receives (attention masks, rotary ``position_embeddings``, ...), recorded once per batch size because
 they can differ per block (Gemma 3 alternates sliding and global attention). The stand-ins make the
 capture cost only the embeddings, whatever the depth, and work on a skeleton whose blocks are not
-loaded (low-memory mode). :func:`run_block` then feeds a cached batch through a real block.
+loaded (low-memory mode). The capture runs where the model's weights live (its home: the CPU), so
+that neither the embeddings nor the head visit the compute device; the recorded extras are then
+moved to the compute device and the hidden states are kept on the CPU in the model's dtype.
+:func:`run_block` then feeds a cached batch through a real block on the compute device.
 """
 from __future__ import annotations
 
@@ -44,14 +47,24 @@ class Passthrough(nn.Module):
 
 @dataclass
 class Activations:
-    """Hidden states entering the current unit (one tensor per batch, on ``store``) and the per-block
-    extra arguments keyed by batch size: ``extras[batch][i] = (args, kwargs)`` of block ``i``."""
+    """Hidden states entering the current unit (one tensor per batch, on the CPU) and the per-block
+    extra arguments keyed by batch size: ``extras[batch][i] = (args, kwargs)`` of block ``i``.
+    ``ids``: the global index of each cached batch (a rank of a distributed run caches its shard)."""
 
     hidden: list[torch.Tensor]
     extras: dict[int, list[tuple[tuple, dict]]] = field(default_factory=dict)
+    ids: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = list(range(len(self.hidden)))
 
     def args(self, b: int, i: int) -> tuple[tuple, dict]:
         return self.extras[int(self.hidden[b].shape[0])][i]
+
+    def copy(self) -> "Activations":
+        """A new list of the same tensors (advancing one in place leaves the other as it was)."""
+        return Activations(list(self.hidden), self.extras, list(self.ids))
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -66,21 +79,36 @@ def _to(obj: Any, device: torch.device) -> Any:
     return obj
 
 
+def home_device(model: nn.Module) -> torch.device:
+    """Where the model's loaded (non-meta) weights live."""
+    for t in model.parameters():
+        if not t.is_meta:
+            return t.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int,
-                   device: torch.device, store_dtype: torch.dtype | None = None) -> Activations:
-    """Hidden states entering block 0 for all ``windows`` (n, L) and each block's extra arguments.
+                   device: torch.device, store_dtype: torch.dtype | None = None,
+                   batches: list[int] | None = None) -> Activations:
+    """Hidden states entering block 0 for the ``windows`` (n, L) of ``batches`` (global batch indices,
+    default all) and each block's extra arguments.
 
-    Hidden states are kept on the CPU in ``store_dtype`` (default: as produced); extras on ``device``.
+    Runs on the model's home device (see the module doc). Hidden states are kept on the CPU in
+    ``store_dtype`` (default: as produced, the model's dtype); extras are moved to ``device``.
     """
+    home = home_device(model)
+    nb = -(-windows.shape[0] // batch_size)
+    ids = list(range(nb)) if batches is None else list(batches)
     real = list(blocks)
     for i, b in enumerate(real):
         blocks[i] = Passthrough(b)
     hidden: list[torch.Tensor] = []
     extras: dict[int, list[tuple[tuple, dict]]] = {}
     try:
-        for start in range(0, windows.shape[0], batch_size):
-            batch = windows[start: start + batch_size].to(device)
+        for gb in ids:
+            start = gb * batch_size
+            batch = windows[start: start + batch_size].to(home)
             b = int(batch.shape[0])
             record = b not in extras
             seen: list[tuple[tuple, dict]] = []
@@ -93,7 +121,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tenso
                     if idx == 0:
                         hidden.append(h.detach().to("cpu", dtype=store_dtype or h.dtype))
                     if record:
-                        seen.append((rest, kw))
+                        seen.append(_to((rest, kw), device))
                     if idx == stop_at:
                         raise Stop
                 return hook
@@ -112,7 +140,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tenso
     finally:
         for i, b in enumerate(real):
             blocks[i] = b
-    return Activations(hidden, extras)
+    return Activations(hidden, extras, ids)
 
 
 def run_block(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict, device: torch.device) -> torch.Tensor:
@@ -127,16 +155,22 @@ def run_block(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict, devi
 
 @torch.no_grad()
 def advance(blocks: list[tuple[int, nn.Module]], acts: Activations, device: torch.device,
-            on_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+            on_batch: Callable[[int], None] | None = None, inplace: bool = False) -> list[torch.Tensor]:
     """Outputs of the chain of ``blocks`` (``(index, module)``) for every cached batch, on the CPU in
-    the cache's dtype (the cache itself is not changed)."""
-    outs = []
-    for b, h in enumerate(acts.hidden):
-        x = h
+    the cache's dtype. ``inplace`` replaces each cached batch by its output as soon as it is computed
+    (the cache never exists twice) and returns ``acts.hidden``; otherwise the cache is unchanged."""
+    outs = acts.hidden if inplace else []
+    for b in range(len(acts.hidden)):
+        x = h = acts.hidden[b]
         for i, block in blocks:
             args, kwargs = acts.args(b, i)
             x = run_block(block, x, args, kwargs, device)
-        outs.append(x.detach().to("cpu", dtype=h.dtype))
+        out = x.detach().to("cpu", dtype=h.dtype)
+        del x
+        if inplace:
+            outs[b] = out
+        else:
+            outs.append(out)
         if on_batch is not None:
             on_batch(b)
     return outs
