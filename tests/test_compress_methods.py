@@ -45,7 +45,7 @@ def _dense(W, name, stats, refit=False, whitening="cholesky"):
 
 
 def test_registry_names_and_unknown():
-    assert set(OBJECTIVES) == {"svd", "asvd", "fwsvd", "svd-llm"}
+    assert set(OBJECTIVES) == {"svd", "asvd", "fwsvd", "svd-llm", "svd-llm-v2"}
     assert "lowrank" in STRUCTURES
     with pytest.raises(UnknownMethodError) as e:
         _method("svd-lm")

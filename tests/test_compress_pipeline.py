@@ -21,8 +21,8 @@ from rankwise.structures.lowrank import LowRankLinear
 CAL = dict(calib_options=dict(windows=6, seqlen=48), progress=False)
 
 
-def lowrank(model, method="svd-llm", ratio=0.4, calib=None, **engine):
-    return compress(model, "lowrank", ratio, method=method, calib=calib, engine=engine, **CAL)
+def lowrank(model, method="svd-llm", ratio=0.4, calib=None, targets=None, **engine):
+    return compress(model, "lowrank", ratio, method=method, calib=calib, targets=targets, engine=engine, **CAL)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "bert"])

@@ -141,7 +141,7 @@ def check_allocator(allocate: str, structure: str, meth: Method) -> None:
         raise ConfigError(f"--allocate {allocate} shares a {alloc.budget} budget ({flag[alloc.budget]}); --structure "
                           f"{structure} takes a {meth.budget} budget ({flag[meth.budget]}): use --allocate uniform"
                           + (f" or one of {', '.join(same)}" if same else ""))
-    if alloc.needs == "spectra" and not hasattr(meth, "factorize"):
+    if alloc.needs_spectra and not hasattr(meth, "factorize"):
         raise ConfigError(f"--allocate {allocate} allocates ranks of low-rank factors; --structure {structure} "
                           "takes --allocate uniform")
     if alloc.needs == "costs" and not hasattr(meth, "candidates"):
@@ -198,7 +198,7 @@ def make_plan(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[in
     """``({name: spec or None}, allocation info)``.
 
     ``measured`` is what the allocator's dry pass measured per layer (:func:`measure_layer`):
-    factorizations (``needs="spectra"``) or candidate tables (``needs="costs"``). A params method with a
+    factorizations (``needs="spectra"`` / ``"factors"``) or candidate tables (``needs="costs"``). A params method with a
     factorization gets its ranks from the allocator; a bytes method gets its specs from a bytes
     allocator, or with ``--allocate uniform`` each layer its own ``plan_layer`` at the uniform budget.
     """
@@ -224,7 +224,10 @@ def make_plan(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[in
 def measure_layer(method: Method, needs: str, W: torch.Tensor, stats, options: AllocateOptions | None = None):
     """What an allocator with ``needs`` reads of one layer, measured on the dense model's statistics:
     its spectrum (``"spectra"``: the factorization with the singular vectors dropped, the final pass
-    refactorizes) or its candidate settings with bytes and whitened errors (``"costs"``)."""
+    refactorizes), its whole factorization (``"factors"``) or its candidate settings with bytes and
+    whitened errors (``"costs"``)."""
+    if needs == "factors":
+        return method.factorize(W, stats)
     if needs == "spectra":
         fac = method.factorize(W, stats)
         fac.U, fac.Vh = fac.U[:, :0], fac.Vh[:0]

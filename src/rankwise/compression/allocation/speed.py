@@ -86,7 +86,7 @@ def module_latency(device: torch.device | str = "cpu", dtype: torch.dtype = torc
     buffer of ``cold_bytes``) and report the time per call. ``repeats`` per token count (default:
     9 for decode, 5 for prefill), two warm-up calls each.
     """
-    from ..evaluation.latency import median_seconds
+    from ...evaluation.latency import median_seconds
 
     device = torch.device(device)
     g = torch.Generator().manual_seed(seed)

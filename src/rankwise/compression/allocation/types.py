@@ -6,8 +6,9 @@ An allocator shares one global budget out among the targeted layers. A *params* 
 targeted weight, all overhead counted) into ``{name: spec}`` (the structure's hyperparameters).
 
 What an allocator reads per layer is measured once on the dense model by a dry pass, as its
-``needs`` says: ``"spectra"`` -- every layer's full factorization under the method's objective
-(``request.factorizations``); ``"costs"`` -- every layer's candidate settings with their exact bytes
+``needs`` says: ``"spectra"`` -- every layer's factorization under the method's objective, spectrum
+only (``request.factorizations``); ``"factors"`` -- the same with the singular vectors kept (the
+allocators that measure the loss of truncated layers); ``"costs"`` -- every layer's candidate settings with their exact bytes
 and whitened errors (``request.costs``, from the method's ``candidates``); ``"none"`` -- nothing.
 """
 from __future__ import annotations
@@ -73,8 +74,10 @@ class AllocationRequest:
         return {n: self.factorizations[n].spectrum.double().cpu().numpy() for n in self.shapes}
 
 
-#: What a dry pass can measure per layer for an allocator.
-NEEDS = ("none", "spectra", "costs")
+#: What a dry pass can measure per layer for an allocator: nothing, each layer's spectrum, its full
+#: factorization (spectrum and singular vectors: the allocators that truncate layers to measure the
+#: loss), or its candidate settings with bytes and errors.
+NEEDS = ("none", "spectra", "factors", "costs")
 #: The budgets an allocator can share out: ``--ratio`` (values) or ``--bits-per-weight`` (bytes).
 BUDGETS = ("params", "bytes")
 
@@ -89,7 +92,7 @@ class Allocator:
 
     @property
     def needs_spectra(self) -> bool:
-        return self.needs == "spectra"
+        return self.needs in ("spectra", "factors")
 
 
 #: name -> Allocator; filled by :mod:`.allocators`.

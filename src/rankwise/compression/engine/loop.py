@@ -224,14 +224,20 @@ class Engine:
             _sum_input_stats(comm, [st for st, _ in parts])
             comm.sum_([M for _, M in parts])
         ridge = self.opts.refit_ridge
-        stats = {n: acc.layer_stats(n) for n in names}
+        stats = self._with_fisher({n: acc.layer_stats(n) for n in names})
         for st in stats.values():
             st.ridge = ridge
         if not choose:
             return stats, {}
-        fit_only = {n: acc.layer_stats(n, ("fit",)) for n in names}
-        held = {n: acc.layer_stats(n, ("held",)) for n in names}
+        fit_only = self._with_fisher({n: acc.layer_stats(n, ("fit",)) for n in names})
+        held = self._with_fisher({n: acc.layer_stats(n, ("held",)) for n in names})
         return stats, {"fit": fit_only, "held": held}
+
+    def _with_fisher(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
+        """The dense model's Fisher diagonal (collected once, before the pass) on each layer's stats."""
+        for n, st in stats.items():
+            st.fisher = self.fisher.get(n)
+        return stats
 
     # -- fitting ---------------------------------------------------------------------------------
     def _inputs(self, names, stats: Mapping[str, LayerStats]) -> dict[str, LayerInput]:
