@@ -343,6 +343,13 @@ class Engine:
             self._fit_group(rest, {n: LayerStats(st[n], self.fisher.get(n)) for n in rest}, {})
         self._bar.close()
 
+    def _check_weights(self, names) -> None:
+        """Non-finite weights are named before calibration (else the first symptom is the non-finite
+        activations of a later layer in the block)."""
+        for n in names:
+            if not bool(torch.isfinite(linear_weight(self.source.model.get_submodule(n))).all()):
+                raise NumericalError(f"layer {n} has non-finite weights (nan/inf); fix or reload the model")
+
     def _blocks(self, windows: torch.Tensor, by_block: dict[int, list[str]]) -> None:
         src, opts, comm = self.source, self.opts, self.comm
         self.nb = -(-int(windows.shape[0]) // opts.batch_size)
@@ -358,6 +365,7 @@ class Engine:
             unit = list(range(start, min(start + self.bpu, len(src.blocks))))
             chain = [(i, src.load(i)) for i in unit]
             names = [n for i in unit for n in by_block.get(i, [])]
+            self._check_weights(names)
             dense = None
             if names and opts.refit:
                 dense_blocks = {i: src.dense_copy(i) for i in unit}
