@@ -29,40 +29,70 @@ does not apply; PEFT gets the rank-r adapter on the de-quantized base (``form="r
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from ..errors import ConfigError
-from ..linalg.lowrank_quant import lq
-from ..models.surgery import linear_bias
-from ..structures.quant import QuantLinear
-from .inits import register
-from .layers import LoraAdapter
+from ...errors import ConfigError
+from ...linalg.lowrank_quant import lq
+from ...linalg.quant import MAX_BITS, MIN_BITS
+from ...models.surgery import linear_bias
+from ...structures.quant import QuantLinear
+from ..layers import LoraAdapter
+from .base import InitContext, check_int, register
 
 
-def _fit_adapter(base, W: torch.Tensor, r: int, ctx, C: torch.Tensor, init: str, quantizer: str, iters: int,
-                 name: str) -> LoraAdapter:
+@dataclass
+class QuantInitOptions:
+    """The quantized base: ``bits``-bit codes in groups of ``group_size`` input columns; ``iters``:
+    lq-lora's alternation rounds after the initialization (``>= 0``)."""
+
+    bits: int = 4
+    group_size: int = 64
+    iters: int = 5
+
+    min_iters = 0   # class attribute, not an option
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, float) and self.bits.is_integer():
+            self.bits = int(self.bits)
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(f"option bits must be an integer from {MIN_BITS} to {MAX_BITS} (the code width of the "
+                              f"quantized base), got {self.bits!r}; pass e.g. bits=4 (--quant-bits 4)")
+        self.group_size = check_int("group_size", self.group_size, 1, "pass e.g. group_size=64 (--quant-group-size 64)")
+        self.iters = check_int("iters", self.iters, self.min_iters, "pass e.g. iters=5 (--quant-iters 5)")
+
+
+@dataclass
+class LoftQOptions(QuantInitOptions):
+    """As :class:`QuantInitOptions`, with ``iters`` = LoftQ's number of alternations ``T >= 1``."""
+
+    min_iters = 1
+
+
+def _fit_adapter(base, W: torch.Tensor, r: int, opts: QuantInitOptions, ctx: InitContext, C: torch.Tensor,
+                 init: str, quantizer: str, iters: int, name: str) -> LoraAdapter:
     if C.shape != (W.shape[1], W.shape[1]):
         raise ConfigError(f"covariance of {name} has shape {tuple(C.shape)}, the layer has {W.shape[1]} inputs")
-    res = lq(W, C, ctx.bits, ctx.group_size, r, False, iters=iters, init=init, quantizer=quantizer)
+    res = lq(W, C, opts.bits, opts.group_size, r, False, iters=iters, init=init, quantizer=quantizer)
     bias = linear_bias(base)
     qbase = QuantLinear.from_quantized(res.quant, None if bias is None else bias.detach().float(), None,
                                        dtype=torch.float32)
     qbase.fit_info = {**res.info, "history": list(res.history)}
     s = ctx.scaling(r)
-    adapter = LoraAdapter(qbase, res.right.float(), res.left.float() / s, s)
-    return adapter
+    return LoraAdapter(qbase, res.right.float(), res.left.float() / s, s)
 
 
-@register("lq-lora", needs="covariance", residual=True, peft=True, quantized=True)
-def init_lq_lora(base, W, r, ctx, name):
+@register("lq-lora", options=QuantInitOptions, needs="covariance", residual=True, peft=True, quantized=True)
+def init_lq_lora(base, W: torch.Tensor, r: int, opts: QuantInitOptions, ctx: InitContext, name: str) -> LoraAdapter:
     """LQ-LoRA: ``W ~ Q + L R`` by the alternating fit under the activation covariance; frozen quantized ``Q``, LoRA from ``L R``."""
     if name not in ctx.covs:
         raise ConfigError(f"lq-lora needs activation statistics for {name}; pass calibration data")
-    return _fit_adapter(base, W, r, ctx, ctx.covs[name], "best", "gptq", ctx.iters, name)
+    return _fit_adapter(base, W, r, opts, ctx, ctx.covs[name], "best", "gptq", opts.iters, name)
 
 
-@register("loftq", residual=True, peft=True, quantized=True)
-def init_loftq(base, W, r, ctx, name):
+@register("loftq", options=LoftQOptions, residual=True, peft=True, quantized=True)
+def init_loftq(base, W: torch.Tensor, r: int, opts: LoftQOptions, ctx: InitContext, name: str) -> LoraAdapter:
     """LoftQ: ``iters`` alternations of RTN and rank-r SVD in the Frobenius norm; frozen quantized ``Q``, LoRA from ``L R``."""
     eye = torch.eye(W.shape[1], dtype=torch.float64)
-    return _fit_adapter(base, W, r, ctx, eye, "lorc", "rtn", max(ctx.iters - 1, 0), name)
+    return _fit_adapter(base, W, r, opts, ctx, eye, "lorc", "rtn", opts.iters - 1, name)
