@@ -32,5 +32,8 @@ def init_nlora(base, W: torch.Tensor, r: int, opts: NoOptions, ctx: InitContext,
 
 @register("nlora-inttune", residual=True)
 def init_nlora_inttune(base, W: torch.Tensor, r: int, opts: NoOptions, ctx: InitContext, name: str) -> BMAAdapter:
-    """IntTune: NLoRA's Nystrom init ``W ~ C M R`` with only the r x r intermediate matrix ``M`` trained (``r^2`` per layer)."""
+    """IntTune: NLoRA's Nystrom init, ``Delta W = s B M A`` with ``B A = C M R``, only the r x r ``M`` trained.
+
+    ``B``, ``A`` frozen; ``W_res = W - C M R``. Trainable ``r^2`` per layer.
+    """
     return _nlora(base, W, r, ctx, name, train_outer=False)
