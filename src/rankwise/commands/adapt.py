@@ -95,9 +95,8 @@ def _init_options(spec, given: dict) -> dict:
     bad = [flag for flag in set_flags if INIT_FLAGS[flag] not in fields]
     if bad:
         takes = [flag for flag, key in INIT_FLAGS.items() if key in fields]
-        raise ConfigError(f"{', '.join(bad)} does not apply to --init {spec.name} "
-                          f"({'its flags: ' + ', '.join(takes) if takes else 'it takes none of ' + ', '.join(INIT_FLAGS)}); "
-                          f"drop {', '.join(bad)}")
+        what = f"its flags: {', '.join(takes)}" if takes else f"it takes none of {', '.join(INIT_FLAGS)}"
+        raise ConfigError(f"{', '.join(bad)} does not apply to --init {spec.name} ({what}); drop {', '.join(bad)}")
     options = {INIT_FLAGS[flag]: v for flag, v in set_flags.items()}
     spec.build_options(options)
     return options
@@ -126,7 +125,7 @@ def register(app: typer.Typer) -> None:
         text_file: Optional[Path] = TextFileOpt,
         calib_windows: int = typer.Option(8, min=1, help="Calibration windows for eva / lora-ga / lora-sb."),
         seed: int = typer.Option(0, help="Seed for windows, batch order and random inits."),
-        svd: Optional[str] = typer.Option(None, help="SVD for pissa / salt: exact or randomized [default: exact]."),
+        svd: Optional[str] = typer.Option(None, help="SVD for pissa / salt: exact or randomized (default exact)."),
         bf16: bool = typer.Option(False, "--bf16", help="Base model in bfloat16 (adapters stay float32)."),
         out: Path = typer.Option(..., "--out", help="Output directory."),
         fmt: str = typer.Option("auto", "--format", help="auto (PEFT when possible), peft or rankwise."),
@@ -136,11 +135,11 @@ def register(app: typer.Typer) -> None:
         merge: bool = typer.Option(False, "--merge", help="Save the merged dense checkpoint instead of the adapter."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
         quant_bits: Optional[int] = typer.Option(None, "--quant-bits", help="lq-lora / loftq: code width of the "
-                                                                            "frozen base, 2..8 [default: 4]."),
+                                                                            "frozen base, 2..8 (default 4)."),
         quant_group_size: Optional[int] = typer.Option(None, "--quant-group-size",
-                                                       help="lq-lora / loftq: quantization group size [default: 64]."),
+                                                       help="lq-lora / loftq: quantization group size (default 64)."),
         quant_iters: Optional[int] = typer.Option(None, "--quant-iters", help="lq-lora: alternation rounds; loftq: "
-                                                                              "alternations [default: 5]."),
+                                                                              "alternations (default 5)."),
         quiet: bool = QuietOpt,
     ) -> None:
         """Attach low-rank adapters initialized from the spectrum / activations / gradients, train, save."""

@@ -114,7 +114,8 @@ def check_int(option: str, value: Any, minimum: int, fix: str = "") -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ConfigError(f"option {option} must be an integer >= {minimum}, got {value!r}" + (f"; {fix}" if fix else ""))
+        raise ConfigError(f"option {option} must be an integer >= {minimum}, got {value!r}"
+                          + (f"; {fix}" if fix else ""))
     return int(value)
 
 

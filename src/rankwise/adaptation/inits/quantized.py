@@ -85,9 +85,10 @@ def _fit_adapter(base, W: torch.Tensor, r: int, opts: QuantInitOptions, ctx: Ini
 
 @register("lq-lora", options=QuantInitOptions, needs="covariance", residual=True, peft=True, quantized=True)
 def init_lq_lora(base, W: torch.Tensor, r: int, opts: QuantInitOptions, ctx: InitContext, name: str) -> LoraAdapter:
-    """LQ-LoRA: ``W ~ Q + L R`` by the alternating fit under the activation covariance; frozen quantized ``Q``, LoRA from ``L R``.
+    """LQ-LoRA: ``W ~ Q + L R`` by the alternating fit under the activation covariance; frozen ``Q``, LoRA from ``L R``.
 
-    ``A = R``, ``B = L / s`` so ``Delta W_0 = s B A = L R``; minimizes ``||(W - Q - L R) X||_F`` (see the module docstring).
+    ``A = R``, ``B = L / s`` so ``Delta W_0 = s B A = L R``; the fit minimizes ``||(W - Q - L R) X||_F``
+    (see the module docstring).
     """
     if name not in ctx.covs:
         raise ConfigError(f"lq-lora needs activation statistics for {name}; pass calibration data")
@@ -96,7 +97,7 @@ def init_lq_lora(base, W: torch.Tensor, r: int, opts: QuantInitOptions, ctx: Ini
 
 @register("loftq", options=LoftQOptions, residual=True, peft=True, quantized=True)
 def init_loftq(base, W: torch.Tensor, r: int, opts: LoftQOptions, ctx: InitContext, name: str) -> LoraAdapter:
-    """LoftQ: ``iters`` alternations of RTN and rank-r SVD in the Frobenius norm; frozen quantized ``Q``, LoRA from ``L R``.
+    """LoftQ: ``iters`` alternations of RTN and rank-r SVD in the Frobenius norm; frozen ``Q``, LoRA from ``L R``.
 
     ``Q_t = RTN(W - L_{t-1} R_{t-1})``, ``L_t R_t = SVD_r(W - Q_t)``; ``A = R``, ``B = L / s`` so ``Delta W_0 = L R``.
     """

@@ -16,7 +16,8 @@ class SingLoRAOptions:
     ramp_steps: int = 10
 
     def __post_init__(self) -> None:
-        self.ramp_steps = check_int("ramp_steps", self.ramp_steps, 1, "use e.g. 10 steps for the ramp u(t) = min(t/T, 1)")
+        self.ramp_steps = check_int("ramp_steps", self.ramp_steps, 1,
+                                    "use e.g. 10 steps for the ramp u(t) = min(t/T, 1)")
 
 
 @register("singlora", options=SingLoRAOptions)
