@@ -155,7 +155,7 @@ def test_singlora_shapes_square_and_rectangular():
 
 def test_bad_input():
     model = tiny_model("llama")
-    with pytest.raises(UnknownMethodError, match="valid inits: .*pissa"):
+    with pytest.raises(UnknownMethodError, match="valid: .*pissa"):
         adapt(model, "bogus")
     with pytest.raises(ConfigError, match="larger than min"):
         adapt(model, "lora", rank=1000)

@@ -1,8 +1,8 @@
 """rankwise.adapt: low-rank adapters initialized from the spectrum, activations or gradients.
 
 * :mod:`.inits`  -- ``INITS`` registry (lora, pissa, milora, olora, eva, lora-ga, lora-sb, nlora,
-  nlora-inttune, loldu, salt, singlora), each with its formula
-* :mod:`.quant_inits` -- lq-lora, loftq: a frozen quantized base plus a LoRA from the fit's low-rank part
+  nlora-inttune, loldu, salt, singlora; on a quantized base: lq-lora, loftq), one module per init
+  family, each init with its formula and its typed ``Options``
 * :mod:`.layers` -- the adapter modules (``y = base(x) + Delta W x``)
 * :mod:`.attach` -- ``adapt(model, init, rank, ...)``, merge / unmerge
 * :mod:`.train`  -- the training loop
@@ -15,7 +15,6 @@ The package itself is callable (``rankwise.adapt(...)`` is :func:`.attach.adapt`
 """
 from .attach import adapt, count_trainable, merge, merge_and_unload, trainable_parameters, unmerge
 from .inits import INITS, get_init
-from . import quant_inits  # noqa: F401  (registers lq-lora, loftq)
 from .layers import adapter_layers
 from .saving import load_rankwise, save_merged, save_peft, save_rankwise
 from .train import TrainConfig, TrainResult, train

@@ -6,6 +6,7 @@ the compressed layer as a unit). All base parameters are frozen; only adapter pa
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Sequence
 
 import torch
@@ -45,15 +46,20 @@ def _calib_batches(calib: torch.Tensor | None, init: str) -> torch.Tensor:
 
 def adapt(model: nn.Module, init: str = "pissa", rank: int = 16, alpha: float | None = None,
           targets: Sequence[str] | str | None = None, calib: torch.Tensor | None = None,
-          rslora: bool = False, seed: int = 0, svd: str = "exact", calib_batch_size: int = 1,
+          rslora: bool = False, seed: int = 0, svd: str | None = None, calib_batch_size: int = 1,
           progress: bool = False, **options) -> nn.Module:
     """Attach ``init``-initialized rank-``rank`` adapters to ``model``'s target layers, in place; returns it.
 
     ``alpha`` defaults to ``rank`` (scaling 1). ``calib`` (n, L) token windows feed the data-driven
-    inits (eva: activations; lora-ga, lora-sb: gradients). Extra ``options`` go to
-    :class:`~rankwise.adaptation.inits.InitContext` (gamma, sb_step, ramp_steps, svd_niter).
+    inits (eva: activations; lora-ga, lora-sb: gradients; lq-lora: covariance). ``svd`` and the extra
+    ``options`` are the init's own options (``INITS[init].Options``, e.g. pissa / salt: svd, svd_niter;
+    lora-ga: gamma; lora-sb: sb_step; singlora: ramp_steps; lq-lora / loftq: bits, group_size, iters);
+    an option the init does not take raises :class:`ConfigError` listing the valid ones.
     """
     spec = get_init(init)
+    if svd is not None:
+        options = {"svd": svd, **options}
+    opts = spec.build_options(options)
     if adapter_layers(model):
         raise ConfigError("the model already has adapters; merge them (rankwise.adaptation.merge_and_unload) first")
     if not isinstance(rank, int) or rank < 1:
@@ -64,11 +70,7 @@ def adapt(model: nn.Module, init: str = "pissa", rank: int = 16, alpha: float | 
         if rank > min(m, n):
             raise ConfigError(f"rank {rank} is larger than min(out, in) = {min(m, n)} of layer {name} "
                               f"({m} x {n}); use --rank <= {min(m, n)} or exclude the layer with --targets")
-    valid = {"gamma", "sb_step", "ramp_steps", "svd_niter", "bits", "group_size", "iters"}
-    unknown = set(options) - valid
-    if unknown:
-        raise ConfigError(f"unknown adapt options {sorted(unknown)}; valid: {', '.join(sorted(valid))}")
-    ctx = InitContext(alpha=alpha, rslora=rslora, seed=seed, svd=svd, **options)
+    ctx = InitContext(alpha=alpha, rslora=rslora, seed=seed)
     ranks = {n: rank for n in layers}
     if spec.needs == "activations":
         from ..calibration.stats import collect_input_stats
@@ -100,14 +102,15 @@ def adapt(model: nn.Module, init: str = "pissa", rank: int = 16, alpha: float | 
         W = base_dense(base)
         if not bool(torch.isfinite(W).all()):
             raise NumericalError(f"layer {name} has non-finite weights; cannot initialize adapters from it")
-        adapter = spec.fn(base, W, r, ctx, name).to(W.device)
+        adapter = spec.fn(base, W, r, opts, ctx, name).to(W.device)
         adapter.init_state = {k: v.clone() for k, v in adapter.adapter_state().items()}
         set_module(model, name, adapter)
         done[name] = r
     setattr(model, META_ATTR, {
-        "init": init, "rank": rank, "alpha": alpha, "rslora": rslora, "seed": seed, "svd": svd,
+        "init": init, "rank": rank, "alpha": alpha, "rslora": rslora, "seed": seed,
+        "svd": getattr(opts, "svd", None),
         "targets": list(targets) if isinstance(targets, (list, tuple)) else targets,
-        "ranks": done, "residual": spec.residual, "options": options,
+        "ranks": done, "residual": spec.residual, "options": asdict(opts),
     })
     return model
 

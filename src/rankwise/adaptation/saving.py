@@ -40,13 +40,18 @@ from ..models.surgery import set_module
 from ..structures.base import StructuredLinear
 from ..structures.lowrank import LowRankLinear
 from .attach import META_ATTR, merge_and_unload
+from .inits import INITS
 from .layers import (
     BMAAdapter, LDUAdapter, LoraAdapter, SaltAdapter, SBAdapter, SingAdapter, AdapterLayer, adapter_layers,
     add_to_base, is_conv1d,
 )
 
 FORMAT = "rankwise-adapter"
-PEFT_INITS = ("lora", "eva", "pissa", "milora", "olora", "lora-ga", "lq-lora", "loftq")
+
+
+def peft_inits() -> list[str]:
+    """The inits whose result is a plain LoRA PEFT can load (``InitSpec.peft``)."""
+    return [name for name, spec in INITS.items() if spec.peft]
 
 
 def _meta(model: nn.Module) -> dict:
@@ -59,11 +64,11 @@ def _meta(model: nn.Module) -> dict:
 def _check_peft(model: nn.Module, meta: dict) -> dict[str, LoraAdapter]:
     layers = adapter_layers(model)
     bad = [n for n, a in layers.items() if not isinstance(a, LoraAdapter)]
-    if meta["init"] not in PEFT_INITS or bad:
+    if meta["init"] not in peft_inits() or bad:
         raise ConfigError(
             f"init {meta['init']!r} is not a plain LoRA (B A) and PEFT's format cannot represent it; "
             f"save it in rankwise's format (format='rankwise', CLI default for it) or merge it into a dense "
-            f"checkpoint (--merge). PEFT-exportable inits: {', '.join(PEFT_INITS)}")
+            f"checkpoint (--merge). PEFT-exportable inits: {', '.join(peft_inits())}")
     low = [n for n, a in layers.items() if isinstance(a.base, LowRankLinear)]
     if low:
         raise ConfigError(

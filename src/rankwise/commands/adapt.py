@@ -11,12 +11,12 @@ from ._common import ModelArg, QuietOpt, TextFileOpt, console, setup, table
 
 def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_size, seqlen, grad_accum, warmup,
               eval_every, eval_windows, text_file, calib_windows, seed, svd, bf16, out, fmt, peft_form, merge,
-              overwrite, quiet, quant_bits=4, quant_group_size=64, quant_iters=5):
+              overwrite, quiet, quant_bits=None, quant_group_size=None, quant_iters=None):
     import torch
 
     from ..adaptation.attach import adapt, count_trainable
     from ..adaptation.inits import get_init
-    from ..adaptation.saving import PEFT_INITS, save_merged, save_peft, save_rankwise
+    from ..adaptation.saving import peft_inits, save_merged, save_peft, save_rankwise
     from ..adaptation.train import TrainConfig, plot_losses, train
     from ..calibration.corpus import load_corpus
     from ..calibration.sampling import calib_windows as sample_windows, check_seqlen, tokenize
@@ -26,6 +26,8 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
     from ..structures.lowrank import LowRankLinear
 
     spec = get_init(init)  # unknown init -> error listing the valid ones, before any loading
+    init_options = _init_options(spec, {"--svd": svd, "--quant-bits": quant_bits,
+                                        "--quant-group-size": quant_group_size, "--quant-iters": quant_iters})
     if alpha is not None and not alpha > 0:
         raise ConfigError(f"--alpha must be positive (the adapter scale is alpha / r), got {alpha}; omit it for alpha = r")
     if fmt not in ("auto", "peft", "rankwise"):
@@ -39,15 +41,14 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
     n = steps * batch_size * grad_accum
     windows = sample_windows(train_ids, n=n, seqlen=seqlen, seed=seed)
     calib = sample_windows(train_ids, n=calib_windows, seqlen=seqlen, seed=seed + 1) if spec.needs != "none" else None
-    quant = {"bits": quant_bits, "group_size": quant_group_size, "iters": quant_iters} if spec.quantized else {}
     if spec.quantized:
         peft_form = "residual"  # the only exact PEFT form on a quantized base (adaptation.saving)
-    adapt(model, init, rank=rank, alpha=alpha, targets=targets, calib=calib, rslora=rslora, seed=seed, svd=svd,
-          progress=not quiet, **quant)
+    adapt(model, init, rank=rank, alpha=alpha, targets=targets, calib=calib, rslora=rslora, seed=seed,
+          progress=not quiet, **init_options)
     model._rankwise_adapt["base_model"] = str(path)
     compressed = any(isinstance(m, LowRankLinear) for m in model.modules())
     if fmt == "auto":
-        fmt = "peft" if init in PEFT_INITS and not compressed else "rankwise"
+        fmt = "peft" if init in peft_inits() and not compressed else "rankwise"
     if fmt == "peft" and not merge:
         from ..adaptation.saving import peft_state
 
@@ -80,6 +81,27 @@ def run_adapt(model_arg, init, rank, alpha, rslora, targets, steps, lr, batch_si
     return log, res
 
 
+#: CLI flag -> the init option it sets (each init takes the flags of its ``Options`` fields).
+INIT_FLAGS = {"--svd": "svd", "--quant-bits": "bits", "--quant-group-size": "group_size", "--quant-iters": "iters"}
+
+
+def _init_options(spec, given: dict) -> dict:
+    """The init options from the flags the user set (``None`` = not set); a flag the init does not take is a
+    :class:`ConfigError`; the values are validated by the init's ``Options`` before anything is loaded."""
+    from ..errors import ConfigError
+
+    fields = set(spec.option_names())
+    set_flags = {flag: v for flag, v in given.items() if v is not None}
+    bad = [flag for flag in set_flags if INIT_FLAGS[flag] not in fields]
+    if bad:
+        takes = [flag for flag, key in INIT_FLAGS.items() if key in fields]
+        what = f"its flags: {', '.join(takes)}" if takes else f"it takes none of {', '.join(INIT_FLAGS)}"
+        raise ConfigError(f"{', '.join(bad)} does not apply to --init {spec.name} ({what}); drop {', '.join(bad)}")
+    options = {INIT_FLAGS[flag]: v for flag, v in set_flags.items()}
+    spec.build_options(options)
+    return options
+
+
 def register(app: typer.Typer) -> None:
     @app.command("adapt")
     def adapt_cmd(
@@ -103,7 +125,7 @@ def register(app: typer.Typer) -> None:
         text_file: Optional[Path] = TextFileOpt,
         calib_windows: int = typer.Option(8, min=1, help="Calibration windows for eva / lora-ga / lora-sb."),
         seed: int = typer.Option(0, help="Seed for windows, batch order and random inits."),
-        svd: str = typer.Option("exact", help="SVD for pissa / salt: exact or randomized."),
+        svd: Optional[str] = typer.Option(None, help="SVD for pissa / salt: exact or randomized (default exact)."),
         bf16: bool = typer.Option(False, "--bf16", help="Base model in bfloat16 (adapters stay float32)."),
         out: Path = typer.Option(..., "--out", help="Output directory."),
         fmt: str = typer.Option("auto", "--format", help="auto (PEFT when possible), peft or rankwise."),
@@ -112,9 +134,12 @@ def register(app: typer.Typer) -> None:
                                                        "lq-lora / loftq always 'residual' (de-quantized base)."),
         merge: bool = typer.Option(False, "--merge", help="Save the merged dense checkpoint instead of the adapter."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
-        quant_bits: int = typer.Option(4, "--quant-bits", help="lq-lora / loftq: code width of the frozen base."),
-        quant_group_size: int = typer.Option(64, "--quant-group-size", help="lq-lora / loftq: quantization group size."),
-        quant_iters: int = typer.Option(5, "--quant-iters", help="lq-lora: alternation rounds; loftq: alternations."),
+        quant_bits: Optional[int] = typer.Option(None, "--quant-bits", help="lq-lora / loftq: code width of the "
+                                                                            "frozen base, 2..8 (default 4)."),
+        quant_group_size: Optional[int] = typer.Option(None, "--quant-group-size",
+                                                       help="lq-lora / loftq: quantization group size (default 64)."),
+        quant_iters: Optional[int] = typer.Option(None, "--quant-iters", help="lq-lora: alternation rounds; loftq: "
+                                                                              "alternations (default 5)."),
         quiet: bool = QuietOpt,
     ) -> None:
         """Attach low-rank adapters initialized from the spectrum / activations / gradients, train, save."""
