@@ -41,13 +41,13 @@ def register(app: typer.Typer) -> None:
         """Compress the default model (best method, 40% removed), evaluate dense vs compressed, write a report."""
         from ..files import write_json, write_text
         from ..calibration.corpus import load_corpus
-        from ..compression.compress import compress
+        from ..compression.compress import build_config, compress
         from ..compression.saving import save_compressed
-        from ..files import write_text
         from ..evaluation.perplexity import perplexity
         from ..models.loading import load_model
 
         setup(quiet)
+        build_config(None, ratio, calib_options={"windows": calib_windows})  # bad options fail before any work
         model, tok, path = load_model(None)
         test = load_corpus("test")
         dense = perplexity(model, tok, text=test, seqlen=DEFAULT_SEQLEN, windows=windows, progress=not quiet)
