@@ -320,7 +320,10 @@ def run_row(setup: Setup, row: str, windows: int, more: tuple[int, ...] = ()) ->
             tbytes = sum(hqq_bytes(layer) for layer in layers.values())
         else:
             layers, extra = rankwise_layers(setup, r)
-            tbytes = sum(layer.nbytes() for layer in layers.values())
+            if r["kind"] == "lowrank":  # float32 factors in memory: counted by the shared rule (2 bytes/value)
+                tbytes = counted_bytes(t for layer in layers.values() for t in layer.state_dict().values())
+            else:
+                tbytes = sum(layer.nbytes() for layer in layers.values())
             bits = [s.get("bits") for s in extra["specs"].values() if s.get("bits") is not None]
             extra["bits_histogram"] = {str(b): bits.count(b) for b in sorted(set(bits))}
             ranks = [s.get("rank") for s in extra["specs"].values() if s.get("rank") is not None]

@@ -329,7 +329,7 @@ def render() -> str:
                       "| vs dense | vs lowrank |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
             for t in recs:
                 lines.append(f"| {t['ratio']:.0%} | {t['row'].replace(' (random values)', '')} | "
-                             f"{t.get('values', 'fitted')} | {t['prefill_ms']:.0f} | {t['prefill_vs_dense']:.2f}x | "
+                             f"{'-' if t['row'] == 'dense' else t.get('values', 'fitted')} | {t['prefill_ms']:.0f} | {t['prefill_vs_dense']:.2f}x | "
                              f"{t.get('prefill_vs_lowrank', float('nan')):.2f}x | {t['decode_ms_per_token']:.1f} | "
                              f"{t['decode_vs_dense']:.2f}x | {t.get('decode_vs_lowrank', float('nan')):.2f}x |")
             lines.append("")
