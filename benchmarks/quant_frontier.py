@@ -456,9 +456,11 @@ def render(data: dict, png: Path | None) -> str:
             label += (" seq" if r.get("sequential") else "") + (" rtn-Q" if r.get("quantizer") == "rtn" else "")
             label += f" g{r['group_size']}" if r.get("group_size") else ""
             fam.setdefault(label, []).append(r)
-        for label, rs in sorted(fam.items()):
+        colors = plt.get_cmap("tab20").colors
+        for i, (label, rs) in enumerate(sorted(fam.items())):  # distinct colour and marker per family
             rs = sorted(rs, key=lambda r: r["model_bytes"])
-            ax.plot([r["model_bytes"] / 1e6 for r in rs], [r["ppl"] for r in rs], "o-", label=label, ms=4)
+            ax.plot([r["model_bytes"] / 1e6 for r in rs], [r["ppl"] for r in rs], "-", marker="os^Dv<>"[i % 7],
+                    color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], label=label, ms=5)
         dense = [r for r in rows if r["kind"] == "dense" and r["eval_windows"] == w]
         if dense:
             ax.axhline(dense[0]["ppl"], color="k", lw=0.8, ls="--", label="dense (16-bit)")
