@@ -320,7 +320,10 @@ def run_row(setup: Setup, row: str, windows: int, more: tuple[int, ...] = ()) ->
             tbytes = sum(hqq_bytes(layer) for layer in layers.values())
         else:
             layers, extra = rankwise_layers(setup, r)
-            tbytes = sum(layer.nbytes() for layer in layers.values())
+            if r["kind"] == "lowrank":  # float32 factors in memory: counted by the shared rule (2 bytes/value)
+                tbytes = counted_bytes(t for layer in layers.values() for t in layer.state_dict().values())
+            else:
+                tbytes = sum(layer.nbytes() for layer in layers.values())
             bits = [s.get("bits") for s in extra["specs"].values() if s.get("bits") is not None]
             extra["bits_histogram"] = {str(b): bits.count(b) for b in sorted(set(bits))}
             ranks = [s.get("rank") for s in extra["specs"].values() if s.get("rank") is not None]
@@ -421,12 +424,21 @@ def render(data: dict, png: Path | None) -> str:
         if key not in seen:
             seen.add(key)
             rows.append(r)
-    lines = ["| row | calib x eval windows | bits/weight | targeted MB | model MB | ppl |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| row | calibration | calib x eval windows | bits/weight | targeted MB | model MB | ppl | fit s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["eval_windows"], r["bits_per_weight"])):
         cal = r.get("calib_windows") or "-"
-        lines.append(f"| {r['row']} | {cal} x {r['eval_windows']} | {r['bits_per_weight']:.3f} | "
-                     f"{r['targeted_bytes'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.2f} | {r['ppl']:.2f} |")
+        if r["kind"] == "llmc-gptq":
+            mode, fit = "llm-compressor (its sequential pipeline)", f"{r['seconds']:.0f}"
+        elif not r.get("calib_windows"):
+            mode, fit = "none (data-free)", f"{r['fit_seconds']:.0f}" if "fit_seconds" in r else f"({r['seconds']:.0f} incl. eval)"
+        else:
+            mode = "sequential (engine)" if r.get("sequential") else "one-shot (dense statistics)"
+            fit = f"{r['fit_seconds']:.0f}"
+        if r["kind"] == "dense":
+            mode, fit = "-", "-"
+        lines.append(f"| {r['row']} | {mode} | {cal} x {r['eval_windows']} | {r['bits_per_weight']:.3f} | "
+                     f"{r['targeted_bytes'] / 1e6:.2f} | {r['model_bytes'] / 1e6:.2f} | {r['ppl']:.2f} | {fit} |")
     if png is not None and rows:
         import matplotlib
 
@@ -441,11 +453,14 @@ def render(data: dict, png: Path | None) -> str:
             if r["eval_windows"] != w or r["kind"] == "dense":
                 continue
             label = r["kind"] + (" rot" if r.get("rotate") else "") + (" alloc" if r.get("alloc") else "")
+            label += (" seq" if r.get("sequential") else "") + (" rtn-Q" if r.get("quantizer") == "rtn" else "")
             label += f" g{r['group_size']}" if r.get("group_size") else ""
             fam.setdefault(label, []).append(r)
-        for label, rs in sorted(fam.items()):
+        colors = plt.get_cmap("tab20").colors
+        for i, (label, rs) in enumerate(sorted(fam.items())):  # distinct colour and marker per family
             rs = sorted(rs, key=lambda r: r["model_bytes"])
-            ax.plot([r["model_bytes"] / 1e6 for r in rs], [r["ppl"] for r in rs], "o-", label=label, ms=4)
+            ax.plot([r["model_bytes"] / 1e6 for r in rs], [r["ppl"] for r in rs], "-", marker="os^Dv<>"[i % 7],
+                    color=colors[(2 * i) % 20 + (2 * i) // 20 % 2], label=label, ms=5)
         dense = [r for r in rows if r["kind"] == "dense" and r["eval_windows"] == w]
         if dense:
             ax.axhline(dense[0]["ppl"], color="k", lw=0.8, ls="--", label="dense (16-bit)")
@@ -485,7 +500,8 @@ def main(argv=None) -> None:
         for extra in sorted(out.parent.glob(out.stem + "_*.json")):  # other runs: llm-compressor (own venv), ...
             more = json.loads(extra.read_text())
             data["rows"] += more.get("rows", [])
-            data.setdefault("latency", more.get("latency"))
+            if more.get("latency") and not data.get("latency"):
+                data["latency"] = more["latency"]
         print(render(data, out.with_suffix(".png")))
         if data.get("latency"):
             print("\n| structure | prefill 512 tok (s) | vs dense | decode (s/token) | vs dense |\n|---|---:|---:|---:|---:|")

@@ -11,6 +11,10 @@ calibration windows, then:
 * whole-model CPU latency (``latency`` sub-command, separately, on the saved models): prefill of 512
   tokens with ``logits_to_keep=1`` and batch-1 decode per token with the KV cache, 1 thread, the
   models of one ratio measured in interleaved rounds (dense, lowrank, each structure, repeat), medians.
+  ``--random-rows`` adds structures that have no fitted model: every targeted layer planned by the
+  structure's method at the ratio (default options) and filled with random values, as
+  ``structure_latency.py`` builds them (latency depends on shapes, ranks, blocks and sparsity
+  patterns, not on the values); those records carry ``"values": "random"``.
 
 Protocols: ``full`` = 64 x 512 calibration windows of the calib split (seed 3), perplexity on 64 x 512
 test windows (the default protocol); ``reduced`` = 16 x 512 calibration windows and perplexity on the first
@@ -23,6 +27,7 @@ there is skipped). A budget a structure cannot reach is recorded as an infeasibl
     python benchmarks/structures.py run --protocol full --rows lowrank,lowrank-sparse,lowrank-sparse-2:4 --ratios 0.4,0.6
     python benchmarks/structures.py run --protocol reduced --ratios 0.2,0.4,0.6
     python benchmarks/structures.py latency --protocol full --ratio 0.4
+    python benchmarks/structures.py latency --protocol reduced --ratio 0.4 --random-rows monarch,blockdiag-lowrank
     python benchmarks/structures.py render
 """
 from __future__ import annotations
@@ -204,6 +209,24 @@ def decode_once(model, prompt: torch.Tensor, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
+def random_model(row: str, ratio: float):
+    """The dense model with every targeted linear replaced by ``row``'s structure at ``ratio``, planned
+    by its method (default options) and filled with random values (:func:`structure_latency.build`)."""
+    import rankwise
+    from rankwise.models.surgery import find_linears, linear_shape, set_module
+    from structure_latency import build
+
+    structure, options = ROWS[row]
+    if options or structure == "shared-basis":
+        sys.exit(f"--random-rows takes structures with default per-layer options, not {row!r}")
+    model = rankwise.load()[0]
+    gen = torch.Generator().manual_seed(0)
+    for name, mod in find_linears(model).items():
+        layer, _ = build(structure, linear_shape(mod), ratio, gen)  # with a bias vector: one add, negligible
+        set_module(model, name, layer)
+    return model.eval()
+
+
 def cmd_latency(args) -> None:
     import rankwise
 
@@ -214,6 +237,11 @@ def cmd_latency(args) -> None:
     models = {"dense": rankwise.load()[0]}
     for r in sorted(done, key=lambda r: list(ROWS).index(r["row"])):
         models[r["row"]] = rankwise.load(r["model_dir"])[0]
+    random_rows = [r for r in args.random_rows.split(",") if r]
+    for row in random_rows:
+        if row not in ROWS:
+            sys.exit(f"unknown row {row!r}; valid: {', '.join(ROWS)}")
+        models[row + " (random values)"] = random_model(row, args.ratio)
     g = torch.Generator().manual_seed(0)
     vocab = models["dense"].config.vocab_size
     ids = torch.randint(0, vocab, (1, args.prefill), generator=g)
@@ -232,7 +260,8 @@ def cmd_latency(args) -> None:
     med = {k: (statistics.median(pre[k]), statistics.median(dec[k])) for k in models}
     out = []
     for k, (p, d) in med.items():
-        rec = {"row": k, "protocol": args.protocol, "ratio": args.ratio, "prefill_ms": 1e3 * p,
+        rec = {"row": k, "protocol": args.protocol, "ratio": args.ratio,
+               "values": "random" if k.endswith(" (random values)") else "fitted", "prefill_ms": 1e3 * p,
                "decode_ms_per_token": 1e3 * d, "prefill_vs_dense": p / med["dense"][0],
                "decode_vs_dense": d / med["dense"][1],
                "prefill_spread_ms": [1e3 * min(pre[k]), 1e3 * max(pre[k])],
@@ -292,6 +321,18 @@ def render() -> str:
                 lines.append(f"| {ratio:.0%} | {name} | {r['ppl']:.2f} | {rel} | {r['bytes'] / 1e6:.1f} | "
                              f"{r['compress_seconds']:.0f} | {pre} | {dec} |")
         lines.append("")
+        recs = [r for r in data["latency"] if r["protocol"] == protocol]
+        if recs:
+            lines += [f"Whole-model CPU latency, {protocol} protocol (`values`: fitted = the saved compressed model, "
+                      "random = the structure's planned layers filled with random values)", "",
+                      "| removed | model | values | prefill 512 tok ms | vs dense | vs lowrank | decode ms/token "
+                      "| vs dense | vs lowrank |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+            for t in recs:
+                lines.append(f"| {t['ratio']:.0%} | {t['row'].replace(' (random values)', '')} | "
+                             f"{'-' if t['row'] == 'dense' else t.get('values', 'fitted')} | {t['prefill_ms']:.0f} | {t['prefill_vs_dense']:.2f}x | "
+                             f"{t.get('prefill_vs_lowrank', float('nan')):.2f}x | {t['decode_ms_per_token']:.1f} | "
+                             f"{t['decode_vs_dense']:.2f}x | {t.get('decode_vs_lowrank', float('nan')):.2f}x |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -307,6 +348,7 @@ def main() -> None:
     lt.add_argument("--ratio", type=float, default=0.4)
     lt.add_argument("--protocol", choices=list(PROTOCOLS), default="full")
     lt.add_argument("--rows", default="", help="restrict to these rows (dense always included)")
+    lt.add_argument("--random-rows", default="", help="structures timed with random values (no fitted model)")
     lt.add_argument("--rounds", type=int, default=5)
     lt.add_argument("--prefill", type=int, default=512)
     lt.add_argument("--decode-steps", type=int, default=32)
