@@ -72,7 +72,8 @@ def run_row(name: str, ratio: float, text_dir: Path, extra: list[str]) -> dict:
             "achieved_ratio": rep["achieved_ratio"], "granularity": rep["granularity"], "refit": rep["refit"],
             "allocate": rep["allocate"], "method": rep["method"], "healing": meta.get("healing"),
             "ridges": sorted({str(lr["ridge"]) for lr in rep["layers"]}),
-            "when": time.strftime("%Y-%m-%d %H:%M")}
+            "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+            "load_avg_1min_at_end": os.getloadavg()[0], "when": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def done() -> list[dict]:

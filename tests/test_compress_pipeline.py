@@ -68,15 +68,17 @@ def test_dataflow_groups(arch, want, random_ids):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3", "bert"])
-@pytest.mark.parametrize("engine", [dict(mode="one-shot"), dict(), dict(granularity="subgroup"),
-                                    dict(refit=True), dict(granularity="subgroup", refit=True)])
+@pytest.mark.parametrize("engine", [dict(mode="one-shot"), dict(), dict(granularity="block", refit=False),
+                                    dict(granularity="subgroup", refit=False), dict(granularity="block", refit=True)])
 def test_every_mode_replaces_layers_at_uniform_ranks(arch, engine, random_ids):
     model = tiny_model(arch)
     shapes = {n: linear_shape(m) for n, m in find_linears(model).items()}
     x = random_ids[:64].view(2, 32)
     dense_logits = model(input_ids=x).logits
     model, rep = lowrank(model, calib=random_ids, **engine)
-    assert rep.mode == engine.get("mode", "sequential") and rep.refit == engine.get("refit", False)
+    seq = engine.get("mode", "sequential") == "sequential"
+    assert rep.mode == engine.get("mode", "sequential") and rep.refit == engine.get("refit", seq)
+    assert rep.granularity == engine.get("granularity", "subgroup" if seq else "block")
     for name, (m, n) in shapes.items():
         mod = model.get_submodule(name)
         assert isinstance(mod, LowRankLinear) and mod.rank == uniform_rank(m, n, 0.4)
@@ -263,3 +265,24 @@ def test_bad_inputs(random_ids, tiny_tok):
         compress(tiny_model("llama"), "lowrank", bits_per_weight=3, calib=random_ids, **CAL)
     with pytest.raises(ConfigError, match="unknown option"):
         compress(tiny_model("llama"), "lowrank", 0.4, options=dict(rank=3), calib=random_ids, **CAL)
+
+
+def test_engine_defaults_are_the_measured_best_per_method():
+    """Unset granularity / refit resolve to the method's measured best in sequential mode (sub-groups +
+    refit for the whitened low-rank objectives), to block / no refit otherwise; explicit values win."""
+    from rankwise.compression.compress import build_config
+
+    def eng(*a, **kw):
+        e = build_config(*a, **kw)[0].engine
+        return e.granularity, e.refit
+
+    assert eng(None, 0.4) == ("subgroup", True)
+    assert eng(None, 0.4, method="svd-llm-v2") == ("subgroup", True)
+    assert eng(None, 0.4, method="svd") == ("block", False)
+    assert eng(None, 0.4, method="asvd") == ("block", False)
+    assert eng(None, 0.4, engine={"mode": "one-shot"}) == ("block", False)
+    assert eng(None, 0.4, engine={"refit": False}) == ("subgroup", False)
+    assert eng(None, 0.4, engine={"granularity": "block"}) == ("block", True)
+    assert eng("rtn", None, 3.0, options={"bits": 3}) == ("block", False)
+    with pytest.raises(ConfigError, match="one-shot"):
+        build_config(None, 0.4, engine={"mode": "one-shot", "refit": True})

@@ -17,7 +17,8 @@ from rankwise.models.tiny import save_tiny
 
 CAL = dict(calib_options=dict(windows=8, seqlen=48), progress=False)
 OPTIONS = [
-    dict(engine=dict()),
+    dict(engine=dict()),                                        # the default: sub-groups + refit
+    dict(engine=dict(granularity="block", refit=False)),
     dict(engine=dict(granularity="subgroup")),
     dict(engine=dict(mode="one-shot")),
     dict(engine=dict(refit=True)),                              # ridge chosen on held-out windows

@@ -178,7 +178,7 @@ def build_config(structure: str | None = None, ratio: float | None = None, bits_
     check_allocator(allocate, structure, meth)
     cfg = CompressConfig(structure, dataclasses.asdict(meth.options), ratio, bits_per_weight, targets, allocate,
                          make_options(AllocateOptions, allocate_options, {}, "allocator"),
-                         make_options(EngineOptions, engine, {}, "engine").validate(),
+                         make_options(EngineOptions, engine, {}, "engine").resolved(meth.engine_defaults()).validate(),
                          make_options(CalibOptions, calib_options, {}, "calibration").validate())
     if cfg.allocate_options.min_rank < 1 or not isinstance(cfg.allocate_options.min_rank, int):
         raise ConfigError(f"--min-rank must be an integer >= 1, got {cfg.allocate_options.min_rank!r}")

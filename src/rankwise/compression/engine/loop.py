@@ -25,6 +25,7 @@ of each group are fitted by one rank each and broadcast (:mod:`.distributed`).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -59,12 +60,22 @@ class EngineOptions:
     """How the engine walks the model (serialized into ``rankwise.json``)."""
 
     mode: str = "sequential"          # "sequential" | "one-shot"
-    granularity: str = "block"        # "block" | "subgroup" (true-sequential sub-groups)
-    refit: bool = False               # fit the dense model's outputs from the compressed inputs
+    granularity: str | None = None    # "block" | "subgroup" (true-sequential sub-groups); None: the method's default
+    refit: bool | None = None         # fit the dense model's outputs from the compressed inputs; None: the method's
     refit_ridge: float | None = None  # relative ridge toward W; None = chosen on held-out windows
     holdout: int = 8                  # calibration windows held out to choose the ridge
     batch_size: int = 4
     device: str = "cpu"
+
+    def resolved(self, defaults: Mapping[str, object]) -> "EngineOptions":
+        """A copy with ``granularity`` / ``refit`` left as None filled in: from ``defaults`` (the method's
+        measured best, :meth:`~rankwise.compression.methods.base.Method.engine_defaults`) in sequential
+        mode, else ``block`` / no refit (what one-shot calibration can do)."""
+        seq = self.mode == "sequential"
+        gran = self.granularity if self.granularity is not None else (
+            defaults.get("granularity", "block") if seq else "block")
+        refit = self.refit if self.refit is not None else (bool(defaults.get("refit", False)) if seq else False)
+        return dataclasses.replace(self, granularity=gran, refit=refit)
 
     def validate(self) -> "EngineOptions":
         if self.mode not in MODES:

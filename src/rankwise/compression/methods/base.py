@@ -93,6 +93,12 @@ class Method:
         """Statistics the fit reads: a subset of {COV, ABS_MEAN, FISHER}."""
         return set()
 
+    def engine_defaults(self) -> dict[str, Any]:
+        """The engine's ``granularity`` / ``refit`` in sequential mode when the user gives none: the
+        setting measured best for this method (BENCHMARKS.md); block granularity without refit unless
+        a method overrides this."""
+        return {}
+
     def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any] | None:
         """The spec of an (out, in) layer within ``target`` (values or bytes); ``None`` = keep dense."""
         raise NotImplementedError
