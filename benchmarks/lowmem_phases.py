@@ -3,6 +3,7 @@
 (``/proc/self/clear_refs``, Linux) before each step and read after it.
 
     python benchmarks/lowmem_phases.py [--model smollm2-135m-instruct] [--blocks 3] [--without hqq]
+    python benchmarks/lowmem_phases.py --model gemma3-270m --blocks 100 --targets '\.0\.(self_attn|mlp)\.'
 
 ``--blocks N`` stops after the N-th block (every block of a model has the same shapes, so the first
 few show the steady state); ``--without MOD`` makes ``import MOD`` fail, to measure what an optional
@@ -40,6 +41,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--without", action="append", default=[])
+    ap.add_argument("--targets", default=None, help="regex of the layers to compress (e.g. one block's, so "
+                    "that the run reaches the final write quickly: later blocks are copied)")
     args = ap.parse_args(argv)
     for name in args.without:
         sys.modules[name] = None  # import fails: transformers treats the package as not installed
@@ -90,7 +93,8 @@ def main(argv=None) -> dict:
     reset()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            C.compress_low_memory(args.model, tmp + "/o", "lowrank", 0.4, progress=False)
+            C.compress_low_memory(args.model, tmp + "/o", "lowrank", 0.4, targets=args.targets, progress=False)
+        peak["after the last step (side files: tokenizer, rank report)"] = status()[1]
     except Done:
         pass
     res = {"model": args.model, "blocks": args.blocks, "without": args.without,
