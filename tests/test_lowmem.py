@@ -103,3 +103,38 @@ def test_stream_merge_matches_safetensors(tmp_path):
         assert torch.equal(got[k], v) and got[k].dtype == v.dtype
     raw = (tmp_path / "m.st").read_bytes()
     assert struct.unpack("<Q", raw[:8])[0] % 8 == 0
+
+
+def test_skeleton_never_moves_to_the_compute_device(tmp_path, windows, tiny_dir, monkeypatch):
+    """With a compute device other than the weights' home, only one decoder block at a time is moved
+    there: ``.to(device)`` is never called on the meta skeleton (or anything outside the blocks), and
+    when a block is loaded every other block and the embeddings are still on ``meta``."""
+    import rankwise.compression.compress as compress_mod
+    from rankwise.compression.engine.source import StreamedSource
+
+    other = torch.device("cpu", 0)  # compares unequal to the home device "cpu": the moves happen
+    monkeypatch.setattr(compress_mod, "run_device", lambda cfg, dtype, comm: other)
+    moved, loads = [], []
+    real_to, real_load = torch.nn.Module.to, StreamedSource.load
+
+    def to(self, *args, **kwargs):
+        dev = kwargs.get("device", args[0] if args else None)
+        if dev is not None and not isinstance(dev, torch.dtype) and torch.device(dev) == other:
+            moved.append(self)
+        return real_to(self, *args, **kwargs)
+
+    def load(self, i):
+        block = real_load(self, i)
+        resident = [j for j, b in enumerate(self.blocks) if any(not p.is_meta for p in b.parameters())]
+        assert resident == [i]
+        assert self.model.get_input_embeddings().weight.is_meta
+        loads.append((self.blocks, i))
+        return block
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(StreamedSource, "load", load)
+    compress_low_memory(tiny_dir, tmp_path / "o", "lowrank", 0.4, calib=windows, **CAL)
+    blocks = loads[0][0]
+    assert [i for _, i in loads] == list(range(len(blocks)))
+    assert moved and all(any(m is b for b in blocks) for m in moved), \
+        f"moved to the device: {sorted({type(m).__name__ for m in moved})}"

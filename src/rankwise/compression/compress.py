@@ -508,11 +508,10 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         shapes = index_shapes(index)
         ident = {"tensors": sum(1 for _ in shapes), "params": sum(int(torch.Size(v).numel()) for v in shapes.values()),
                  "dtype": str(want)}
-        return cfg, meth, path, index, want, device, config, model, windows, source_name, modules, ident
+        return cfg, meth, path, index, want, device, config, model, windows, source_name, modules, ident, tok
 
     (cfg, meth, path, index, dtype, device, config, model, windows, source_name, modules,
-     ident) = comm.agreed(preflight)
-    trim()  # the tokenizer and the calibration text are gone
+     ident, tok) = comm.agreed(preflight)
     comm.check_same(_agreement(cfg, ident, windows))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -526,6 +525,9 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         if tmp is not None:
             shard_dir = tmp / ".blocks"
             shard_dir.mkdir()
+            write_side_files(tmp, config, tok, None)  # now: reloading the tokenizer at the end would be the peak
+        del tok
+        trim()  # the tokenizer and the calibration text are gone
         source = StreamedSource(model, index, dtype, shard_dir, device, path)
         model_before = source.parameter_count()
         logging.getLogger("rankwise").addFilter(filt)
@@ -553,7 +555,6 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
             aliases.update(source.aliases)  # tensors shared across blocks (a shared basis), written once
             meta = manifest(described, aliases, dtype,
                             {**_meta_extra(report), "source_model": str(path), **(extra or {})})
-            write_side_files(tmp, config, load_tokenizer(path), None)
             if (path / "generation_config.json").is_file():
                 from transformers import GenerationConfig
 
