@@ -84,14 +84,17 @@ def done() -> list[dict]:
 
 def render() -> str:
     rows = done()
-    lines = ["| ratio | row | perplexity | vs best official | compress s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    lines = ["| ratio | row | perplexity | vs best official | compress s | peak RSS MB | threads, how run |",
+             "|---|---|---|---|---|---|---|"]
     for ratio in sorted(OFFICIAL):
         best = min(p for p, _, _ in OFFICIAL[ratio].values())
         for name, (p, s, rss) in OFFICIAL[ratio].items():
-            lines.append(f"| {ratio:.0%} | official SVD-LLM {name} | {p:.2f} | {p / best:.2f}x | {s} | {rss} |")
+            lines.append(f"| {ratio:.0%} | official SVD-LLM {name} | {p:.2f} | {p / best:.2f}x | {s} | {rss} | "
+                         "2, reference.md |")
         for r in [r for r in rows if r["ratio"] == ratio]:
+            how = f"{r.get('threads', 'default')}, {r.get('via', 'CLI')}"
             lines.append(f"| {ratio:.0%} | rankwise {r['row']} | {r['ppl']:.2f} | {r['ppl'] / best:.2f}x | "
-                         f"{r['compress_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+                         f"{r['compress_s']:.0f} | {r['peak_rss_mb']:.0f} | {how} |")
     return "\n".join(lines) + "\n"
 
 
