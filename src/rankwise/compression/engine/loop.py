@@ -186,8 +186,8 @@ class Engine:
         if self.opts.refit_ridge is not None:
             return nb
         if nb < 2:
-            raise ConfigError("choosing the refit ridge needs at least two calibration batches: raise "
-                              "--calib-windows or pass --refit-ridge")
+            raise ConfigError("choosing the refit ridge needs at least two calibration windows (one is held out): "
+                              "raise --calib-windows, pass --refit-ridge, or --no-refit")
         return nb - max(1, min(nb - 1, math.ceil(self.opts.holdout / self.opts.batch_size)))
 
     def _collect(self, names, chain, acts, dense) -> tuple[dict[str, LayerStats], dict[str, LayerStats]]:
@@ -336,6 +336,10 @@ class Engine:
 
     @torch.no_grad()
     def run(self, windows: torch.Tensor) -> None:
+        n = int(windows.shape[0])
+        if self.opts.refit and self.opts.refit_ridge is None and 2 <= n <= self.opts.batch_size:
+            # the ridge is chosen on held-out batches: split a short calibration set into two batches
+            self.opts = dataclasses.replace(self.opts, batch_size=-(-n // 2))
         src, opts = self.source, self.opts
         prefix = src.prefix
         by_block: dict[int, list[str]] = {}
