@@ -24,8 +24,10 @@ REFERENCE = {"dense": 26.477537, "compressed": 816.131}
 def test_real_model_compresses_to_sane_perplexity(real_test_ids, real_calib_ids):
     model, tok, _ = load_model("smollm2-135m-instruct")  # a private copy: the session fixture stays dense
     dense = perplexity(model, ids=real_test_ids, seqlen=256, windows=4).ppl
+    # block granularity without refit (the stored reference's settings; the default sub-groups + refit is
+    # ~2.4x slower and is measured on the full protocol in BENCHMARKS.md, issue 11)
     model, rep = compress(model, ratio=0.2, calib=real_calib_ids, calib_options=dict(windows=4, seqlen=128),
-                          progress=False)
+                          engine=dict(granularity="block", refit=False), progress=False)
     assert len(rep.layers) == 30 * 7 and all(lr.rank for lr in rep.layers)
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 210
     assert 0.2 <= rep.achieved_ratio < 0.21
