@@ -107,7 +107,7 @@ def test_one_shot_equals_manual_factorization(tiny_llama, random_ids):
 
 def test_sequential_block0_matches_one_shot_and_later_blocks_differ(random_ids):
     one, _ = lowrank(tiny_model("llama"), calib=random_ids, mode="one-shot")
-    seq, _ = lowrank(tiny_model("llama"), calib=random_ids)
+    seq, _ = lowrank(tiny_model("llama"), calib=random_ids, granularity="block", refit=False)
     a = one.get_submodule("model.layers.0.mlp.down_proj").dense()
     b = seq.get_submodule("model.layers.0.mlp.down_proj").dense()
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
@@ -119,8 +119,8 @@ def test_sequential_block0_matches_one_shot_and_later_blocks_differ(random_ids):
 def test_subgroups_calibrate_on_the_compressed_earlier_groups(random_ids):
     """Sub-groups: q/k/v of block 0 see the same inputs as block granularity (nothing compressed before
     them); o_proj then sees the compressed q/k/v's attention output, so it differs."""
-    blk, _ = lowrank(tiny_model("llama"), calib=random_ids)
-    sub, _ = lowrank(tiny_model("llama"), calib=random_ids, granularity="subgroup")
+    blk, _ = lowrank(tiny_model("llama"), calib=random_ids, granularity="block", refit=False)
+    sub, _ = lowrank(tiny_model("llama"), calib=random_ids, granularity="subgroup", refit=False)
     q, o = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj"
     torch.testing.assert_close(blk.get_submodule(q).dense(), sub.get_submodule(q).dense(), rtol=0, atol=0)
     assert (blk.get_submodule(o).dense() - sub.get_submodule(o).dense()).abs().max() > 1e-4
@@ -149,7 +149,7 @@ def test_refit_lowers_the_sequential_objective(name, random_ids):
     W = linear_weight(dense.get_submodule(name)).detach().double()
     win = calib_windows(random_ids, 6, 48, 3)
     X = _inputs(dense, name, win)
-    plain, _ = lowrank(tiny_model("llama"), calib=random_ids, granularity="subgroup")
+    plain, _ = lowrank(tiny_model("llama"), calib=random_ids, granularity="subgroup", refit=False)
     refit, rep = lowrank(tiny_model("llama"), calib=random_ids, granularity="subgroup", refit=True, refit_ridge=1e-9)
     assert {lr.ridge for lr in rep.layers} == {1e-9}
 

@@ -85,8 +85,12 @@ def _twins(arch: str = "llama"):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_matches_its_float32_twin(windows, dtype, one_thread):
     ref = _twins()
-    m32, r32 = compress(copy.deepcopy(ref), "lowrank", 0.4, calib=windows, **CAL)
-    mh, rh = compress(copy.deepcopy(ref).to(dtype), "lowrank", 0.4, calib=windows, **CAL)
+    # block granularity without refit (the settings the tolerance was stated for): the refit's held-out
+    # ridge is a discrete choice that rounding may flip, and sub-groups calibrate o/down on inputs that
+    # already carry the bf16 error of q/k/v/gate/up; the precision policy is what this compares
+    eng = dict(granularity="block", refit=False)
+    m32, r32 = compress(copy.deepcopy(ref), "lowrank", 0.4, calib=windows, engine=eng, **CAL)
+    mh, rh = compress(copy.deepcopy(ref).to(dtype), "lowrank", 0.4, calib=windows, engine=eng, **CAL)
     assert rh.ranks == r32.ranks
     layers = structured_layers(mh)
     assert all(t.dtype == dtype for t in mh.state_dict().values() if t.is_floating_point())
