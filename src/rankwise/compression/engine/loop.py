@@ -296,7 +296,7 @@ class Engine:
                 best, best_val = lam, val
         return best
 
-    def _fit_group(self, names, stats, split) -> None:
+    def _fit_group(self, names, stats, split, refit: bool = True) -> None:
         if split:
             lam = self.choose_ridge(names, split)
             for n in names:
@@ -305,7 +305,7 @@ class Engine:
                     stats[n].cross, stats[n].ridge = None, None
                 else:
                     stats[n].ridge = lam
-        elif self.opts.refit:
+        elif self.opts.refit and refit:
             for n in names:
                 self.ridges[n] = float(self.opts.refit_ridge)
         if self.dry:  # spectra for the allocator: every rank factorizes every layer
@@ -355,7 +355,8 @@ class Engine:
             self._blocks(windows, by_block)
         if rest:  # targeted layers outside the decoder blocks: one pass on the partly compressed model
             st = self.comm.agreed(collect_input_stats, src.model, windows, rest, opts.batch_size, cov=self.need_cov)
-            self._fit_group(rest, {n: LayerStats(st[n], self.fisher.get(n)) for n in rest}, {})
+            # fitted to W (no refit: the pass has no dense twin of the compressed prefix to pair with)
+            self._fit_group(rest, {n: LayerStats(st[n], self.fisher.get(n)) for n in rest}, {}, refit=False)
         self._bar.close()
 
     def _check_weights(self, names) -> None:
