@@ -121,7 +121,7 @@ class LowRank(Method):
     def engine_defaults(self) -> dict[str, Any]:
         """The whitened objectives default to true-sequential sub-groups with the held-out-ridge refit:
         on SmolLM2 at 40 % removed (reference text, full protocol) perplexity 160.6 against 322.1 for
-        block granularity without refit (BENCHMARKS.md, "SVD-LLM reference"). The data-free and
+        block granularity without refit (BENCHMARKS.md, "compress quality against the official SVD-LLM"). The data-free and
         diagonal objectives keep block granularity without refit (not measured with it)."""
         if self.options.method in ("svd-llm", "svd-llm-v2"):
             return {"granularity": "subgroup", "refit": True}
