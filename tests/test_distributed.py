@@ -32,9 +32,9 @@ CAL = dict(calib_options=dict(windows=12, seqlen=40), progress=False)
 JOBS = {
     # low memory, sequential refit with the ridge chosen on held-out windows (batch 2: rank 0 only)
     "low-refit": dict(low=True, engine=dict(refit=True, granularity="subgroup")),
-    # in memory, plain svd-llm
-    "mem": dict(low=False, engine=dict()),
-    "low-plain": dict(low=True, engine=dict()),
+    # in memory, plain svd-llm (block granularity, no refit; the default sub-groups + refit is "low-refit")
+    "mem": dict(low=False, engine=dict(granularity="block", refit=False)),
+    "low-plain": dict(low=True, engine=dict(granularity="block", refit=False)),
     # every rank raises the same error
     "disagree": dict(low=True, engine=dict(), ratio_by_rank=[0.4, 0.5]),
     "exists": dict(low=True, engine=dict(), out_exists=True),

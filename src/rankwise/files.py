@@ -28,6 +28,15 @@ def check_new_output(dest: str | os.PathLike | None, overwrite: bool = False, fl
         raise OutputExistsError(f"output {dest} already exists; choose another {flag} or pass --overwrite")
 
 
+_cleanups = 0  # atomic_dir cleanups running in this process (see cleanup_running)
+
+
+def cleanup_running() -> bool:
+    """Whether a failed :func:`atomic_dir` write is being removed right now: a signal handler that would
+    raise (to get the output removed) must not, since raising would cut the removal short."""
+    return _cleanups > 0
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp dir next to ``dest``; on success it replaces ``dest`` atomically.
@@ -42,7 +51,12 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        global _cleanups
+        _cleanups += 1
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            _cleanups -= 1
         raise
     old = None
     if dest.exists():

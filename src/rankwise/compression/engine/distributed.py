@@ -33,6 +33,7 @@ from torch import nn
 
 from ... import errors
 from ...errors import ConfigError, RankwiseError
+from ...files import cleanup_running
 from ...structures.base import StructuredLinear, build_layer
 
 T = TypeVar("T")
@@ -309,6 +310,8 @@ def sigterm_as_exit() -> Iterator[None]:
 
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: let the cleanup finish
+        if cleanup_running():  # already unwinding an error and removing the output: let it finish
+            return
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
