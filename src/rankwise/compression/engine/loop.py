@@ -354,6 +354,7 @@ class Engine:
         if by_block:
             self._blocks(windows, by_block)
         if rest:  # targeted layers outside the decoder blocks: one pass on the partly compressed model
+            self._check_weights(rest)
             st = self.comm.agreed(collect_input_stats, src.model, windows, rest, opts.batch_size, cov=self.need_cov)
             # fitted to W (no refit: the pass has no dense twin of the compressed prefix to pair with)
             self._fit_group(rest, {n: LayerStats(st[n], self.fisher.get(n)) for n in rest}, {}, refit=False)
@@ -361,7 +362,7 @@ class Engine:
 
     def _check_weights(self, names) -> None:
         """Non-finite weights are named before calibration (else the first symptom is the non-finite
-        activations of a later layer in the block)."""
+        activations of a later layer in the block); the one check of every targeted weight."""
         for n in names:
             if not bool(torch.isfinite(linear_weight(self.source.model.get_submodule(n))).all()):
                 raise NumericalError(f"layer {n} has non-finite weights (nan/inf); fix or reload the model")
