@@ -226,11 +226,10 @@ def measure_layer(method: Method, needs: str, W: torch.Tensor, stats, options: A
     its spectrum (``"spectra"``: the factorization with the singular vectors dropped, the final pass
     refactorizes), its whole factorization (``"factors"``) or its candidate settings with bytes and
     whitened errors (``"costs"``)."""
-    if needs == "factors":
-        return method.factorize(W, stats)
-    if needs == "spectra":
+    if needs in ("spectra", "factors"):
         fac = method.factorize(W, stats)
-        fac.U, fac.Vh = fac.U[:, :0], fac.Vh[:0]
+        if needs == "spectra":
+            fac.U, fac.Vh = fac.U[:, :0], fac.Vh[:0]
         return fac
     if needs == "costs":
         return method.candidates(W, stats, (options or AllocateOptions()).bits)
