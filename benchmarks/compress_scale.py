@@ -2,7 +2,7 @@
 
 Synthetic Llama-shaped models (random weights: time and memory do not depend on the values) of
 growing width and depth are written to a temp dir and compressed with ``compress_low_memory``
-(svd-llm, uniform, 40 % removed, sequential, one BLAS thread) in a fresh subprocess each, which
+(svd-llm, uniform, 40 % removed, sequential, block granularity, no refit, one BLAS thread) in a fresh subprocess each, which
 reports its peak RSS and the CPU seconds of each step (``time.thread_time`` of the one compute
 thread: the machine's load does not inflate it). Steps are exclusive (a step nested in another is
 not counted twice):
@@ -83,8 +83,10 @@ from rankwise.compression.compress import compress_low_memory
 g = torch.Generator().manual_seed(0)
 windows = torch.randint(0, vocab, (n, L), generator=g)
 t0, c0 = time.perf_counter(), time.thread_time()
+# the plain engine (block granularity, no refit) the stored results were measured with; the refit
+# default's memory is in memory_model(refit=True) and benchmarks/lowmem_phases.py
 rep = compress_low_memory(src, out, "lowrank", 0.4, calib=windows, calib_options=dict(windows=n, seqlen=L),
-                          progress=False)
+                          progress=False, granularity="block", refit=False)
 total = time.thread_time() - c0
 steps = dict(TOT)
 steps["other"] = total - sum(steps.values())
@@ -126,15 +128,28 @@ def counts(shape: dict, tokens: int, elem: int = 4) -> dict:
             "block_params": block, "params": block * L + 2 * shape["vocab_size"] * h}
 
 
-def memory_model(shape: dict, tokens: int, batch_tokens: int, base_mb: float, elem: int = 4) -> dict:
-    """Predicted peak RSS (MB) of --low-memory, see BENCHMARKS.md: base + max(capture, block phase)."""
+def memory_model(shape: dict, tokens: int, batch_tokens: int, base_mb: float, elem: int = 4,
+                 refit: bool = False) -> dict:
+    """Predicted peak RSS (MB) of --low-memory, see BENCHMARKS.md: base + max(capture, block phase).
+
+    ``refit=False``: block granularity, no refit (one activation cache; the block's shared input sums).
+    ``refit=True`` (the svd-llm default: sub-groups + held-out-ridge refit): the dense model's
+    activations and a dense copy of the block besides the compressed ones, and per sub-group, per
+    layer, ``C'`` and ``M = X X'^T`` on the fit and on the held-out windows; the peak is the largest
+    sub-group's (``down_proj``: ``4 f^2`` float64 at SmolLM2's and Llama's shapes)."""
     h, f = shape["hidden_size"], shape["intermediate_size"]
     hd = shape.get("head_dim") or h // shape["num_attention_heads"]
+    q = shape["num_attention_heads"] * hd
     c = counts(shape, tokens, elem)
     mb = 1 / 2 ** 20
-    acts = tokens * h * elem * mb
-    weights = c["block_params"] * elem * mb
-    stats = sum(8 * (n * n + 2 * n) for n in (h, shape["num_attention_heads"] * hd, h, f)) * mb
+    copies = 2 if refit else 1
+    acts = copies * tokens * h * elem * mb
+    weights = copies * c["block_params"] * elem * mb
+    if refit:  # sub-groups [q k v] [o] [gate up] [down], each layer its own (C', M) x (fit, held)
+        per_layer = lambda n: 2 * 8 * (2 * n * n + 2 * n)  # noqa: E731  (fit, held) x (C', M, |x|, x^2)
+        stats = max(3 * per_layer(h), per_layer(q), 2 * per_layer(h), per_layer(f)) * mb
+    else:
+        stats = sum(8 * (n * n + 2 * n) for n in (h, q, h, f)) * mb
     forward = batch_tokens * (3 * f + 4 * h) * elem * mb + 8 * 2 ** 20 * mb   # MLP/attention temporaries + f64 chunk
     fit = 8 * (2 * f * f + 2 * h * f) * mb                                    # C copy, S, W S, U/Vh of the widest layer
     block = weights + stats + acts + max(forward, fit)

@@ -1,8 +1,9 @@
 """Where the peak RSS of ``--low-memory`` goes: the peak of each step of ``compress_low_memory``
-(svd-llm, uniform, 40 % removed, default calibration), in process, with the peak-RSS counter reset
-(``/proc/self/clear_refs``, Linux) before each step and read after it.
+(svd-llm, uniform, 40 % removed, default calibration; svd-llm's default engine, or ``--engine plain``),
+in process, with the peak-RSS counter reset (``/proc/self/clear_refs``, Linux) before each step and
+read after it.
 
-    python benchmarks/lowmem_phases.py [--model smollm2-135m-instruct] [--blocks 3] [--without hqq]
+    python benchmarks/lowmem_phases.py [--model smollm2-135m-instruct] [--blocks 3] [--without hqq] [--engine plain]
     python benchmarks/lowmem_phases.py --model gemma3-270m --blocks 100 --targets '\.0\.(self_attn|mlp)\.'
 
 ``--blocks N`` stops after the N-th block (every block of a model has the same shapes, so the first
@@ -40,6 +41,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--engine", choices=("default", "plain"), default="default",
+                    help="default: svd-llm's own (sub-groups + held-out-ridge refit); plain: block granularity, no refit")
     ap.add_argument("--without", action="append", default=[])
     ap.add_argument("--targets", default=None, help="regex of the layers to compress (e.g. one block's, so "
                     "that the run reaches the final write quickly: later blocks are copied)")
@@ -93,11 +96,13 @@ def main(argv=None) -> dict:
     reset()
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            C.compress_low_memory(args.model, tmp + "/o", "lowrank", 0.4, targets=args.targets, progress=False)
+            engine = {"granularity": "block", "refit": False} if args.engine == "plain" else {}
+            C.compress_low_memory(args.model, tmp + "/o", "lowrank", 0.4, targets=args.targets, progress=False,
+                                  engine=engine)
         peak["after the last step (side files: tokenizer, rank report)"] = status()[1]
     except Done:
         pass
-    res = {"model": args.model, "blocks": args.blocks, "without": args.without,
+    res = {"model": args.model, "blocks": args.blocks, "without": args.without, "engine": args.engine,
            "seconds": time.perf_counter() - t0, "phase_peak_mb": {k: round(v) for k, v in peak.items()},
            "log (phase, rss before, peak, rss after)": log}
     print(json.dumps(res, indent=1))

@@ -56,7 +56,7 @@ MODELS = Path(os.environ.get("RANKWISE_BENCH_MODELS", "/tmp/rankwise-structures-
 
 #: Row name -> (structure, options).
 ROWS = {
-    "lowrank": ("lowrank", {}),
+    "lowrank": ("lowrank", {}),  # run with PLAIN_ENGINE (see ENGINE)
     "lowrank-sparse": ("lowrank-sparse", {}),
     "lowrank-sparse-2:4": ("lowrank-sparse", {"pattern": "2:4"}),
     "prune": ("prune", {}),
@@ -66,6 +66,10 @@ ROWS = {
     "kronecker": ("kronecker", {}),
     "shared-basis": ("shared-basis", {}),
 }
+#: Engine settings per row: low rank's default engine became sub-groups + refit (issue 11); its rows here
+#: stay the plain block-granular, no-refit baseline the other structures run with (their default).
+PLAIN_ENGINE = {"granularity": "block", "refit": False}
+ENGINE = {"lowrank": PLAIN_ENGINE}
 PROTOCOLS = {
     "full": {"calib_windows": 64, "calib_seqlen": 512, "eval_windows": 64, "eval_seqlen": 512},
     "reduced": {"calib_windows": 16, "calib_seqlen": 512, "eval_windows": 16, "eval_seqlen": 512},
@@ -130,11 +134,13 @@ def run_row(row: str, ratio: float, protocol: str) -> dict:
     structure, options = ROWS[row]
     p = PROTOCOLS[protocol]
     model, tok, _ = rankwise.load()
-    base = {"row": row, "structure": structure, "options": options, "protocol": protocol, "ratio": ratio,
+    base = {"row": row, "structure": structure, "options": options, "engine": ENGINE.get(row, "default"),
+            "protocol": protocol, "ratio": ratio,
             "when": time.strftime("%Y-%m-%d %H:%M")}
     t0 = time.perf_counter()
     try:
         model, report = compress(model, structure, ratio, options=options, tokenizer=tok, progress=False,
+                                 engine=ENGINE.get(row),
                                  calib_options={"windows": p["calib_windows"], "seqlen": p["calib_seqlen"],
                                                 "seed": SEED})
     except ConfigError as e:

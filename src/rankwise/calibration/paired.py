@@ -87,11 +87,13 @@ class PairedAccumulator:
         self._recorded.clear()
 
     def layer_stats(self, name: str, buckets: tuple[str, ...] = ("fit", "held")) -> LayerStats:
-        """``LayerStats(C', cross=M)`` summed over ``buckets``."""
+        """``LayerStats(C', cross=M)`` summed over ``buckets`` (one bucket: its own tensors, not copies)."""
         parts = [self.buckets[b][name] for b in buckets if name in self.buckets.get(b, {})]
         if not parts:
             raise NumericalError(f"layer {name} was never called during calibration")
-        st, M = parts[0][0], parts[0][1].clone()
+        st, M = parts[0]
+        if len(parts) > 1:  # a new sum; one bucket's sums are returned as they are (no copy)
+            M = M.clone()
         for other, Mo in parts[1:]:
             st = st.merge(other)
             M += Mo

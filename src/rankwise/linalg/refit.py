@@ -68,13 +68,15 @@ def cross_target(W: torch.Tensor, C: torch.Tensor, M: torch.Tensor, rel_ridge: f
     rel_ridge = CROSS_RIDGE if rel_ridge is None else float(rel_ridge)
     W64 = as_matrix(W, "W")
     n = W64.shape[1]
-    C = as_covariance(C, n, "C'")
+    A = as_covariance(C, n, "C'")  # a symmetrized copy, made C' + lam I in place below
     M = as_matrix(M, "cross")
     if M.shape != (n, n):
         raise ConfigError(f"cross moment must be ({n}, {n}), got {tuple(M.shape)}")
-    lam = rel_ridge * float(torch.diagonal(C).mean().clamp_min(1e-30))
-    A = C + lam * torch.eye(n, dtype=C.dtype, device=C.device)
+    lam = rel_ridge * float(torch.diagonal(A).mean().clamp_min(1e-30))
+    A.diagonal().add_(lam)  # C' + lam I: no second copy, no (n, n) identity
     rhs = M.T @ W64.T + lam * W64.T  # (C' + lam I) T^T = M^T W^T + lam W^T
     chol, info = torch.linalg.cholesky_ex(A)
-    sol = torch.cholesky_solve(rhs, chol) if int(info) == 0 else torch.linalg.lstsq(A, rhs).solution
-    return sol.T.to(W.dtype)
+    if int(info) == 0:
+        del A  # the (n, n) copy is not needed beside its factor
+        return torch.cholesky_solve(rhs, chol).T.to(W.dtype)
+    return torch.linalg.lstsq(A, rhs).solution.T.to(W.dtype)

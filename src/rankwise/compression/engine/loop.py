@@ -234,15 +234,16 @@ class Engine:
             parts = [acc.buckets[b][n] for b in buckets for n in names]
             _sum_input_stats(comm, [st for st, _ in parts])
             comm.sum_([M for _, M in parts])
-        ridge = self.opts.refit_ridge
-        stats = self._with_fisher({n: acc.layer_stats(n) for n in names})
-        for st in stats.values():
-            st.ridge = ridge
         if not choose:
+            stats = self._with_fisher({n: acc.layer_stats(n) for n in names})
+            for st in stats.values():
+                st.ridge = self.opts.refit_ridge
             return stats, {}
+        # the sums over all windows are formed only after the ridge is chosen, by adding the held-out
+        # sums into the fit sums in place (:meth:`_merge_held`): never three (C', M) pairs at once
         fit_only = self._with_fisher({n: acc.layer_stats(n, ("fit",)) for n in names})
         held = self._with_fisher({n: acc.layer_stats(n, ("held",)) for n in names})
-        return stats, {"fit": fit_only, "held": held}
+        return {}, {"fit": fit_only, "held": held}
 
     def _with_fisher(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
         """The dense model's Fisher diagonal (collected once, before the pass) on each layer's stats."""
@@ -296,9 +297,22 @@ class Engine:
                 best, best_val = lam, val
         return best
 
+    @staticmethod
+    def _merge_held(names, split: dict) -> dict[str, LayerStats]:
+        """The statistics over all windows: the held-out sums added into the fit sums in place (the
+        same float64 additions as a sum of both), then dropped."""
+        fit, held = split["fit"], split.pop("held")
+        for n in names:
+            f, h = fit[n], held[n]
+            f.inputs.add_sums((h.inputs.cov, h.inputs.abs_sum, h.inputs.sq_sum, h.inputs.n))
+            f.cross += h.cross
+            h.inputs = h.cross = None
+        return fit
+
     def _fit_group(self, names, stats, split, refit: bool = True) -> None:
         if split:
             lam = self.choose_ridge(names, split)
+            stats = self._merge_held(names, split)
             for n in names:
                 self.ridges[n] = lam
                 if math.isinf(lam):
