@@ -129,8 +129,10 @@ def counts(shape: dict, tokens: int, elem: int = 4) -> dict:
 
 
 def memory_model(shape: dict, tokens: int, batch_tokens: int, base_mb: float, elem: int = 4,
-                 refit: bool = False) -> dict:
-    """Predicted peak RSS (MB) of --low-memory, see BENCHMARKS.md: base + max(capture, block phase).
+                 refit: bool = False, preflight_mb: float = 0.0) -> dict:
+    """Predicted peak RSS (MB) of --low-memory, see BENCHMARKS.md:
+    ``max(preflight, base + max(capture, block phase))``, ``base`` the resident interpreter, imports and
+    skeleton once the tokenizer is gone, ``preflight`` the peak while tokenizing (0: not a peak).
 
     ``refit=False``: block granularity, no refit (one activation cache; the block's shared input sums).
     ``refit=True`` (the svd-llm default: sub-groups + held-out-ridge refit): the dense model's
@@ -155,7 +157,7 @@ def memory_model(shape: dict, tokens: int, batch_tokens: int, base_mb: float, el
     block = weights + stats + acts + max(forward, fit)
     capture = acts + batch_tokens * h * elem * mb
     return {"base": base_mb, "activations": acts, "block_weights": weights, "block_stats": stats,
-            "transient": max(forward, fit), "peak": base_mb + max(block, capture)}
+            "transient": max(forward, fit), "peak": max(preflight_mb, base_mb + max(block, capture))}
 
 
 def write_model(dest: Path, shape: dict, seed: int = 0) -> None:
