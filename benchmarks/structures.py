@@ -62,7 +62,9 @@ ROWS = {
     "prune": ("prune", {}),
     "prune-2:4": ("prune", {"pattern": "2:4"}),
     "monarch": ("monarch", {}),
+    "monarch-undamped": ("monarch", {"damping": 0.0}),  # the fit before its default damping (0.01)
     "blockdiag-lowrank": ("blockdiag-lowrank", {}),
+    "blockdiag-lowrank-undamped": ("blockdiag-lowrank", {"damping": 0.0}),  # before its default damping
     "kronecker": ("kronecker", {}),
     "shared-basis": ("shared-basis", {}),
 }

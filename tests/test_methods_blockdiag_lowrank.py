@@ -41,7 +41,7 @@ def test_plan_errors():
 def test_fit_never_worse_than_lowrank_of_same_rank():
     W = torch.randn(12, 16, generator=torch.Generator().manual_seed(1))
     X, stats = _stats(16)
-    m = get_method("blockdiag-lowrank", nblocks=4, iters=5)
+    m = get_method("blockdiag-lowrank", nblocks=4, iters=5, damping=0.0)  # the undamped objective's guarantee
     spec = m.plan_layer((12, 16), 0.7 * 12 * 16)
     layer = m.fit(W, torch.ones(12), stats, spec)
     assert isinstance(layer, BlockDiagLowRankLinear) and layer.num_stored() <= 0.7 * 12 * 16
@@ -49,3 +49,26 @@ def test_fit_never_worse_than_lowrank_of_same_rank():
     assert err <= whitened_svd(W, stats.covariance()).error(spec["rank"]) * (1 + 1e-5)
     x = torch.randn(3, 16)
     torch.testing.assert_close(layer(x), x @ layer.weight.T + 1.0, rtol=1e-4, atol=1e-4)
+
+
+def test_damping_keeps_the_blocks_off_the_calibrations_low_variance_directions():
+    """Fewer calibration tokens than inputs (C singular): undamped, the blocks' exact solves put weight
+    on directions the calibration never excites, which fresh inputs of the same distribution amplify."""
+    n, m = 32, 32
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    X = torch.randn(20, n, generator=g, dtype=torch.float64) @ mix.T           # 20 tokens < 32 inputs
+    fresh = torch.randn(4000, n, generator=g, dtype=torch.float64) @ mix.T
+    stats = LayerStats(InputStats(X.T @ X, X.abs().sum(0), (X * X).sum(0), X.shape[0]))
+    W = torch.randn(m, n, generator=g)
+    spec = {"nblocks": 4, "rank": 4}
+
+    def fresh_err(layer):
+        return float(np.linalg.norm((W.double() - layer.weight.detach().double()).numpy() @ fresh.numpy().T))
+
+    damped = get_method("blockdiag-lowrank").fit(W, None, stats, spec)
+    raw = get_method("blockdiag-lowrank", damping=0.0).fit(W, None, stats, spec)
+    assert fresh_err(damped) < fresh_err(raw)
+    assert float(damped.weight.norm()) < 2 * float(W.norm())
+    with pytest.raises(ConfigError, match="damping must be a number >= 0"):
+        get_method("blockdiag-lowrank", damping=-0.5)

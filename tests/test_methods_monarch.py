@@ -45,8 +45,8 @@ def test_fit_refines_the_projection_and_beats_random_monarch():
     W = torch.randn(12, 16, generator=torch.Generator().manual_seed(1))
     X, stats = _stats(16)
     spec = {"in_blocks": 4, "out_blocks": 2, "rank": 1}
-    refined = get_method("monarch", iters=10).fit(W, None, stats, spec)
-    closed = get_method("monarch", iters=0).fit(W, None, stats, spec)
+    refined = get_method("monarch", iters=10, damping=0.0).fit(W, None, stats, spec)  # the undamped objective
+    closed = get_method("monarch", iters=0, damping=0.0).fit(W, None, stats, spec)
     assert isinstance(refined, MonarchLinear) and refined.B1.dtype == torch.float32
     assert _err(W, refined.dense(), X) <= _err(W, closed.dense(), X) * (1 + 1e-6)
     g = torch.Generator().manual_seed(2)
@@ -56,3 +56,23 @@ def test_fit_refines_the_projection_and_beats_random_monarch():
         assert _err(W, refined.dense(), X) < _err(W, rand, X)
     x = torch.randn(3, 16)
     torch.testing.assert_close(refined(x), x @ refined.dense().T, rtol=1e-4, atol=1e-4)
+
+
+def test_damping_keeps_the_fit_off_the_calibrations_low_variance_directions():
+    """Fewer calibration tokens than inputs (C singular): undamped, the exact ALS solves fit the
+    calibration windows with weights along directions they never excite, which fresh inputs from the
+    same distribution then amplify. The default damping fits those inputs better and keeps the norm."""
+    n, m = 32, 24
+    g = torch.Generator().manual_seed(3)
+    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+    X = torch.randn(20, n, generator=g, dtype=torch.float64) @ mix.T           # 20 tokens < 32 inputs
+    fresh = torch.randn(4000, n, generator=g, dtype=torch.float64) @ mix.T
+    stats = LayerStats(InputStats(X.T @ X, X.abs().sum(0), (X * X).sum(0), X.shape[0]))
+    W = torch.randn(m, n, generator=g)
+    spec = {"in_blocks": 4, "out_blocks": 4, "rank": 2}
+    damped = get_method("monarch").fit(W, None, stats, spec).dense().double()
+    raw = get_method("monarch", damping=0.0).fit(W, None, stats, spec).dense().double()
+    assert _err(W, damped, fresh) < _err(W, raw, fresh)
+    assert float(damped.norm()) < 2 * float(W.double().norm())
+    with pytest.raises(ConfigError, match="damping must be a number >= 0"):
+        get_method("monarch", damping=-1.0)

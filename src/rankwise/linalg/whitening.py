@@ -117,6 +117,17 @@ def eigh_whitener(C: torch.Tensor, floor: float = 1e-10) -> Whitener:
     return Whitener("eigh", Q, root=root, clamped=clamped)
 
 
+def damp(C: torch.Tensor, rel: float) -> torch.Tensor:
+    """``C + rel * mean(diag C) * I`` (a copy): the objective ``tr(D C D^T)`` plus
+    ``rel * mean(diag C) * ||D||_F^2``, which keeps exact least-squares fits off the directions the
+    calibration inputs barely excite (GPTQ damps its Hessian the same way). ``rel = 0``: ``C`` itself."""
+    if rel <= 0:
+        return C
+    out = C.clone()
+    out.diagonal().add_(float(rel) * float(torch.diagonal(C).mean().clamp_min(1e-300)))
+    return out
+
+
 def make_whitener(C: torch.Tensor, kind: str = "cholesky", **kw) -> Whitener:
     """:func:`cholesky_whitener` or :func:`eigh_whitener` by name."""
     if kind == "cholesky":
@@ -128,4 +139,4 @@ def make_whitener(C: torch.Tensor, kind: str = "cholesky", **kw) -> Whitener:
     raise UnknownMethodError(f"unknown whitening kind {kind!r}; valid: {', '.join(KINDS)}")
 
 
-__all__ = ["KINDS", "Whitener", "cholesky_whitener", "eigh_whitener", "make_whitener"]
+__all__ = ["KINDS", "Whitener", "cholesky_whitener", "damp", "eigh_whitener", "make_whitener"]

@@ -3,7 +3,11 @@
 Fit (:func:`rankwise.linalg.blockdiag.blockdiag_lowrank_fit`): start from the whitened rank-k fit
 of ``W``, then alternate the closed-form block-diagonal least squares under ``C`` and the whitened
 rank-k truncation of ``W - BD``; both are exact minimizers, so ``||(W - W') X||_F`` never increases.
-Sequential refit targets are used.
+Sequential refit targets are used. Both steps use the damped covariance ``C + delta mean(diag C) I``
+(``damping`` = delta, default 0.01; :func:`rankwise.linalg.whitening.damp`): undamped, the blocks'
+exact solves (``C_ii^-1``) put large weights on input directions the calibration windows barely excite
+(on SmolLM2, 16 x 512 windows, 40 % removed: gate/up layers of blocks 21 and 24 at 21-31x the dense
+weight's Frobenius norm).
 
 Budget: ``m n / b`` block values plus ``k (m + n)``. ``nblocks`` fixes ``b`` (it must divide both
 sides); ``nblocks=None`` picks the smallest ``b`` dividing both sides whose blocks take at most
@@ -25,6 +29,7 @@ import torch
 from ...calibration.stats import COV, LayerStats
 from ...errors import ConfigError
 from ...linalg.blockdiag import blockdiag_lowrank_fit, check_blocks
+from ...linalg.whitening import damp
 from ...structures.blockdiag import BlockDiagLowRankLinear
 from .base import STRUCTURES, Method
 from .prune import keep_fraction_text
@@ -33,16 +38,19 @@ from .prune import keep_fraction_text
 @dataclass
 class BlockDiagLowRankOptions:
     """``nblocks`` (None: from ``lowrank_fraction``), ``lowrank_fraction`` of the budget for ``L R``,
-    ``iters`` alternation rounds."""
+    ``iters`` alternation rounds, ``damping`` the relative ridge of the fit's covariance."""
 
     nblocks: int | None = None
     lowrank_fraction: float = 0.75
     iters: int = 20
+    damping: float = 0.01
 
     def __post_init__(self) -> None:
         if self.nblocks is not None and (isinstance(self.nblocks, bool) or not isinstance(self.nblocks, int)
                                          or self.nblocks < 1):
             raise ValueError(f"nblocks must be a positive integer or None, got {self.nblocks!r}")
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
+            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
         if not 0.0 < float(self.lowrank_fraction) < 1.0:
             raise ValueError(f"lowrank_fraction must be in (0, 1), got {self.lowrank_fraction}")
         if int(self.iters) < 1:
@@ -90,6 +98,6 @@ class BlockDiagLowRank(Method):
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> BlockDiagLowRankLinear:
         target = stats.target(W).to(torch.float64)
-        res = blockdiag_lowrank_fit(target, int(spec["nblocks"]), int(spec["rank"]), stats.covariance(self.name),
-                                    iters=self.options.iters)
+        C = damp(stats.covariance(self.name), self.options.damping)
+        res = blockdiag_lowrank_fit(target, int(spec["nblocks"]), int(spec["rank"]), C, iters=self.options.iters)
         return BlockDiagLowRankLinear.from_parts(res.blocks, res.L, res.R, bias=bias, dtype=torch.float32)
