@@ -62,6 +62,23 @@ def random_ids():
 
 # ---- real model (integration) -------------------------------------------------------------
 
+@pytest.fixture
+def singular_calibration():
+    """``make(m) -> (W (m, 32), stats, fresh)``: calibration statistics of 20 tokens for 32 inputs (a
+    singular covariance, input variances over two decades) and 4000 fresh tokens of the same
+    distribution, to check that a data-aware fit generalizes beyond the calibration windows."""
+    from rankwise.calibration.stats import InputStats, LayerStats
+
+    def make(m: int, n: int = 32):
+        g = torch.Generator().manual_seed(3)
+        mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
+        X = torch.randn(20, n, generator=g, dtype=torch.float64) @ mix.T
+        fresh = torch.randn(4000, n, generator=g, dtype=torch.float64) @ mix.T
+        stats = LayerStats(InputStats(X.T @ X, X.abs().sum(0), (X * X).sum(0), X.shape[0]))
+        return torch.randn(m, n, generator=g), stats, fresh
+    return make
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """The bundled SmolLM2-135M-Instruct: (model, tokenizer, path). Loaded once per session."""

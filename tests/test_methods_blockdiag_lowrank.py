@@ -51,16 +51,10 @@ def test_fit_never_worse_than_lowrank_of_same_rank():
     torch.testing.assert_close(layer(x), x @ layer.weight.T + 1.0, rtol=1e-4, atol=1e-4)
 
 
-def test_damping_keeps_the_blocks_off_the_calibrations_low_variance_directions():
+def test_damping_keeps_the_blocks_off_the_calibrations_low_variance_directions(singular_calibration):
     """Fewer calibration tokens than inputs (C singular): undamped, the blocks' exact solves put weight
     on directions the calibration never excites, which fresh inputs of the same distribution amplify."""
-    n, m = 32, 32
-    g = torch.Generator().manual_seed(3)
-    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
-    X = torch.randn(20, n, generator=g, dtype=torch.float64) @ mix.T           # 20 tokens < 32 inputs
-    fresh = torch.randn(4000, n, generator=g, dtype=torch.float64) @ mix.T
-    stats = LayerStats(InputStats(X.T @ X, X.abs().sum(0), (X * X).sum(0), X.shape[0]))
-    W = torch.randn(m, n, generator=g)
+    W, stats, fresh = singular_calibration(32)
     spec = {"nblocks": 4, "rank": 4}
 
     def fresh_err(layer):

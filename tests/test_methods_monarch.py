@@ -58,17 +58,11 @@ def test_fit_refines_the_projection_and_beats_random_monarch():
     torch.testing.assert_close(refined(x), x @ refined.dense().T, rtol=1e-4, atol=1e-4)
 
 
-def test_damping_keeps_the_fit_off_the_calibrations_low_variance_directions():
+def test_damping_keeps_the_fit_off_the_calibrations_low_variance_directions(singular_calibration):
     """Fewer calibration tokens than inputs (C singular): undamped, the exact ALS solves fit the
     calibration windows with weights along directions they never excite, which fresh inputs from the
     same distribution then amplify. The default damping fits those inputs better and keeps the norm."""
-    n, m = 32, 24
-    g = torch.Generator().manual_seed(3)
-    mix = torch.randn(n, n, generator=g, dtype=torch.float64) * torch.logspace(0, -2, n, dtype=torch.float64)
-    X = torch.randn(20, n, generator=g, dtype=torch.float64) @ mix.T           # 20 tokens < 32 inputs
-    fresh = torch.randn(4000, n, generator=g, dtype=torch.float64) @ mix.T
-    stats = LayerStats(InputStats(X.T @ X, X.abs().sum(0), (X * X).sum(0), X.shape[0]))
-    W = torch.randn(m, n, generator=g)
+    W, stats, fresh = singular_calibration(24)
     spec = {"in_blocks": 4, "out_blocks": 4, "rank": 2}
     damped = get_method("monarch").fit(W, None, stats, spec).dense().double()
     raw = get_method("monarch", damping=0.0).fit(W, None, stats, spec).dense().double()
