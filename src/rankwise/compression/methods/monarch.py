@@ -118,8 +118,7 @@ class Monarch(Method):
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> MonarchLinear:
         target = stats.target(W).to(torch.float64)
-        C = stats.covariance(self.name)
-        C = damp(C, self.options.damping)
+        C = damp(stats.covariance(self.name), self.options.damping)
         b, ob, r = int(spec["in_blocks"]), int(spec["out_blocks"]), int(spec["rank"])
         B1, B2 = monarch_project(target, b, ob, r, C)
         if self.options.iters > 0:
