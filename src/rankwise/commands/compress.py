@@ -273,9 +273,11 @@ def register(app: typer.Typer) -> None:
                 console.print(f"wrote dense checkpoint {export_dense_dir}")
 
         started = init_from_env(device)  # under torchrun: the process group, from its environment
+        done = False
         try:
             with sigterm_as_exit() if started else contextlib.nullcontext():
                 run_cmd(Comm.current().is_main)
+            done = True
         finally:
             if started:
-                shutdown()
+                shutdown(sync=done)

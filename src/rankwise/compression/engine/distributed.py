@@ -85,10 +85,15 @@ def init_from_env(device: str = "cpu") -> bool:
     return True
 
 
-def shutdown() -> None:
-    """Destroy the default process group if one is initialized."""
+def shutdown(sync: bool = False) -> None:
+    """Destroy the default process group if one is initialized. ``sync`` (a run that succeeded on every
+    rank): a barrier first, so that no rank tears its gloo connections down while another still uses
+    them (a rank that did so could abort at exit, "terminate called without an active exception").
+    After a failure there is no barrier: a dead rank would never reach it."""
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
