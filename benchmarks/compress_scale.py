@@ -83,10 +83,11 @@ from rankwise.compression.compress import compress_low_memory
 g = torch.Generator().manual_seed(0)
 windows = torch.randint(0, vocab, (n, L), generator=g)
 t0, c0 = time.perf_counter(), time.thread_time()
-# the plain engine (block granularity, no refit) the stored results were measured with; the refit
-# default's memory is in memory_model(refit=True) and benchmarks/lowmem_phases.py
+# the plain engine (block granularity, no refit) with the activations in memory, as the stored results
+# were measured; the default's memory is in memory_model(refit=True, cache_on_disk=True) and
+# benchmarks/lowmem_phases.py
 rep = compress_low_memory(src, out, "lowrank", 0.4, calib=windows, calib_options=dict(windows=n, seqlen=L),
-                          progress=False, granularity="block", refit=False)
+                          progress=False, granularity="block", refit=False, cache_on_disk=False)
 total = time.thread_time() - c0
 steps = dict(TOT)
 steps["other"] = total - sum(steps.values())
@@ -129,7 +130,7 @@ def counts(shape: dict, tokens: int, elem: int = 4) -> dict:
 
 
 def memory_model(shape: dict, tokens: int, batch_tokens: int, base_mb: float, elem: int = 4,
-                 refit: bool = False, preflight_mb: float = 0.0) -> dict:
+                 refit: bool = False, preflight_mb: float = 0.0, cache_on_disk: bool = False) -> dict:
     """Predicted peak RSS (MB) of --low-memory, see BENCHMARKS.md:
     ``max(preflight, base + max(capture, block phase))``, ``base`` the resident interpreter, imports and
     skeleton once the tokenizer is gone, ``preflight`` the peak while tokenizing (0: not a peak).
@@ -138,14 +139,17 @@ def memory_model(shape: dict, tokens: int, batch_tokens: int, base_mb: float, el
     ``refit=True`` (the svd-llm default: sub-groups + held-out-ridge refit): the dense model's
     activations and a dense copy of the block besides the compressed ones, and per sub-group, per
     layer, ``C'`` and ``M = X X'^T`` on the fit and on the held-out windows; the peak is the largest
-    sub-group's (``down_proj``: ``4 f^2`` float64 at SmolLM2's and Llama's shapes)."""
+    sub-group's (``down_proj``: ``4 f^2`` float64 at SmolLM2's and Llama's shapes).
+
+    ``cache_on_disk`` (the default of ``compress_low_memory`` since issue 14's last stop): each cache
+    keeps at most two batches resident (the one read, and advance's output before it is written)."""
     h, f = shape["hidden_size"], shape["intermediate_size"]
     hd = shape.get("head_dim") or h // shape["num_attention_heads"]
     q = shape["num_attention_heads"] * hd
     c = counts(shape, tokens, elem)
     mb = 1 / 2 ** 20
     copies = 2 if refit else 1
-    acts = copies * tokens * h * elem * mb
+    acts = copies * (2 * batch_tokens if cache_on_disk else tokens) * h * elem * mb
     weights = copies * c["block_params"] * elem * mb
     if refit:  # sub-groups [q k v] [o] [gate up] [down], each layer its own (C', M) x (fit, held)
         per_layer = lambda n: 2 * 8 * (2 * n * n + 2 * n)  # noqa: E731  (fit, held) x (C', M, |x|, x^2)
@@ -155,7 +159,7 @@ def memory_model(shape: dict, tokens: int, batch_tokens: int, base_mb: float, el
     forward = batch_tokens * (3 * f + 4 * h) * elem * mb + 8 * 2 ** 20 * mb   # MLP/attention temporaries + f64 chunk
     fit = 8 * (2 * f * f + 2 * h * f) * mb                                    # C copy, S, W S, U/Vh of the widest layer
     block = weights + stats + acts + max(forward, fit)
-    capture = acts + batch_tokens * h * elem * mb
+    capture = (2 * batch_tokens if cache_on_disk else tokens + batch_tokens) * h * elem * mb
     return {"base": base_mb, "activations": acts, "block_weights": weights, "block_stats": stats,
             "transient": max(forward, fit), "peak": max(preflight_mb, base_mb + max(block, capture))}
 

@@ -4,6 +4,7 @@ in process, with the peak-RSS counter reset (``/proc/self/clear_refs``, Linux) b
 read after it.
 
     python benchmarks/lowmem_phases.py [--model smollm2-135m-instruct] [--blocks 3] [--without hqq] [--engine plain]
+                                       [--cache-in-memory]
     python benchmarks/lowmem_phases.py --model gemma3-270m --blocks 100 --targets '\.0\.(self_attn|mlp)\.'
 
 ``--blocks N`` stops after the N-th block (every block of a model has the same shapes, so the first
@@ -43,6 +44,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--engine", choices=("default", "plain"), default="default",
                     help="default: svd-llm's own (sub-groups + held-out-ridge refit); plain: block granularity, no refit")
+    ap.add_argument("--cache-in-memory", action="store_true",
+                    help="keep the cached activations in memory (compress_low_memory(cache_on_disk=False)); "
+                    "the default spills them to files beside the output, as the CLI does")
     ap.add_argument("--without", action="append", default=[])
     ap.add_argument("--targets", default=None, help="regex of the layers to compress (e.g. one block's, so "
                     "that the run reaches the final write quickly: later blocks are copied)")
@@ -98,11 +102,12 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             engine = {"granularity": "block", "refit": False} if args.engine == "plain" else {}
             C.compress_low_memory(args.model, tmp + "/o", "lowrank", 0.4, targets=args.targets, progress=False,
-                                  engine=engine)
+                                  engine=engine, cache_on_disk=not args.cache_in_memory)
         peak["after the last step (side files: tokenizer, rank report)"] = status()[1]
     except Done:
         pass
     res = {"model": args.model, "blocks": args.blocks, "without": args.without, "engine": args.engine,
+           "activations": "memory" if args.cache_in_memory else "disk",
            "seconds": time.perf_counter() - t0, "phase_peak_mb": {k: round(v) for k, v in peak.items()},
            "log (phase, rss before, peak, rss after)": log}
     print(json.dumps(res, indent=1))

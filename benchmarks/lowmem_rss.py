@@ -6,6 +6,7 @@ with ``os.wait4``. A ``base`` child measures the fixed part: the same imports, t
 (config, classes, no weights), the tokenizer and the tokenized calibration text, and nothing else.
 
     python benchmarks/lowmem_rss.py --threads 1 [--model gemma3-270m] [--modes base,low-memory,in-memory]
+        [--without hqq] [--engine plain] [--targets 'layers[.][01][.]'] [--out FILE]
 """
 from __future__ import annotations
 
@@ -55,6 +56,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default="base,low-memory")
+    ap.add_argument("--without", action="append", default=[], help="make `import MOD` fail in the children "
+                    "(e.g. hqq, a benchmark extra that transformers imports when installed: a user install lacks it)")
+    ap.add_argument("--targets", default=None, help="--targets of the compress runs (e.g. the first blocks' "
+                    "layers: the block phase is the same for every block, later blocks are copied)")
+    ap.add_argument("--engine", choices=("default", "plain"), default="default",
+                    help="plain: --granularity block --no-refit (the engine before issue 11's default)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads),
@@ -62,21 +69,28 @@ def main(argv=None) -> dict:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
+            block = "".join(f"sys.modules[{m!r}] = None; " for m in args.without)
             if mode == "base":
-                cmd = [sys.executable, "-c", BASE, args.model, str(args.threads)]
+                cmd = [sys.executable, "-c", "import sys; " + block + BASE, args.model, str(args.threads)]
             else:
-                cmd = [sys.executable, "-c", "import sys, torch; torch.set_num_threads(int(sys.argv.pop(1))); "
+                cmd = [sys.executable, "-c", "import sys; " + block + "import torch; "
+                       "torch.set_num_threads(int(sys.argv.pop(1))); "
                        "from rankwise.cli import main; raise SystemExit(main(sys.argv[1:]))", str(args.threads),
                        "compress", args.model, "--out", str(Path(tmp) / mode), "-q"]
                 if mode == "low-memory":
                     cmd.append("--low-memory")
+                if args.targets:
+                    cmd += ["--targets", args.targets]
+                if args.engine == "plain":
+                    cmd += ["--granularity", "block", "--no-refit"]
             rss, sec, _ = run(cmd, env)
             rows[mode] = {"peak_rss_mb": rss, "seconds": sec}
             if mode != "base":
                 rows[mode]["weights_mb"] = (Path(tmp) / mode / "model.safetensors").stat().st_size / 2 ** 20
             print(mode, json.dumps(rows[mode]), flush=True)
     res = {"benchmark": "lowmem_rss", "model": args.model, "method": "svd-llm", "ratio": 0.4, "calib": "64 x 512",
-           "threads": args.threads, "rows": rows}
+           "threads": args.threads, "engine": args.engine, "without": args.without, "targets": args.targets,
+           "rows": rows}
     if "base" in rows:
         res["base_mb"] = rows["base"]["peak_rss_mb"]
         from compress_scale import memory_model
@@ -89,7 +103,8 @@ def main(argv=None) -> dict:
         shape = dict(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                      num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
                      num_key_value_heads=cfg.num_key_value_heads, head_dim=hd, vocab_size=cfg.vocab_size)
-        res["memory_model"] = memory_model(shape, 64 * 512, 4 * 512, res["base_mb"])
+        res["memory_model"] = memory_model(shape, 64 * 512, 4 * 512, res["base_mb"], refit=args.engine == "default",
+                                           cache_on_disk=True)
         if "low-memory" in rows:
             res["predicted_over_measured"] = res["memory_model"]["peak"] / rows["low-memory"]["peak_rss_mb"]
     out = Path(args.out or RESULTS / f"lowmem_rss_{args.model}.json")

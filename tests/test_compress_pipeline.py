@@ -1,6 +1,7 @@
 """The compression flow on tiny models of four families (three causal LMs and a BERT encoder)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,16 +180,28 @@ def test_ridge_is_chosen_on_held_out_windows(random_ids):
     assert all(lr.ridge in RIDGE_CANDIDATES for lr in rep.layers)
 
 
-def test_heldout_objective_matches_direct_computation():
-    from rankwise.calibration.stats import InputStats
-    from rankwise.compression.engine.loop import heldout_objective
+def test_heldout_error_matches_numpy_and_the_moment_identity():
+    """The score of a candidate ridge: ``||W X - W' X'||^2`` from the (tokens, in) inputs, in row chunks
+    (more tokens than one chunk), equal to numpy's float64 and to the moment form
+    ``tr(W' C' W'^T) - 2 tr(W M W'^T) + ||W X||^2`` (``C' = X' X'^T``, ``M = X X'^T``) within float32
+    products' rounding; and it ranks two candidates as float64 does."""
+    from rankwise.calibration.stats import CHUNK_BYTES
+    from rankwise.compression.engine.loop import heldout_error
 
     g = torch.Generator().manual_seed(0)
-    X, Xp = torch.randn(6, 50, generator=g, dtype=torch.float64), torch.randn(6, 50, generator=g, dtype=torch.float64)
-    W, Wp = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
-    st = InputStats(Xp @ Xp.T, Xp.abs().sum(1), Xp.square().sum(1), 50)
-    got = heldout_objective(W, Wp, LayerStats(st, cross=X @ Xp.T))
-    assert got == pytest.approx(float((W @ X - Wp @ Xp).square().sum() - (W @ X).square().sum()), rel=1e-10)
+    d, t = 6, CHUNK_BYTES // (8 * 6) * 2 + 37
+    X, Xp = torch.randn(t, d, generator=g), torch.randn(t, d, generator=g)
+    W, Wp = torch.randn(4, d, generator=g), torch.randn(4, d, generator=g)
+    got = heldout_error(W, Wp, X, Xp)
+    Xn, Xpn, Wn, Wpn = (a.double().numpy() for a in (X, Xp, W, Wp))
+    ref = float(np.square(Xn @ Wn.T - Xpn @ Wpn.T).sum())
+    assert got == pytest.approx(ref, rel=1e-5)
+    C, M = Xpn.T @ Xpn, Xn.T @ Xpn
+    moments = np.trace(Wpn @ C @ Wpn.T) - 2 * np.trace(Wn @ M @ Wpn.T) + np.square(Xn @ Wn.T).sum()
+    assert got == pytest.approx(float(moments), rel=1e-5)
+    Wq = Wp + 1e-3 * torch.randn(4, d, generator=g)  # a candidate 0.1 % away: still told apart
+    refq = float(np.square(Xn @ Wn.T - Xpn @ Wq.double().numpy().T).sum())
+    assert (heldout_error(W, Wq, X, Xp) < got) == (refq < ref)
 
 
 @pytest.mark.parametrize("method", list(OBJECTIVES))

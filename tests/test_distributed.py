@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from rankwise.compression.compress import compress, compress_low_memory
-from rankwise.compression.engine.distributed import Comm
+from rankwise.compression.engine.distributed import Comm, leave, shutdown
 from rankwise.compression.saving import save_compressed
 from rankwise.models.loading import load_model
 from rankwise.models.saved import load_structured
@@ -91,8 +91,13 @@ def _worker(rank: int, world: int, init: str, src: str, tmp: str, jobs: list[str
             except Exception as e:  # recorded for the parent to compare
                 res = {"error": type(e).__name__, "message": str(e), "trace": traceback.format_exc()[-2000:]}
             (Path(tmp) / f"{name}.rank{rank}.json").write_text(json.dumps(res, default=str))
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        shutdown()
+        raise
+    # as an API user ends a run that succeeded (the CLI under torchrun does the same): a barrier (not
+    # with a dead rank), destroy the group, then exit without the interpreter teardown (see ``leave``)
+    shutdown(sync=not die)
+    leave(0)
 
 
 def _spawn(tmp: Path, src: Path, jobs: list[str], die: bool = False) -> None:

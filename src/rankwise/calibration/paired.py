@@ -8,7 +8,7 @@ Per layer, ``C' = sum x' x'^T`` (as :class:`InputStats`) and the cross moment ``
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
@@ -26,14 +26,18 @@ class PairedAccumulator:
     """Context manager: pre-hooks on ``dense`` modules record each input ``x``; pre-hooks on ``current``
     modules (same names) add ``x'`` to ``C'`` and ``x x'^T`` to ``M`` of the current bucket.
 
-    The dense forward of a batch must run before the current forward of the same batch.
+    The dense forward of a batch must run before the current forward of the same batch. ``on_pair(name,
+    x, x')`` (optional) sees each pair of (tokens, in) inputs before they are added. Sums already in
+    ``buckets`` (set by the caller) are added to in place.
     """
 
     def __init__(self, dense: Mapping[str, nn.Module], current: Mapping[str, nn.Module], cov: bool = True,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None,
+                 on_pair: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> None:
         if set(dense) != set(current):
             raise ValueError("dense and current modules must have the same names")
         self.dense, self.current, self.cov, self.device = dict(dense), dict(current), cov, device
+        self.on_pair = on_pair
         self.bucket = "fit"
         self.buckets: dict[str, dict[str, list]] = {}
         self._recorded: dict[str, torch.Tensor] = {}
@@ -63,6 +67,8 @@ class PairedAccumulator:
             if xd.shape != xc.shape:
                 raise NumericalError(f"layer {name}: dense and compressed inputs differ in shape "
                                      f"{tuple(xd.shape)} vs {tuple(xc.shape)}")
+            if self.on_pair is not None:
+                self.on_pair(name, xd, xc)
             bucket = self.buckets.setdefault(self.bucket, {})
             if name not in bucket:
                 n = xc.shape[1]

@@ -27,8 +27,9 @@ BatchSums = tuple  # (cov | None, abs_sum, sq_sum, n) of one batch
 ABS_MEAN, COV, FISHER = "abs_mean", "cov", "fisher"
 
 
-#: Bytes of one float64 row chunk of a batch (bounds the transient copy; at least 256 rows).
-CHUNK_BYTES = 8 * 2**20
+#: Bytes of one float64 row chunk of a batch (bounds the transient copies: the paired sums hold two
+#: chunks at once; at least 256 rows). 2 MB keeps the refit's low-memory peak under 600 MB on SmolLM2.
+CHUNK_BYTES = 2 * 2**20
 
 
 def row_chunks(x: torch.Tensor, device: torch.device | str | None = None):

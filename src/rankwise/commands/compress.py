@@ -212,7 +212,9 @@ def register(app: typer.Typer) -> None:
         speed_profile: Optional[Path] = typer.Option(None, "--speed-profile",
                                                      help="Speed profile JSON instead of the machine cache."),
         low_memory: bool = typer.Option(False, "--low-memory",
-                                        help="Compress block by block from the safetensors files (one block resident)."),
+                                        help="Compress block by block from the safetensors files (one block "
+                                        "resident; the cached calibration activations go to a temporary "
+                                        "directory beside --out)."),
         device: str = typer.Option("cpu", "--device",
                                    help="Compute device: cpu | cuda | cuda:N (blocks visit it one at a time; under "
                                         "torchrun, cuda = each rank's GPU)."),
@@ -241,7 +243,7 @@ def register(app: typer.Typer) -> None:
         (gloo with --device cpu, nccl with --device cuda); rank 0 writes --out."""
         import contextlib
 
-        from ..compression.engine.distributed import Comm, init_from_env, shutdown, sigterm_as_exit
+        from ..compression.engine.distributed import Comm, init_from_env, leave, shutdown, sigterm_as_exit
 
         def run_cmd(main: bool) -> None:
             nonlocal quiet
@@ -281,3 +283,5 @@ def register(app: typer.Typer) -> None:
         finally:
             if started:
                 shutdown(sync=done)
+        if started:
+            leave(0)  # a run that succeeded on every rank (a failure raises above and exits 2 as usual)

@@ -447,7 +447,8 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
                         options: Mapping[str, Any] | None = None, calib=None, targets=None,
                         allocate: str | None = None, allocate_options=None, engine=None, calib_options=None,
                         progress: bool = True, overwrite: bool = False, dtype: torch.dtype | str | None = None,
-                        extra: Mapping[str, Any] | None = None, **engine_kw) -> CompressionReport:
+                        extra: Mapping[str, Any] | None = None, cache_on_disk: bool = True,
+                        **engine_kw) -> CompressionReport:
     """Compress the checkpoint at ``model_arg`` (built-in name or HF directory) block by block into
     ``out_dir``: same options and same result as :func:`compress` followed by saving, with at most one
     block's weights in memory. The Fisher-weighted objective (gradients of the whole model) is not
@@ -456,7 +457,9 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
     Memory (see BENCHMARKS.md, "memory model"): the calibration text is tokenized in chunks, the
     embeddings and head are never resident while blocks are compressed (the capture of the block-0
     inputs reads only the embedding rows of the calibration tokens; the output copies them from the
-    checkpoint in chunks), and the cached activations are advanced in place.
+    checkpoint in chunks), and the cached activations are advanced in place. ``cache_on_disk`` (the
+    default) keeps those activations (the refit's two caches) in files in a temporary directory beside
+    ``out_dir``, one batch resident at a time (:mod:`.engine.spill`); off, they stay in memory.
 
     Inside a ``torch.distributed`` process group every rank runs this with the same arguments and
     only rank 0 writes ``out_dir`` (see :mod:`.engine.distributed`).
@@ -472,6 +475,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
     from ..models.streaming import FileTensors, index_dtypes, index_shapes, stream_merge, weight_index
     from ..models.surgery import block_prefix
     from .engine.device import parse_dtype
+    from .engine.spill import spill_directory
     from .rankplot import write_rank_report
 
     t0 = time.perf_counter()
@@ -515,7 +519,8 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
     ctx = AllocationContext(model=None, windows=windows, progress=progress)
     filt = _QuietDamping()
     with (sigterm_as_exit() if comm.active else contextlib.nullcontext()), \
-            (atomic_dir(out_dir, overwrite=overwrite) if comm.is_main else contextlib.nullcontext(None)) as tmp:
+            (atomic_dir(out_dir, overwrite=overwrite) if comm.is_main else contextlib.nullcontext(None)) as tmp, \
+            (spill_directory(out_dir) if cache_on_disk else contextlib.nullcontext(None)) as spill:
         shard_dir = None
         if tmp is not None:
             shard_dir = tmp / ".blocks"
@@ -523,7 +528,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
             write_side_files(tmp, config, tok, None)  # now: reloading the tokenizer at the end would be the peak
         del tok
         trim()  # the tokenizer and the calibration text are gone
-        source = StreamedSource(model, index, dtype, shard_dir, device, path)
+        source = StreamedSource(model, index, dtype, shard_dir, device, path, spill)
         model_before = source.parameter_count()
         logging.getLogger("rankwise").addFilter(filt)
         try:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...calibration.stats import run_model
+from .spill import SpilledBatches
 
 
 class Stop(Exception):
@@ -51,20 +52,29 @@ class Activations:
     extra arguments keyed by batch size: ``extras[batch][i] = (args, kwargs)`` of block ``i``.
     ``ids``: the global index of each cached batch (a rank of a distributed run caches its shard)."""
 
-    hidden: list[torch.Tensor]
+    hidden: list[torch.Tensor] | SpilledBatches
     extras: dict[int, list[tuple[tuple, dict]]] = field(default_factory=dict)
     ids: list[int] | None = None
+    sizes: list[int] | None = None  # the batch size of each cached batch
 
     def __post_init__(self) -> None:
         if self.ids is None:
             self.ids = list(range(len(self.hidden)))
+        if self.sizes is None:
+            self.sizes = [int(h.shape[0]) for h in self.hidden]
 
     def args(self, b: int, i: int) -> tuple[tuple, dict]:
-        return self.extras[int(self.hidden[b].shape[0])][i]
+        return self.extras[self.sizes[b]][i]
 
     def copy(self) -> "Activations":
-        """A new list of the same tensors (advancing one in place leaves the other as it was)."""
-        return Activations(list(self.hidden), self.extras, list(self.ids))
+        """A new list of the same tensors (advancing one in place leaves the other as it was; spilled
+        batches share their files until one side replaces a batch)."""
+        return Activations(self.hidden.copy(), self.extras, list(self.ids), list(self.sizes))
+
+    def close(self) -> None:
+        """Drop spilled batches' files now (a list in memory is left to the garbage collector)."""
+        if isinstance(self.hidden, SpilledBatches):
+            self.hidden.close()
 
 
 def _to(obj: Any, device: torch.device) -> Any:
@@ -90,12 +100,13 @@ def home_device(model: nn.Module) -> torch.device:
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int,
                    device: torch.device, store_dtype: torch.dtype | None = None,
-                   batches: list[int] | None = None) -> Activations:
+                   batches: list[int] | None = None, store: SpilledBatches | None = None) -> Activations:
     """Hidden states entering block 0 for the ``windows`` (n, L) of ``batches`` (global batch indices,
     default all) and each block's extra arguments.
 
     Runs on the model's home device (see the module doc). Hidden states are kept on the CPU in
-    ``store_dtype`` (default: as produced, the model's dtype); extras are moved to ``device``.
+    ``store_dtype`` (default: as produced, the model's dtype), in a list or appended to ``store`` (on
+    disk); extras are moved to ``device``.
     """
     home = home_device(model)
     nb = -(-windows.shape[0] // batch_size)
@@ -103,13 +114,15 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tenso
     real = list(blocks)
     for i, b in enumerate(real):
         blocks[i] = Passthrough(b)
-    hidden: list[torch.Tensor] = []
+    hidden: list[torch.Tensor] | SpilledBatches = [] if store is None else store
+    sizes: list[int] = []
     extras: dict[int, list[tuple[tuple, dict]]] = {}
     try:
         for gb in ids:
             start = gb * batch_size
             batch = windows[start: start + batch_size].to(home)
             b = int(batch.shape[0])
+            sizes.append(b)
             record = b not in extras
             seen: list[tuple[tuple, dict]] = []
             stop_at = len(blocks) - 1 if record else 0
@@ -140,7 +153,7 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tenso
     finally:
         for i, b in enumerate(real):
             blocks[i] = b
-    return Activations(hidden, extras, ids)
+    return Activations(hidden, extras, ids, sizes)
 
 
 def run_block(block: nn.Module, h: torch.Tensor, args: tuple, kwargs: dict, device: torch.device) -> torch.Tensor:

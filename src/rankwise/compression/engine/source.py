@@ -29,12 +29,16 @@ from ...errors import ArtifactError
 from ...models.skeleton import free, meta_parameters
 from ...models.streaming import index_shapes, load_rows, load_tensors, save_shard
 from ...models.surgery import block_prefix, decoder_blocks
+from .spill import _Files
 
 
 class WeightSource:
-    """Base: ``model``, its ``blocks`` and their qualified ``prefix`` (e.g. ``model.layers``)."""
+    """Base: ``model``, its ``blocks`` and their qualified ``prefix`` (e.g. ``model.layers``).
+    ``spill``: where the engine keeps its cached hidden states on disk (:mod:`.spill`), ``None``: in
+    memory."""
 
     in_memory = True
+    spill: _Files | None = None
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.model = model
@@ -90,9 +94,10 @@ class StreamedSource(WeightSource):
     in_memory = False
 
     def __init__(self, model: nn.Module, index: dict[str, Path], dtype: torch.dtype, shard_dir: Path | None,
-                 device: torch.device, path: Path) -> None:
+                 device: torch.device, path: Path, spill: _Files | None = None) -> None:
         super().__init__(model, device)
         self.index, self._dtype, self.shard_dir, self.path = index, dtype, shard_dir, path
+        self.spill = spill
         self.shards: list[Path] = []
         #: ``{dropped key: kept key}`` of tensors shared across blocks (written once).
         self.aliases: dict[str, str] = {}
