@@ -3,8 +3,8 @@ and on the compressed prefix's inputs ``X'``.
 
 Per layer, ``C' = sum x' x'^T`` (as :class:`InputStats`) and the cross moment ``M = sum x x'^T``
 (in, in), float64, so that a fit can target the DENSE model's outputs from the compressed inputs:
-``argmin ||W X - W' X'||`` (:meth:`LayerStats.target`). Sums go to the bucket named by ``bucket``
-(``"fit"`` or ``"held"``: held-out calibration windows choose the refit's ridge).
+``argmin ||W X - W' X'||`` (:meth:`LayerStats.target`). The engine's held-out windows, which choose
+the refit's ridge, are scored through ``on_pair`` and added to the same sums afterwards.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import NumericalError
-from .stats import InputStats, LayerStats, first_tensor, row_chunks
+from .stats import InputStats, first_tensor, row_chunks
 
 
 def _flat(x: torch.Tensor, device) -> torch.Tensor:
@@ -24,22 +24,22 @@ def _flat(x: torch.Tensor, device) -> torch.Tensor:
 
 class PairedAccumulator:
     """Context manager: pre-hooks on ``dense`` modules record each input ``x``; pre-hooks on ``current``
-    modules (same names) add ``x'`` to ``C'`` and ``x x'^T`` to ``M`` of the current bucket.
+    modules (same names) add ``x'`` to ``C'`` and ``x x'^T`` to ``M``: ``sums[name] = [InputStats, M]``
+    (``sums``: the caller's, added to in place, or new).
 
     The dense forward of a batch must run before the current forward of the same batch. ``on_pair(name,
-    x, x')`` (optional) sees each pair of (tokens, in) inputs before they are added. Sums already in
-    ``buckets`` (set by the caller) are added to in place.
+    x, x')`` (optional) sees each pair of (tokens, in) inputs before they are added.
     """
 
     def __init__(self, dense: Mapping[str, nn.Module], current: Mapping[str, nn.Module], cov: bool = True,
                  device: torch.device | str | None = None,
-                 on_pair: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+                 on_pair: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+                 sums: dict[str, list] | None = None) -> None:
         if set(dense) != set(current):
             raise ValueError("dense and current modules must have the same names")
         self.dense, self.current, self.cov, self.device = dict(dense), dict(current), cov, device
         self.on_pair = on_pair
-        self.bucket = "fit"
-        self.buckets: dict[str, dict[str, list]] = {}
+        self.sums: dict[str, list] = {} if sums is None else sums
         self._recorded: dict[str, torch.Tensor] = {}
         self._handles: list = []
 
@@ -69,12 +69,11 @@ class PairedAccumulator:
                                      f"{tuple(xd.shape)} vs {tuple(xc.shape)}")
             if self.on_pair is not None:
                 self.on_pair(name, xd, xc)
-            bucket = self.buckets.setdefault(self.bucket, {})
-            if name not in bucket:
+            if name not in self.sums:
                 n = xc.shape[1]
-                bucket[name] = [InputStats.zeros(n, device=dev, cov=self.cov),
-                                torch.zeros(n, n, dtype=torch.float64, device=dev)]
-            st, M = bucket[name]
+                self.sums[name] = [InputStats.zeros(n, device=dev, cov=self.cov),
+                                   torch.zeros(n, n, dtype=torch.float64, device=dev)]
+            st, M = self.sums[name]
             st.add_(xc)
             for a, c in zip(row_chunks(xd, dev), row_chunks(xc, dev)):
                 M.addmm_(a.T, c)
@@ -91,16 +90,3 @@ class PairedAccumulator:
             h.remove()
         self._handles.clear()
         self._recorded.clear()
-
-    def layer_stats(self, name: str, buckets: tuple[str, ...] = ("fit", "held")) -> LayerStats:
-        """``LayerStats(C', cross=M)`` summed over ``buckets`` (one bucket: its own tensors, not copies)."""
-        parts = [self.buckets[b][name] for b in buckets if name in self.buckets.get(b, {})]
-        if not parts:
-            raise NumericalError(f"layer {name} was never called during calibration")
-        st, M = parts[0]
-        if len(parts) > 1:  # a new sum; one bucket's sums are returned as they are (no copy)
-            M = M.clone()
-        for other, Mo in parts[1:]:
-            st = st.merge(other)
-            M += Mo
-        return LayerStats(st, cross=M)

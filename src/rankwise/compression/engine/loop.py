@@ -248,7 +248,7 @@ class Engine:
                     if b not in held:
                         _run_until(dense_chain, dense_acts, b, dmods, self.device)
                         _run_until(chain, acts, b, mods, self.device)
-            return acc.buckets.setdefault("fit", {})
+            return acc.sums
         sums = comm.agreed(local)
         self._sum_pairs(names, mods, sums)
         stats = self._with_fisher({n: LayerStats(sums[n][0], cross=sums[n][1]) for n in names if n in sums})
@@ -332,8 +332,8 @@ class Engine:
                 st.n = 0
 
         def local():
-            with PairedAccumulator(held.dense_mods, held.mods, cov=True, device=self.device, on_pair=score) as acc:
-                acc.buckets["fit"] = sums
+            with PairedAccumulator(held.dense_mods, held.mods, cov=True, device=self.device, on_pair=score,
+                                   sums=sums):
                 for b in held.batches:
                     _run_until(held.dense_chain, held.dense_acts, b, held.dense_mods, self.device)
                     _run_until(held.chain, held.acts, b, held.mods, self.device)
