@@ -138,8 +138,8 @@ def memory_model(shape: dict, tokens: int, batch_tokens: int, base_mb: float, el
     ``refit=False``: block granularity, no refit (one activation cache; the block's shared input sums).
     ``refit=True`` (the svd-llm default: sub-groups + held-out-ridge refit): the dense model's
     activations and a dense copy of the block besides the compressed ones, and per sub-group, per
-    layer, ``C'`` and ``M = X X'^T`` on the fit and on the held-out windows; the peak is the largest
-    sub-group's (``down_proj``: ``4 f^2`` float64 at SmolLM2's and Llama's shapes).
+    layer, ``C'`` and ``M = X X'^T``; the peak is the largest sub-group's (``down_proj``: ``2 f^2``
+    float64 at SmolLM2's and Llama's shapes).
 
     ``cache_on_disk`` (the default of ``compress_low_memory`` since issue 14's last stop): each cache
     keeps at most two batches resident (the one read, and advance's output before it is written)."""
@@ -151,8 +151,9 @@ def memory_model(shape: dict, tokens: int, batch_tokens: int, base_mb: float, el
     copies = 2 if refit else 1
     acts = copies * (2 * batch_tokens if cache_on_disk else tokens) * h * elem * mb
     weights = copies * c["block_params"] * elem * mb
-    if refit:  # sub-groups [q k v] [o] [gate up] [down], each layer its own (C', M) x (fit, held)
-        per_layer = lambda n: 2 * 8 * (2 * n * n + 2 * n)  # noqa: E731  (fit, held) x (C', M, |x|, x^2)
+    if refit:  # sub-groups [q k v] [o] [gate up] [down], each layer its own (C', M); the held-out windows
+        # add to them after the ridge is chosen (before issue 14's last stop: a second pair, 2x this)
+        per_layer = lambda n: 8 * (2 * n * n + 2 * n)  # noqa: E731  C', M, |x|, x^2
         stats = max(3 * per_layer(h), per_layer(q), 2 * per_layer(h), per_layer(f)) * mb
     else:
         stats = sum(8 * (n * n + 2 * n) for n in (h, q, h, f)) * mb

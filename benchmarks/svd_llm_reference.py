@@ -14,6 +14,7 @@ already there is skipped); ``--render`` writes the Markdown table for BENCHMARKS
 
     python ../shared/reference/make_text.py /tmp/ref
     python benchmarks/svd_llm_reference.py --text-dir /tmp/ref --rows default,plain --ratios 0.2,0.4,0.6
+    python benchmarks/svd_llm_reference.py --text-dir /tmp/ref --rows default --ratios 0.4 --tag s17  # re-measure
     python benchmarks/svd_llm_reference.py --render
 """
 from __future__ import annotations
@@ -103,6 +104,8 @@ def main() -> None:
     ap.add_argument("--text-dir", type=Path, help="directory written by ../shared/reference/make_text.py")
     ap.add_argument("--rows", default="default,plain", help=f"comma-separated rows: {', '.join(ROWS)}")
     ap.add_argument("--ratios", default="0.2,0.4,0.6")
+    ap.add_argument("--tag", default=None, help="store the rows as ROW@TAG (a re-measurement of a row already in "
+                    "the results, e.g. after an engine change)")
     ap.add_argument("--render", action="store_true", help="print the Markdown table of the results so far")
     args = ap.parse_args()
     if args.render:
@@ -114,9 +117,10 @@ def main() -> None:
     have = {(r["row"], r["ratio"]) for r in done()}
     for ratio in [float(x) for x in args.ratios.split(",")]:
         for name in args.rows.split(","):
-            if (name, ratio) in have:
+            stored = f"{name}@{args.tag}" if args.tag else name
+            if (stored, ratio) in have:
                 continue
-            res = run_row(name, ratio, args.text_dir, ROWS[name])
+            res = run_row(stored, ratio, args.text_dir, ROWS[name])
             print(json.dumps(res), flush=True)
             with open(OUT, "a") as f:
                 f.write(json.dumps(res) + "\n")
