@@ -251,9 +251,8 @@ class Engine:
             return acc.sums
         sums = comm.agreed(local)
         self._sum_pairs(names, mods, sums)
-        stats = self._with_fisher({n: LayerStats(sums[n][0], cross=sums[n][1]) for n in names if n in sums})
-        if len(stats) < len(names):
-            raise NumericalError(f"layers never called during calibration: {[n for n in names if n not in stats][:5]}")
+        # every layer is in ``sums``: _run_until raises for one that never ran, _sum_pairs fills a rank's gaps
+        stats = self._with_fisher({n: LayerStats(sums[n][0], cross=sums[n][1]) for n in names})
         if not choose:
             for st in stats.values():
                 st.ridge = self.opts.refit_ridge
@@ -318,7 +317,7 @@ class Engine:
                                    None if math.isinf(lam) else lam) for n in names}
             layers = self._fit_mine(names, stats, owners)
             candidates.append(comm.share_layers(list(names), owners, layers, self.device))  # every rank scores
-        weights = {n: linear_weight(held.mods[n]).detach() for n in names}
+        weights = {n: linear_weight(held.mods[n]).detach().to(self.device, torch.float32) for n in names}
         errors = torch.zeros(len(RIDGE_CANDIDATES), dtype=torch.float64)
 
         def score(name: str, x: torch.Tensor, xp: torch.Tensor) -> None:
@@ -328,7 +327,8 @@ class Engine:
         sums = {n: [fit[n].inputs, fit[n].cross] for n in names}
         if comm.active and comm.rank != 0:  # rank 0 keeps the (reduced) fit sums; the others add theirs
             for st, M in sums.values():
-                st.cov.zero_(), st.abs_sum.zero_(), st.sq_sum.zero_(), M.zero_()
+                for t in (st.cov, st.abs_sum, st.sq_sum, M):
+                    t.zero_()
                 st.n = 0
 
         def local():

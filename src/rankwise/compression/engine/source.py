@@ -29,7 +29,7 @@ from ...errors import ArtifactError
 from ...models.skeleton import free, meta_parameters
 from ...models.streaming import index_shapes, load_rows, load_tensors, save_shard
 from ...models.surgery import block_prefix, decoder_blocks
-from .spill import _Files
+from .spill import SpillFiles
 
 
 class WeightSource:
@@ -38,7 +38,7 @@ class WeightSource:
     memory."""
 
     in_memory = True
-    spill: _Files | None = None
+    spill: SpillFiles | None = None
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.model = model
@@ -94,7 +94,7 @@ class StreamedSource(WeightSource):
     in_memory = False
 
     def __init__(self, model: nn.Module, index: dict[str, Path], dtype: torch.dtype, shard_dir: Path | None,
-                 device: torch.device, path: Path, spill: _Files | None = None) -> None:
+                 device: torch.device, path: Path, spill: SpillFiles | None = None) -> None:
         super().__init__(model, device)
         self.index, self._dtype, self.shard_dir, self.path = index, dtype, shard_dir, path
         self.spill = spill

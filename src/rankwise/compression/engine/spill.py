@@ -30,7 +30,7 @@ import torch
 from ...errors import ArtifactError
 
 
-class _Files:
+class SpillFiles:
     """The directory of one run's spilled batches, with a reference count per file."""
 
     def __init__(self, directory: Path) -> None:
@@ -64,7 +64,7 @@ class SpilledBatches:
     (a new file), ``append``, ``copy`` (shares the files, copy on write). ``close`` drops this list's
     references (files still used by a copy stay)."""
 
-    def __init__(self, files: _Files) -> None:
+    def __init__(self, files: SpillFiles) -> None:
         self._files = files
         self._paths: list[Path] = []
         self._meta: list[tuple[torch.Size, torch.dtype]] = []
@@ -89,10 +89,6 @@ class SpilledBatches:
         self._paths.append(self._files.write(t))
         self._meta.append((t.shape, t.dtype))
 
-    def rows(self, b: int) -> int:
-        """The batch size of batch ``b`` (without reading it)."""
-        return int(self._meta[b][0][0])
-
     def copy(self) -> "SpilledBatches":
         other = SpilledBatches(self._files)
         for p in self._paths:
@@ -107,7 +103,7 @@ class SpilledBatches:
 
 
 @contextlib.contextmanager
-def spill_directory(near: str | os.PathLike) -> Iterator[_Files]:
+def spill_directory(near: str | os.PathLike) -> Iterator[SpillFiles]:
     """A fresh hidden directory beside ``near`` (the output directory: the same disk) for this run's
     batches (the system temp directory where ``near``'s parent does not exist); removed with
     everything in it when the run ends."""
@@ -120,9 +116,9 @@ def spill_directory(near: str | os.PathLike) -> Iterator[_Files]:
         raise ArtifactError(f"cannot create a directory for the cached calibration activations in {parent}: {e}; "
                             "make that directory writable or run without --low-memory") from e
     try:
-        yield _Files(d)
+        yield SpillFiles(d)
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
 
-__all__ = ["SpilledBatches", "spill_directory"]
+__all__ = ["SpillFiles", "SpilledBatches", "spill_directory"]
