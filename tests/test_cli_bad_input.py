@@ -97,6 +97,7 @@ CASES = [
     ("compress {tiny} --allocate nope -q", "unknown allocator 'nope'"),
     ("compress {tiny} --out {exists} -q", "already exists"),
     ("compress {tiny} --low-memory -q", "needs --out"),
+    ("compress {tiny} --low-memory --allocate sensitivity-band --out {tmp}/a -q", "cannot use --allocate sensitivity-band"),
     ("compress {tiny} --targets ( --text-file {text} --calib-seqlen 16 -q", "invalid layer pattern '('"),
     ("compress {tiny} --ratio 0.99 --min-rank 64 --allocate spectrum --method svd --text-file {text} --calib-seqlen 16 "
      "--calib-windows 2 -q", "cannot be met"),

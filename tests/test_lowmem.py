@@ -25,6 +25,7 @@ OPTIONS = [
     dict(engine=dict(granularity="subgroup", refit=True, refit_ridge=0.01)),
     dict(allocate="spectrum-band"),                             # dry spectra pass streamed too
     dict(method="asvd"),
+    dict(method="svd-llm-v2"),                                  # eigh truncation + its per-type allocator
 ]
 
 
@@ -70,6 +71,13 @@ def test_interrupted_run_leaves_nothing_and_rerun_is_clean(tmp_path, windows, mo
     monkeypatch.setattr(source_mod, "save_shard", real)
     compress_low_memory(tiny_dir, out, calib=windows, **CAL)
     assert load_structured(out) is not None
+
+
+@pytest.mark.parametrize("allocate", ["sensitivity", "sensitivity-band"])
+def test_low_memory_rejects_whole_model_allocators(tmp_path, windows, tiny_dir, allocate):
+    with pytest.raises(ConfigError, match=f"--low-memory cannot use --allocate {allocate}: .*drop --low-memory"):
+        compress_low_memory(tiny_dir, tmp_path / "o", allocate=allocate, calib=windows, **CAL)
+    assert not (tmp_path / "o").exists()
 
 
 def test_low_memory_rejects_fisher(tmp_path, windows, tiny_dir):

@@ -490,6 +490,10 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         if FISHER in _needs(meth):
             raise ConfigError("--low-memory cannot use the fwsvd objective: it needs gradients of the whole model; "
                               "use svd, asvd or svd-llm, or drop --low-memory")
+        if get_allocator(cfg.allocate).whole_model:
+            raise ConfigError(f"--low-memory cannot use --allocate {cfg.allocate}: it measures the loss of the whole "
+                              "model with each layer truncated; use uniform, spectrum-band or svd-llm-v2 (they run "
+                              "block by block), or drop --low-memory")
         if comm.is_main:
             check_new_output(out_dir, overwrite)
         path = Path(resolve_model(model_arg))

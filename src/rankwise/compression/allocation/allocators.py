@@ -71,7 +71,8 @@ def spectrum_band(req: AllocationRequest) -> RankPlan:
     return plan
 
 
-@register("sensitivity", "factors", "measured LM-loss increase per layer at a few ranks + budgeted choice (slower)")
+@register("sensitivity", "factors", "measured LM-loss increase per layer at a few ranks + budgeted choice (slower)",
+          whole_model=True)
 def sensitivity(req: AllocationRequest) -> RankPlan:
     """Measured loss increase when each layer alone is truncated (few windows), then the budgeted choice."""
     plan = allocate_sensitivity_request(req, speed_caps_for(req))
@@ -79,7 +80,8 @@ def sensitivity(req: AllocationRequest) -> RankPlan:
     return plan
 
 
-@register("sensitivity-band", "factors", "spectrum-band weighted by the measured loss increase of each layer at its uniform rank")
+@register("sensitivity-band", "factors", "spectrum-band weighted by the measured loss increase of each layer at its uniform rank",
+          whole_model=True)
 def sensitivity_band(req: AllocationRequest) -> RankPlan:
     """``spectrum-band`` weighted per layer by the measured loss increase at its uniform rank."""
     plan = allocate_sensitivity_band_request(req, speed_caps_for(req))

@@ -89,6 +89,7 @@ class Allocator:
     needs: str = "none"        # one of NEEDS
     budget: str = "params"     # one of BUDGETS
     description: str = ""
+    whole_model: bool = False  # measures the LM loss of the whole model (no --low-memory)
 
     @property
     def needs_spectra(self) -> bool:
@@ -99,15 +100,17 @@ class Allocator:
 ALLOCATORS: Registry[Allocator] = Registry("allocator", package="rankwise.compression.allocation")
 
 
-def register(name: str, needs: str = "none", description: str = "", budget: str = "params"):
+def register(name: str, needs: str = "none", description: str = "", budget: str = "params",
+             whole_model: bool = False):
     """Decorator: register ``fn(request) -> plan`` as allocator ``name`` (``needs`` in :data:`NEEDS`,
-    ``budget`` in :data:`BUDGETS`)."""
+    ``budget`` in :data:`BUDGETS`; ``whole_model``: it evaluates the whole model, so a run that holds
+    one block at a time cannot use it)."""
     if needs not in NEEDS or budget not in BUDGETS:
         raise ValueError(f"allocator {name}: needs must be one of {NEEDS} and budget one of {BUDGETS}")
 
     def deco(fn):
         ALLOCATORS.register(name, Allocator(name, fn, needs, budget,
-                                            description or (fn.__doc__ or "").split("\n")[0]))
+                                            description or (fn.__doc__ or "").split("\n")[0], whole_model))
         return fn
     return deco
 
