@@ -214,7 +214,8 @@ def register(app: typer.Typer) -> None:
         low_memory: bool = typer.Option(False, "--low-memory",
                                         help="Compress block by block from the safetensors files (one block "
                                         "resident; the cached calibration activations go to a temporary "
-                                        "directory beside --out)."),
+                                        "directory beside --out). Not with --method fwsvd or --allocate "
+                                        "sensitivity / sensitivity-band, which need the whole model."),
         device: str = typer.Option("cpu", "--device",
                                    help="Compute device: cpu | cuda | cuda:N (blocks visit it one at a time; under "
                                         "torchrun, cuda = each rank's GPU)."),
