@@ -5,6 +5,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # pytest-xdist runs one worker per core (pyproject's addopts: -n 2): one thread each, so two workers
+    # do not oversubscribe the cores (OpenMP and BLAS read these before torch and numpy load).
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import pytest
 import torch
