@@ -148,8 +148,8 @@ def test_dead_inputs_are_zeroed_and_harmless():
 
 
 def test_falls_back_to_rtn_when_gptq_is_worse_and_says_so():
-    # a rank-deficient C (3 tokens, 4 inputs) where the greedy solution loses to RTN (found by search)
-    g = torch.Generator().manual_seed(3)
+    # a rank-deficient C (3 tokens, n inputs) where the greedy solution loses to RTN (found by search)
+    g = torch.Generator().manual_seed(7)
     n = int(torch.randint(2, 6, (1,), generator=g))
     W = torch.randn(1, n, generator=g, dtype=torch.float64)
     X = torch.randn(n, 3, generator=g, dtype=torch.float64)

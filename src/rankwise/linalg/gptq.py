@@ -36,7 +36,8 @@ from ..errors import ConfigError, NumericalError
 from ._checks import as_covariance, as_matrix
 from .refit import activation_error
 from .quant import (
-    QuantGrid, QuantizedMatrix, check_bits, check_group_size, column_groups, fit_grid, grid_from_range, rtn,
+    QuantGrid, QuantizedMatrix, check_bits, check_grid_options, check_group_size, column_groups, fit_grid,
+    round_to_grid, rtn, search_range,
 )
 
 
@@ -62,30 +63,34 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 8) -> tuple
 
 def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, *,
          percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True,
-         static_groups: bool = False) -> QuantizedMatrix:
-    """GPTQ codes of ``W (m, n)`` under ``C (n, n)``; algorithm and guarantee in the module docstring."""
+         static_groups: bool = False, zero_point: str = "integer", clip: str = "minmax") -> QuantizedMatrix:
+    """GPTQ codes of ``W (m, n)`` under ``C (n, n)``; algorithm and guarantee in the module docstring.
+    ``zero_point`` / ``clip``: how each group's grid is chosen (:func:`.quant.search_range`; the
+    clipping search weights column ``j`` by ``C_jj``)."""
     W = as_matrix(W, "W")
     m, n = W.shape
     C = as_covariance(C, n, "C")
     bits = check_bits(bits)
     g = check_group_size(group_size, n)
+    check_grid_options(zero_point, clip)
     if not percdamp >= 0:
         raise ConfigError(f"percdamp must be >= 0, got {percdamp}; the reference uses 0.01")
     if blocksize < 1:
         raise ConfigError(f"blocksize must be >= 1, got {blocksize}; the reference uses 128")
-    base = rtn(W, bits, g, symmetric)
+    imp = torch.diagonal(C).to(torch.float64)
+    base = rtn(W, bits, g, symmetric, zero_point=zero_point, clip=clip, importance=imp)
 
-    H = C.clone()
+    H = C.to(torch.float64).clone()
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
-    Wd = W.clone()
+    Wd = W.to(torch.float64).clone()
     Wd[:, dead] = 0.0
     groups = column_groups(n, g, W.device)
+    G = int(groups[-1]) + 1
     if static_groups:
-        grid = fit_grid(Wd, bits, g, symmetric)
-        ready = torch.ones(grid.scales.shape[1], dtype=torch.bool)
+        grid = fit_grid(Wd, bits, g, symmetric, zero_point=zero_point, clip=clip, importance=imp)
+        ready = torch.ones(G, dtype=torch.bool)
     else:
-        G = int(groups[-1]) + 1
         grid = QuantGrid(bits, g, n, torch.zeros(m, G, dtype=torch.float16, device=W.device),
                          None if symmetric else torch.zeros(m, G, dtype=torch.float16, device=W.device))
         ready = torch.zeros(G, dtype=torch.bool)
@@ -97,7 +102,22 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
     Hp = H[perm][:, perm]
     U, damp = _inverse_cholesky(Hp, percdamp * float(torch.diagonal(Hp).mean()))
     gp = groups[perm]  # group of each processed position
+    # per processed position: the step and offset of its grid (filled when the group's grid is fixed)
+    Sp = torch.zeros(m, n, dtype=torch.float64, device=W.device)
+    Op = torch.zeros(m, n, dtype=torch.float64, device=W.device)
+    maxq, zcode = grid.maxq, (2 ** (bits - 1) if symmetric else 0)
+
+    def fix(j: int, scale: torch.Tensor, mn: torch.Tensor | None) -> None:
+        pos = invperm[groups == j]
+        s = scale.to(torch.float64)[:, None]
+        Sp[:, pos] = s
+        Op[:, pos] = (-(2 ** (bits - 1)) * s) if mn is None else mn.to(torch.float64)[:, None]
+
+    if static_groups:
+        for j in range(G):
+            fix(j, grid.scales[:, j], None if grid.mins is None else grid.mins[:, j])
     codes_p = torch.zeros(m, n, dtype=torch.int64, device=W.device)
+    one = torch.zeros(1, dtype=torch.int64, device=W.device)
 
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
@@ -107,22 +127,25 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
         for i in range(i2 - i1):
             j = int(gp[i1 + i])
             if not ready[j]:  # first column of group j: its grid from the group's current columns
-                pos = invperm[groups == j]
+                cols = (groups == j).nonzero().flatten()
+                pos = invperm[cols]
                 inb, out = pos[pos < i2] - i1, pos[pos >= i2]
                 cur = torch.cat([W1[:, inb], Wp[:, out] - Err1[:, :i] @ U[i1:i1 + i, out]], dim=1)
-                scale, mn = grid_from_range(cur.amin(1), cur.amax(1), bits, symmetric)
-                grid.scales[:, j] = scale
+                order = torch.cat([cols[pos < i2], cols[pos >= i2]])
+                scale, mn = search_range(cur, one.expand(cur.shape[1]), 1, bits, symmetric, zero_point, clip,
+                                         imp[order])
+                grid.scales[:, j] = scale[:, 0]
                 if mn is not None:
-                    grid.mins[:, j] = mn
+                    grid.mins[:, j] = mn[:, 0]
+                fix(j, scale[:, 0], None if mn is None else mn[:, 0])
                 ready[j] = True
-            col = perm[i1 + i: i1 + i + 1]
-            w = W1[:, i: i + 1]
-            q = grid.round(w, col)
-            s, off = grid.columns(col)
-            codes_p[:, i1 + i] = q[:, 0]
-            err = (w - (q.to(torch.float64) * s + off)) / U1[i, i]
-            W1[:, i:] -= err * U1[i: i + 1, i:]
-            Err1[:, i: i + 1] = err
+            w = W1[:, i]
+            s, o = Sp[:, i1 + i], Op[:, i1 + i]
+            q = round_to_grid(w, s, o, maxq, zcode)
+            codes_p[:, i1 + i] = q
+            err = (w - (q.to(torch.float64) * s + o)) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i: i + 1, i:]
+            Err1[:, i] = err
         Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
     codes = codes_p[:, invperm].to(torch.uint8)
@@ -130,7 +153,8 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
     obj_rtn = quant_objective(W, base.dense(torch.float64), C)
     info = {"objective_gptq": obj, "objective_rtn": obj_rtn, "damping": damp,
             "damping_rel": damp / max(float(torch.diagonal(Hp).mean()), 1e-30), "dead_inputs": int(dead.sum()),
-            "act_order": bool(act_order), "static_groups": bool(static_groups)}
+            "act_order": bool(act_order), "static_groups": bool(static_groups), "zero_point": zero_point,
+            "clip": clip}
     if obj <= obj_rtn:
         return QuantizedMatrix(codes, grid, {"solver": "gptq", **info})
     return QuantizedMatrix(base.codes, base.grid, {"solver": "rtn", **info})

@@ -24,12 +24,14 @@ from .rtn import QuantOptions, plan_quant, quant_candidates, rotation_for
 class GPTQOptions(QuantOptions):
     """:class:`QuantOptions` plus the solver's: ``act_order`` (columns by decreasing ``C_jj``),
     ``percdamp`` (damping ``percdamp * mean(diag C)``), ``blocksize`` (lazy-update block),
-    ``static_groups`` (all grids from the original weights)."""
+    ``static_groups`` (all grids from the original weights); the clipping search is on by default here
+    (``clip="mse"``, each column weighted by ``C_jj``: measured in BENCHMARKS.md)."""
 
     act_order: bool = True
     percdamp: float = 0.01
     blocksize: int = 128
     static_groups: bool = False
+    clip: str = "mse"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -40,7 +42,7 @@ class GPTQOptions(QuantOptions):
 
     def solver_kwargs(self) -> dict[str, Any]:
         return {"percdamp": float(self.percdamp), "blocksize": self.blocksize, "act_order": bool(self.act_order),
-                "static_groups": bool(self.static_groups)}
+                "static_groups": bool(self.static_groups), **self.grid_kwargs()}
 
 
 def rotated_problem(W: torch.Tensor, stats: LayerStats, spec: Mapping[str, Any]):
