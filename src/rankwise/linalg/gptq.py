@@ -102,27 +102,32 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
     Hp = H[perm][:, perm]
     U, damp = _inverse_cholesky(Hp, percdamp * float(torch.diagonal(Hp).mean()))
     gp = groups[perm]  # group of each processed position
-    # per processed position: the step and offset of its grid (filled when the group's grid is fixed)
-    Sp = torch.zeros(m, n, dtype=torch.float64, device=W.device)
-    Op = torch.zeros(m, n, dtype=torch.float64, device=W.device)
+    # The sweep runs on transposed float32 copies (column j of W = row j, contiguous), as the reference
+    # implementations do; H^-1's factor is computed in float64 first. Per processed position: the
+    # step and offset of its grid (filled when the group's grid is fixed).
+    f32 = torch.float32
+    Wt = Wp.T.contiguous().to(f32)
+    Ut = U.to(f32)
+    St = torch.zeros(n, m, dtype=f32, device=W.device)
+    Ot = torch.zeros(n, m, dtype=f32, device=W.device)
     maxq, zcode = grid.maxq, (2 ** (bits - 1) if symmetric else 0)
 
     def fix(j: int, scale: torch.Tensor, mn: torch.Tensor | None) -> None:
         pos = invperm[groups == j]
-        s = scale.to(torch.float64)[:, None]
-        Sp[:, pos] = s
-        Op[:, pos] = (-(2 ** (bits - 1)) * s) if mn is None else mn.to(torch.float64)[:, None]
+        s = scale.to(f32)[None, :]
+        St[pos] = s
+        Ot[pos] = (-(2 ** (bits - 1)) * s) if mn is None else mn.to(f32)[None, :]
 
     if static_groups:
         for j in range(G):
             fix(j, grid.scales[:, j], None if grid.mins is None else grid.mins[:, j])
-    codes_p = torch.zeros(m, n, dtype=torch.int64, device=W.device)
+    codes_t = torch.zeros(n, m, dtype=torch.int64, device=W.device)
     one = torch.zeros(1, dtype=torch.int64, device=W.device)
 
     for i1 in range(0, n, blocksize):
         i2 = min(i1 + blocksize, n)
-        W1 = Wp[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
+        W1 = Wt[i1:i2].clone()
+        U1 = Ut[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             j = int(gp[i1 + i])
@@ -130,7 +135,7 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
                 cols = (groups == j).nonzero().flatten()
                 pos = invperm[cols]
                 inb, out = pos[pos < i2] - i1, pos[pos >= i2]
-                cur = torch.cat([W1[:, inb], Wp[:, out] - Err1[:, :i] @ U[i1:i1 + i, out]], dim=1)
+                cur = torch.cat([W1[inb], Wt[out] - Ut[i1:i1 + i, out].T @ Err1[:i]], dim=0).T
                 order = torch.cat([cols[pos < i2], cols[pos >= i2]])
                 scale, mn = search_range(cur, one.expand(cur.shape[1]), 1, bits, symmetric, zero_point, clip,
                                          imp[order])
@@ -139,15 +144,17 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
                     grid.mins[:, j] = mn[:, 0]
                 fix(j, scale[:, 0], None if mn is None else mn[:, 0])
                 ready[j] = True
-            w = W1[:, i]
-            s, o = Sp[:, i1 + i], Op[:, i1 + i]
-            q = round_to_grid(w, s, o, maxq, zcode)
-            codes_p[:, i1 + i] = q
-            err = (w - (q.to(torch.float64) * s + o)) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i: i + 1, i:]
-            Err1[:, i] = err
-        Wp[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            w = W1[i]
+            s, o = St[i1 + i], Ot[i1 + i]
+            q = torch.round((w - o) / torch.where(s > 0, s, 1.0)).clamp_(0, maxq)
+            q = torch.where(s > 0, q, float(zcode))
+            codes_t[i1 + i] = q.to(torch.int64)
+            err = (w - (q * s + o)) / U1[i, i]
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            Err1[i] = err
+        Wt[i2:] -= Ut[i1:i2, i2:].T @ Err1
 
+    codes_p = codes_t.T
     codes = codes_p[:, invperm].to(torch.uint8)
     obj = quant_objective(W, QuantizedMatrix(codes, grid).dense(torch.float64), C)
     obj_rtn = quant_objective(W, base.dense(torch.float64), C)
