@@ -19,6 +19,7 @@ Rows (``--row``):
 ``gptq-minmax-b{B}-g{G}``   the same with ``--set clip=minmax`` (the clipping search measured)
 ``gptq-rot-b{B}-g{G}``      the same with ``--rotate`` (residual-stream rotation; the head is untied)
 ``rtn-rot-b{B}-g{G}``       RTN with ``--rotate``
+``rtn-lrot-b{B}-g{G}``      RTN with ``--set rotate=layer`` (the per-layer run-time Hadamard rotation)
 ``llmc-b{B}-g{G}``          llm-compressor's ``GPTQModifier`` (asymmetric int, group G, its defaults: static
                             act-order, min/max observer, damping 0.01), run by this script under
                             ``/work/envs/llmc/bin/python`` on the very same calibration windows
@@ -75,7 +76,7 @@ WINDOWS, SEQLEN = 64, 512
 def parse_row(row: str) -> dict:
     if row == "dense":
         return {"family": "dense", "bits": None, "group_size": None, "rotate": False, "variant": ""}
-    m = re.fullmatch(r"(rtn|gptq|llmc|hqq|quanto)(-rot|-minmax)?-b(\d)(?:-g(\d+))?", row)
+    m = re.fullmatch(r"(rtn|gptq|llmc|hqq|quanto)(-rot|-lrot|-minmax)?-b(\d)(?:-g(\d+))?", row)
     if not m:
         raise SystemExit(f"unknown row {row!r}: dense | rtn|gptq[-rot|-minmax]-bB-gG | llmc-bB-gG | hqq-bB-gG | "
                          "quanto-bB")
@@ -138,6 +139,8 @@ def run_rankwise(r: dict, row: str, seed: int) -> dict:
             cmd.append("--rotate")
         if r["variant"] == "minmax":
             cmd += ["--set", "clip=minmax"]
+        if r["variant"] == "lrot":
+            cmd += ["--set", "rotate=layer"]
         subprocess.run(cmd, check=True, env=env)
         meta = json.loads((out / "rankwise.json").read_text())
         from safetensors import safe_open
@@ -248,7 +251,7 @@ def run(row: str, seed: int) -> Path:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         subprocess.run([str(LLMC_PY), __file__, "--row", row, "--seed", str(seed)], check=True, env=env)
         return RESULTS / f"{row}-seed{seed}.json"
-    data_free = r["family"] in ("dense", "rtn", "hqq", "quanto")
+    data_free = r["family"] in ("dense", "rtn", "hqq", "quanto")  # the rotation seed is not a calibration seed
     before, t0 = loadavg(), time.perf_counter()
     if r["family"] == "llmc":
         res = run_llmc(r, row, seed)
@@ -257,7 +260,7 @@ def run(row: str, seed: int) -> Path:
     else:
         res = run_rankwise(r, row, seed)
     out = {"schema": SCHEMA, "row": row, "family": r["family"], "bits": r["bits"], "group_size": r["group_size"],
-           "rotate": r["rotate"], "seed": None if data_free and not r["rotate"] else seed, **res,
+           "rotate": r["rotate"], "seed": None if data_free else seed, **res,
            "eval_windows": WINDOWS, "seqlen": SEQLEN, "text": str(REFTEXT),
            "bits_per_weight": 8.0 * res["targeted_bytes"] / res["targeted_values"],
            "seconds": time.perf_counter() - t0, "loadavg_before": before, "loadavg_after": loadavg()}

@@ -169,3 +169,35 @@ def test_compressed_layers_are_refused():
     set_module(m, name, QuantLinear.from_quantized(rtn(m.get_submodule(name).weight, 4, 32)))
     with pytest.raises(UnsupportedArchitectureError, match="before any layer is replaced"):
         fold_and_rotate(m)
+
+
+def test_compress_with_rotate_untied_saves_and_reloads(tmp_path):
+    """``compress(..., rotate=True)``: the stream rotated before calibration, the head untied (and said in
+    the report), the saved directory reloads to the same logits."""
+    from rankwise.compression.compress import compress
+    from rankwise.compression.saving import save_compressed
+    from rankwise.models.saved import load_structured
+    from rankwise.models.tiny import tiny_tokenizer
+
+    model = _perturbed(tiny_model("llama"))
+    before = sum(p.numel() for p in model.parameters())
+    windows = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(0))
+    model, rep = compress(model, "gptq", bits_per_weight=5.0, options={"group_size": 32, "bits": 4, "rotate": True},
+                          calib=windows, calib_options={"windows": 4, "seqlen": 32}, progress=False)
+    mt = rep.model_transform
+    assert mt["rotation"] == "stream" and mt["untied"] and mt["untied_params"] == 320 * 64
+    assert rep.model_params_before == before and model.lm_head.weight is not model.model.embed_tokens.weight
+    with torch.no_grad():
+        out = model(IDS).logits
+    save_compressed(model, tiny_tokenizer(), tmp_path / "c", rep)
+    back = load_structured(tmp_path / "c").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, out, rtol=1e-5, atol=1e-5)
+
+
+def test_compress_rotate_on_gemma3_is_a_clear_error_before_any_work():
+    from rankwise.compression.compress import compress
+
+    with pytest.raises(UnsupportedArchitectureError, match="sandwich norms.*without --rotate"):
+        compress(tiny_model("gemma3"), "rtn", bits_per_weight=5.0, options={"group_size": 32, "rotate": True},
+                 calib=torch.zeros(2, 16, dtype=torch.long), progress=False)

@@ -418,8 +418,8 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
     needs = _needs(meth)
     was_training = model.training
     model.eval()
-    transform = meth.prepare_model(model)  # e.g. the residual stream's rotation: before any statistics
     model_before = count_parameters(model)
+    transform = meth.prepare_model(model)  # e.g. the residual stream's rotation: before any statistics
     fisher: dict = {}
     if FISHER in needs:
         from ..calibration.gradients import accumulate_gradients
