@@ -236,3 +236,11 @@ def test_clip_search_lowers_the_objective_on_outlier_weights():
     W[:, 5] *= 6
     f = {c: gptq(W, C, 3, 16, clip=c).info["objective_gptq"] for c in ("minmax", "mse")}
     assert f["mse"] < f["minmax"]
+
+
+def test_clip_auto_keeps_the_lower_of_min_max_and_the_search():
+    W, C = random_problem(12, 16, 48, tokens=200)
+    f = {c: gptq(W, C, 4, 16, clip=c).info for c in ("minmax", "mse", "auto")}
+    obj = {c: i[f"objective_{i['solver']}"] for c, i in f.items()}
+    assert obj["auto"] == min(obj["minmax"], obj["mse"])
+    assert f["auto"]["clip_objectives"] == {"minmax": obj["minmax"], "mse": obj["mse"]}

@@ -102,9 +102,12 @@ CLIPS = ("minmax", "mse")
 CLIP_RATIOS = tuple(1.0 - 0.025 * k for k in range(21))  # 1.0, 0.975, ..., 0.5
 
 
-def check_grid_options(zero_point: str, clip: str) -> None:
+def check_grid_options(zero_point: str, clip: str, auto: bool = False) -> None:
+    """:class:`ConfigError` for an unknown ``zero_point`` / ``clip`` (``auto``: ``clip="auto"`` allowed, GPTQ)."""
     if zero_point not in ZERO_POINTS:
         raise ConfigError(f"unknown zero_point {zero_point!r}; valid: {', '.join(ZERO_POINTS)}")
+    if auto and clip == "auto":
+        return
     if clip not in CLIPS:
         raise ConfigError(f"unknown clip {clip!r}; valid: {', '.join(CLIPS)} (min/max range, or the "
                           "importance-weighted search over clipping ratios)")

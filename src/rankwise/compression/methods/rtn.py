@@ -41,7 +41,7 @@ class QuantOptions:
     minimums; ``zero_point``: ``"integer"`` (0 on every grid, the GPTQ / compressed-tensors form) or
     ``"float"`` (the grid spans exactly [min, max], llama.cpp's Q4_1 form); ``clip``: ``"minmax"`` or
     ``"mse"`` (each group's range shrunk by the ratio with the smallest importance-weighted error,
-    :func:`rankwise.linalg.quant.search_range`); ``rotate``: ``"stream"`` (``True``) folds the norms and
+    :func:`rankwise.linalg.quant.search_range`), and for GPTQ ``"auto"`` (both, the lower objective); ``rotate``: ``"stream"`` (``True``) folds the norms and
     rotates the residual stream by a random Hadamard matrix before quantizing
     (:mod:`rankwise.models.stream`; fused into the weights, no op at inference, the head untied when
     the model ties it), ``"layer"`` a randomized Hadamard rotation of each layer's inputs applied at run
@@ -62,7 +62,7 @@ class QuantOptions:
         check_group_size(self.group_size, 1)  # type and >= 1; the layer's input size caps it later
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        check_grid_options(self.zero_point, self.clip)
+        check_grid_options(self.zero_point, self.clip, auto=type(self) is not QuantOptions)  # auto: GPTQ only
         if self.rotate is True:
             self.rotate = "stream"
         elif self.rotate is False or self.rotate in ("none", ""):
