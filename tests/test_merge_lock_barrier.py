@@ -98,3 +98,24 @@ def test_batchnorm_reset_gives_the_data_statistics():
     want = np.mean([h[i:i + 16].var(0, ddof=1) for i in range(0, 64, 16)], 0)
     assert np.allclose(m[1].running_var.double().numpy(), want, atol=1e-5)
     assert not m.training
+
+
+def test_cli_lock_match_and_analyze_alignment(tiny_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.cli import main
+
+    locked_dir, matched_dir = tmp_path / "locked", tmp_path / "matched"
+    assert main(["lock", str(tiny_dir), "--seed", "3", "--out", str(locked_dir), "-q"]) == 0
+    a = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    b = AutoModelForCausalLM.from_pretrained(locked_dir).eval()
+    assert float((_logits(a) - _logits(b)).abs().max() / _logits(a).abs().max()) < 1e-4
+    assert "seed" not in "".join(p.read_text() for p in locked_dir.glob("*.json") if p.name != "tokenizer.json")
+    assert main(["match", str(tiny_dir), str(locked_dir), "--out", str(matched_dir), "-q"]) == 0
+    assert torch.allclose(_logits(AutoModelForCausalLM.from_pretrained(matched_dir).eval()), _logits(b), atol=1e-5)
+    capsys.readouterr()
+    assert main(["analyze", str(matched_dir), "--compare", str(tiny_dir), "--match", "weight",
+                 "--metrics", "alignment", "-q"]) == 0
+    assert "singular vectors aligned" in capsys.readouterr().out
+    assert main(["analyze", str(tiny_dir), "--match", "weight", "-q"]) == 2
+    assert "--match needs --compare" in capsys.readouterr().err

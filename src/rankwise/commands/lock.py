@@ -33,5 +33,6 @@ def register(app: typer.Typer) -> None:
             locked.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         table("lock", ["model", "blocks", "query-key", "value-output", "notes"],
-              [[str(path), rep.blocks, rep.query_key, rep.value_output, "; ".join(rep.notes) or "-"]])
+              [[str(path), rep.blocks, "locked" if rep.query_key else "no", "locked" if rep.value_output else "no",
+                "; ".join(rep.notes) or "-"]])
         console.print(f"wrote {out} (the seed is not stored in it)")
