@@ -28,7 +28,9 @@ stream has zero mean and a LayerNorm acts on it as an RMSNorm; LN(x) depends onl
 
 Rotating or slicing (:func:`rotate_stream`): ``Q`` is ``(d, d')`` with orthonormal columns. ``d' = d``
 is a rotation (exact); ``d' < d`` also deletes ``d - d'`` directions of the stream (SliceGPT's
-rotate-and-slice; approximate, exact only when the stream has no energy outside ``span(Q)``). Then
+rotate-and-slice; approximate, exact only when the stream has no energy outside ``span(Q)``). One
+``Q`` serves the whole stream: SliceGPT's per-block ``Q_l`` would need a ``Q_l^T Q_{l+1}`` matrix on
+each residual connection, which no plain architecture has. Then
 the weights above change shape, the norms get width ``d'``, ``config.hidden_size`` becomes ``d'``
 (``head_dim`` is pinned first where the config derived it from ``hidden_size``), and each norm's gain
 becomes ``sqrt(d / d')`` (a norm divides by ``sqrt(mean(x^2))``, a mean over ``d'`` entries now;
