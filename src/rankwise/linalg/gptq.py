@@ -36,8 +36,8 @@ from ..errors import ConfigError, NumericalError
 from ._checks import as_covariance, as_matrix
 from .refit import activation_error
 from .quant import (
-    QuantGrid, QuantizedMatrix, check_bits, check_grid_options, check_group_size, column_groups, fit_grid,
-    round_to_grid, rtn, search_range,
+    QuantGrid, QuantizedMatrix, check_bits, check_grid_options, check_group_size, column_groups, fit_grid, rtn,
+    search_range,
 )
 
 
