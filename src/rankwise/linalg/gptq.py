@@ -20,7 +20,12 @@ final ``W'`` is ``sum_j ||w_j - q_j||^2 / U_jj^2`` with ``w_j`` the updated colu
   permuted back, so the stored layout stays the plain group layout;
 * the grid of a group is computed when the first of its columns is reached, from the group's
   *current* (error-updated) columns; with ``static_groups=True`` all grids are the RTN grids of the
-  original ``W``, computed before any update.
+  original ``W``, computed before any update (llm-compressor's "static" act-order: columns by
+  decreasing ``C_jj``, groups in the original order);
+* grids: integer zero point by default (:mod:`.quant`; on identical ``C`` this reproduces
+  llm-compressor's ``quantize_weight`` to 0.1 %, BENCHMARKS.md), optionally each group's range chosen by
+  the ``C_jj``-weighted clipping search, or (``clip="auto"``) the better of both per matrix;
+* the sweep runs in float32 on transposed copies, ``U`` is computed in float64.
 
 Guarantee: the result is returned only if its objective (under the undamped ``C``) is not above
 the round-to-nearest codes' on the RTN grid of the same bits / group size / symmetry; otherwise the
