@@ -132,9 +132,34 @@ def formats_for(source, exclude: str | None = None) -> list[str]:
     return out
 
 
+def _grouped(reasons: list[str], source) -> list[str]:
+    """Reasons that differ only by the layer named first, said once: ``"14 layers (model.layers.0.q_proj, ...) is ..."``."""
+    groups: dict[str, list[str]] = {}
+    for r in reasons:
+        name, _, rest = r.partition(" ")
+        if name.rstrip(":") in getattr(source, "layers", {}):
+            groups.setdefault(rest if not name.endswith(":") else ": " + rest, []).append(name.rstrip(":"))
+        else:
+            groups.setdefault(r, [])
+    out = []
+    for rest, names in groups.items():
+        if not names:
+            out.append(rest)
+        elif len(names) == 1:
+            out.append(f"{names[0]}{'' if rest.startswith(':') else ' '}{rest}")
+        else:
+            verb = rest.replace(" is ", " are ", 1) if rest.startswith(("is ", "has ")) else rest
+            verb = verb.replace("has ", "have ", 1) if verb.startswith("has ") else verb
+            verb = verb.replace("is ", "are ", 1) if verb.startswith("is ") else verb
+            out.append(f"{len(names)} layers ({names[0]}, ...){'' if verb.startswith(':') else ' '}{verb}")
+    return out
+
+
 def unsupported_error(fmt: Format, source, reasons: list[str]) -> UnsupportedExportError:
     """One line: what the format cannot hold here, what it holds, and which formats can hold this model."""
-    shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more" if len(reasons) > 3 else "")
+    shown = "; ".join(_grouped(reasons, source)[:3])
+    if len(_grouped(reasons, source)) > 3:
+        shown += f"; and {len(_grouped(reasons, source)) - 3} more"
     others = formats_for(source, exclude=fmt.name)
     alt = (f"formats that can hold this model: {', '.join(others)}" if others
            else "no registered format can hold this model as it is")
