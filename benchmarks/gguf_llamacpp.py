@@ -41,7 +41,8 @@ MODEL = "smollm2-135m-instruct"
 
 
 def sh(cmd: list[str], lock: str | None, log: Path) -> str:
-    """Run ``cmd`` (under ``flock lock nice -n 5`` when given), append its output to ``log``, return it."""
+    """Run ``cmd`` (under ``flock lock nice -n 5`` when given: the heavy steps), append its output to ``log``,
+    return it. Light steps (an export, a llama-quantize: seconds) pass ``lock=None``."""
     full = (["flock", lock, "nice", "-n", "5"] if lock else []) + [str(c) for c in cmd]
     t0 = time.time()
     p = subprocess.run(full, capture_output=True, text=True)
@@ -87,10 +88,10 @@ def main() -> None:
 
     if "base" in steps and not f32.is_file():
         sh([*rk, "export", MODEL, "--format", "gguf", "--out", work / "f32", "--set", "dense_type=f32",
-            "--set", "embedding_type=f32", "-q"], args.lock, log)
+            "--set", "embedding_type=f32", "-q"], None, log)
     if "quantize" in steps and not files["llama-quantize"].is_file():
         sh([args.llama / "llama-quantize", "--token-embedding-type", "q8_0", "--output-tensor-type", "q8_0", f32,
-            files["llama-quantize"], "Q4_0", "2"], args.lock, log)
+            files["llama-quantize"], "Q4_0", "2"], None, log)
     imat = work / "imatrix.dat"
     if "imatrix" in steps:
         if not imat.is_file():
@@ -98,20 +99,18 @@ def main() -> None:
                 "-b", "512", "-t", "2", "-o", imat], args.lock, log)
         if not files["llama-imatrix"].is_file():
             sh([args.llama / "llama-quantize", "--imatrix", imat, "--token-embedding-type", "q8_0",
-                "--output-tensor-type", "q8_0", f32, files["llama-imatrix"], "Q4_0", "2"], args.lock, log)
+                "--output-tensor-type", "q8_0", f32, files["llama-imatrix"], "Q4_0", "2"], None, log)
     if "ours" in steps:
         for s in seeds:
             qdir, gdir = work / f"ours-s{s}", work / f"ours-s{s}-gguf"
             if not (qdir / "rankwise.json").is_file():
-                t0 = time.time()
                 sh([*rk, "compress", MODEL, "--structure", "gptq", "--set", "bits=4", "--set", "symmetric=true",
                     "--set", "grid=gguf", "--group-size", "32", "--bits-per-weight", "5", "--calib-file", calib,
                     "--calib-windows", "64", "--calib-seqlen", "512", "--seed", str(s), "--out", qdir,
                     "--overwrite", "-q"], args.lock, log)
-                rows.setdefault(f"ours-gptq-s{s}", {})["compress_wall_s"] = round(time.time() - t0, 1)
             if not (gdir / "model.gguf").is_file():
                 sh([*rk, "export", qdir, "--format", "gguf", "--out", gdir, "--set", "embedding_type=q8_0",
-                    "--overwrite", "-q"], args.lock, log)
+                    "--overwrite", "-q"], None, log)
     if "ppl" in steps:
         for name, path in files.items():
             if not path.is_file() or rows.get(name, {}).get("ppl") is not None:

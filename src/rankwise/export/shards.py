@@ -144,10 +144,10 @@ class ShardedSafetensorsWriter:
         t = tensor.detach()
         if t.dtype != e.dtype or tuple(t.shape) != tuple(e.shape):
             raise ConfigError(f"tensor {key}: planned {e.dtype} {tuple(e.shape)}, got {t.dtype} {tuple(t.shape)}")
-        data = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        data = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()  # a view: no copy of the values
         f = self._files[i]
         f.seek(pos)
-        f.write(data)
+        f.write(memoryview(data))
         self._written.add(key)
 
     def close(self) -> list[str]:

@@ -128,9 +128,9 @@ def _dense_array(t: torch.Tensor, qtype: str) -> tuple[np.ndarray, object]:
     """``(data, GGMLQuantizationType)`` of a dense tensor stored as ``qtype`` (gguf-py's quantizers)."""
     from gguf import GGMLQuantizationType as T, quants
 
-    a = t.detach().to(torch.float32).numpy()
+    a = t.detach().to(torch.float32).numpy()  # no copy when already float32
     if qtype == "f32" or a.ndim < 2:
-        return a.astype(np.float32), T.F32
+        return a, T.F32
     if qtype == "f16":
         return a.astype(np.float16), T.F16
     qt = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[qtype]
@@ -305,6 +305,7 @@ class GGUF(Format):
             else:
                 data, _ = _dense_array(permute(key, source.tensor(key)), dense)
             w.write_tensor_data(np.ascontiguousarray(data))
+            del data
             bar.update(1)
         bar.close()
         w.close()
