@@ -69,10 +69,10 @@ class Source:
 
     def module_kind(self, name: str) -> str:
         """``"conv1d"`` when the original module ``name`` is a GPT-2 ``Conv1D`` (weight stored (in, out)), else ``"linear"``."""
-        mod = self._skeleton().get_submodule(name)
+        mod = self.skeleton().get_submodule(name)
         return "conv1d" if (Conv1D is not None and isinstance(mod, Conv1D)) else "linear"
 
-    def _skeleton(self) -> nn.Module:
+    def skeleton(self) -> nn.Module:
         if getattr(self, "_skel", None) is None:
             self._skel = empty_model(self.config)
         return self._skel

@@ -189,7 +189,7 @@ def dense_linears(source) -> list[str]:
 
     from ...models.surgery import Conv1D
 
-    skel = source._skeleton()
+    skel = source.skeleton()
     out = []
     for name, mod in skel.named_modules():
         if name in source.layers:
