@@ -73,6 +73,7 @@ class Source:
         return "conv1d" if (Conv1D is not None and isinstance(mod, Conv1D)) else "linear"
 
     def skeleton(self) -> nn.Module:
+        """The architecture of ``config`` with empty (meta) parameters, built once (module types and names)."""
         if getattr(self, "_skel", None) is None:
             self._skel = empty_model(self.config)
         return self._skel
