@@ -20,9 +20,14 @@ itself): compare the rows with each other, not with rankwise's perplexities.
 
 llama.cpp is a benchmark-only build (never a dependency): see BENCHMARKS.md for the build commands;
 ``--llama`` points at its ``build/bin``. Each step runs under the team's heavy lock when ``--lock``
-is given, one step per acquisition, and is skipped when its output already exists (resumable).
+is given, one step per acquisition, and is skipped when its output already exists (resumable). On a
+busy shared box, run groups of steps under one acquisition each instead (as the results here were):
 
-    python benchmarks/gguf_llamacpp.py --work /tmp/gguf-bench --lock /work/team/heavy.lock --seeds 3,4,5
+    python benchmarks/gguf_llamacpp.py --steps base,quantize                 # light: seconds
+    flock /work/team/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py --steps imatrix,ppl \
+        --ppl-rows llama-quantize,llama-imatrix
+    for s in 3 4 5; do flock /work/team/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py \
+        --steps ours,ppl --seeds $s --ppl-rows ours-gptq-s$s; done
 """
 from __future__ import annotations
 
@@ -71,6 +76,7 @@ def main() -> None:
     ap.add_argument("--lock", default=None)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--steps", default="all", help="comma list of: base,quantize,imatrix,ours,ppl (default all)")
+    ap.add_argument("--ppl-rows", default=None, help="comma list of the rows to measure (default: every file there)")
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -112,8 +118,9 @@ def main() -> None:
                 sh([*rk, "export", qdir, "--format", "gguf", "--out", gdir, "--set", "embedding_type=q8_0",
                     "--overwrite", "-q"], None, log)
     if "ppl" in steps:
+        wanted = set(args.ppl_rows.split(",")) if args.ppl_rows else set(files)
         for name, path in files.items():
-            if not path.is_file() or rows.get(name, {}).get("ppl") is not None:
+            if name not in wanted or not path.is_file() or rows.get(name, {}).get("ppl") is not None:
                 continue
             before = Path("/proc/loadavg").read_text().split()[:3]
             out = sh([args.llama / "llama-perplexity", "-m", path, "-f", test, "-c", "512", "--chunks",
