@@ -22,7 +22,9 @@ The mapping from rankwise's grid (:mod:`rankwise.linalg.quant`, codes ``c`` of `
 * symmetric, ``w = s (c - 2^(b-1))``: ``q = c - 2^(b-1)``, ``zp = 0`` -- exact for every grid rule;
 * asymmetric, ``w = s c + min``: ``q = c - 2^(B-1)``, ``zp = z - 2^(B-1)`` with ``z = -min / s``, exact
   when ``z`` is an integer in ``0..2^b - 1`` -- which the ``zero-point`` grid rule guarantees
-  (``--set grid=zero-point`` of rtn / gptq). The default min/max grid stores a float minimum, which
+  (``--set grid=zero-point`` of rtn / gptq); a minimum that is only the float16 *rounding* of ``-z s`` (an
+  integer-zero-point grid that does not round its scale) is written with the integer ``z`` and a note
+  giving the difference (at most half a float16 ulp of the minimum). The default min/max grid stores a float minimum, which
   this format cannot hold: such a layer is refused (with the fix named), or, with the option
   ``round_zero_points=true``, ``z`` is rounded to the nearest integer and the export's weights differ
   from rankwise's by ``|z - round(z)| s <= s / 2`` per weight (the largest change is noted);
@@ -83,6 +85,20 @@ def _zero_points(layer: QuantLinear) -> tuple[torch.Tensor, float]:
     return z, err
 
 
+def integer_zero_points(layer: QuantLinear) -> tuple[torch.Tensor, str]:
+    """``(kind per group, summary)``: each group's minimum is ``"exact"`` (``-z s`` with an integer ``z``),
+    ``"rounded"`` (the float16 rounding of ``-z s``: a grid fitted with an integer zero point whose
+    stored minimum lost up to half a float16 ulp) or ``"float"`` (no integer zero point)."""
+    s = layer.scales.double()
+    mn = layer.mins.double()
+    z, _ = _zero_points(layer)
+    zr = torch.round(z.nan_to_num(-1.0)).clamp(0, 2 ** layer.bits - 1)
+    exact = torch.isfinite(z) & (z == zr)
+    rounded = (-zr * s).to(torch.float16).double() == mn
+    kind = torch.where(exact, 0, torch.where(rounded, 1, 2))
+    return kind, ("float" if bool((kind == 2).any()) else "rounded" if bool((kind == 1).any()) else "exact")
+
+
 def layer_problem(name: str, desc: Mapping[str, Any], layer: QuantLinear | None = None,
                   round_zero_points: bool = False) -> str | None:
     """Why layer ``name`` (its description, and the layer itself for the zero-point check) cannot be
@@ -95,10 +111,7 @@ def layer_problem(name: str, desc: Mapping[str, Any], layer: QuantLinear | None 
     if in_f % g:
         return f"{name}: group size {g} does not divide its {in_f} inputs (use a group size that divides it)"
     if layer is not None and not spec.get("symmetric", False) and not round_zero_points:
-        z, _ = _zero_points(layer)
-        bits = int(spec["bits"])
-        ok = torch.isfinite(z) & (z == torch.round(z)) & (z >= 0) & (z <= 2 ** bits - 1)
-        if not bool(ok.all()):
+        if integer_zero_points(layer)[1] == "float":
             return (f"{name} is asymmetric with float minimums, not integer zero points (re-fit with --set "
                     "grid=zero-point, or pass --set round_zero_points=true to round them)")
     return None
@@ -152,8 +165,12 @@ def layer_tensors(name: str, layer: QuantLinear, dtype: torch.dtype, round_zero_
     else:
         q = c - 2 ** (B - 1)
         z, err = _zero_points(layer)
-        if not bool((z == torch.round(z)).all()):
+        kind = integer_zero_points(layer)[1]
+        if kind == "float":
             notes.append(f"zero points rounded to integers: weights moved by up to {err:.3g} (at most half a step)")
+        elif kind == "rounded":
+            notes.append(f"integer zero points whose stored float16 minimum was rounded: weights differ from "
+                         f"rankwise's by up to {err:.3g} (the float16 rounding of the minimum)")
         zp = torch.round(z).clamp(0, 2 ** b - 1).to(torch.int64) - 2 ** (B - 1)
         out["weight_zero_point"] = pack_int32((zp + 2 ** (B - 1)).t().contiguous(), B).t().contiguous()
     scale = layer.scales.to(dtype)
