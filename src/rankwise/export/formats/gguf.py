@@ -285,6 +285,8 @@ class GGUF(Format):
                 counts[lt] = counts.get(lt, 0) + 1
             else:
                 qt, nbytes, shape = self._dense_info(e, dense)
+                if dense in ("q8_0", "q4_0") and len(shape) == 2 and qt == gguf.GGMLQuantizationType.F16:
+                    ctx.note(f"{key}: {shape[1]} inputs are not a multiple of 32: written F16, not {dense.upper()}")
                 if qt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
                     w.add_tensor_info(gname, shape, np.dtype(np.float32 if qt == gguf.GGMLQuantizationType.F32
                                                              else np.float16), nbytes)
