@@ -273,18 +273,18 @@ def test_files_are_readable_as_the_umask_allows(tmp_path, models, tok):
             assert stat.S_IMODE(f.stat().st_mode) == 0o640, f  # model.safetensors was 0600 (safetensors' save_file)
 
 
-def test_export_cli_and_compress_shortcut(tmp_path, tiny_dir):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "rankwise", *a], capture_output=True, text=True, env=env)  # noqa: E731
-    p = run("compress", str(tiny_dir), "--structure", "rtn", "--set", "bits=4", "--set", "symmetric=true",
-            "--group-size", "32", "--bits-per-weight", "5", "--calib-windows", "2", "--calib-seqlen", "16",
-            "--low-memory", "--out", str(tmp_path / "q"), "--export", "gguf", str(tmp_path / "g"), "-q")
-    assert p.returncode == 0, p.stderr
-    assert (tmp_path / "g" / "model.gguf").is_file() and "wrote gguf export" in p.stdout
-    p = run("export", str(tmp_path / "q"), "--format", "gptq", "--out", str(tmp_path / "gq"), "-q")
-    assert p.returncode == 0, p.stderr
-    p = run("export", str(tiny_dir), "--format", "compressed-tensors", "--out", str(tmp_path / "bad"))
-    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "formats that can hold this model: dense" in p.stderr
+def test_export_cli_and_compress_shortcut(tmp_path, tiny_dir, capsys):
+    from rankwise.cli import main
+
+    assert main(["compress", str(tiny_dir), "--structure", "rtn", "--set", "bits=4", "--set", "symmetric=true",
+                 "--group-size", "32", "--bits-per-weight", "5", "--calib-windows", "2", "--calib-seqlen", "16",
+                 "--low-memory", "--out", str(tmp_path / "q"), "--export", "gguf", str(tmp_path / "g"), "-q"]) == 0
+    assert (tmp_path / "g" / "model.gguf").is_file() and "wrote gguf export" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "q"), "--format", "gptq", "--out", str(tmp_path / "gq"), "-q"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(tiny_dir), "--format", "compressed-tensors", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "formats that can hold this model: gguf, dense" in err
     assert not (tmp_path / "bad").exists()
 
 
