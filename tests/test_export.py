@@ -284,7 +284,7 @@ def test_export_cli_and_compress_shortcut(tmp_path, tiny_dir, capsys):
     capsys.readouterr()
     assert main(["export", str(tiny_dir), "--format", "compressed-tensors", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "formats that can hold this model: gguf, dense" in err
+    assert err.count("\n") == 1 and "formats that can hold this model: dense, gguf" in err
     assert not (tmp_path / "bad").exists()
 
 

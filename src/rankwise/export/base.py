@@ -121,7 +121,7 @@ class Format:
 def formats_for(source, exclude: str | None = None) -> list[str]:
     """The registered formats whose :meth:`Format.unsupported` accepts ``source`` (with default options)."""
     out = []
-    for name, cls in FORMATS.items():
+    for name, cls in sorted(FORMATS.items()):
         if name == exclude:
             continue
         try:
