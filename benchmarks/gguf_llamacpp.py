@@ -24,9 +24,9 @@ is given, one step per acquisition, and is skipped when its output already exist
 busy shared box, run groups of steps under one acquisition each instead (as the results here were):
 
     python benchmarks/gguf_llamacpp.py --steps base,quantize                 # light: seconds
-    flock /work/team/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py --steps imatrix,ppl \
-        --ppl-rows llama-quantize,llama-imatrix
-    for s in 3 4 5; do flock /work/team/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py \
+    flock /work/team/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py --steps imatrix,ours,ppl \
+        --seeds 3 --ppl-rows llama-quantize,llama-imatrix,ours-gptq-s3
+    for s in 4 5; do flock /work/team/heavy.lock nice -n 5 python benchmarks/gguf_llamacpp.py \
         --steps ours,ppl --seeds $s --ppl-rows ours-gptq-s$s; done
 """
 from __future__ import annotations
