@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=64)
     ap.add_argument("--lock", default=None)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--steps", default="all", help="comma list of: base,quantize,imatrix,ours,ppl (default all)")
+    ap.add_argument("--steps", default="all", help="comma list of: base,quantize,imatrix,ours,ppl,rtn (default all)")
     ap.add_argument("--ppl-rows", default=None, help="comma list of the rows to measure (default: every file there)")
     args = ap.parse_args()
     work = args.work
@@ -84,7 +84,7 @@ def main() -> None:
     rk = [sys.executable, "-m", "rankwise"]
     calib, test = args.text / "wiki_calib.txt", args.text / "wiki_test.txt"
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    steps = set(args.steps.split(",")) if args.steps != "all" else {"base", "quantize", "imatrix", "ours", "ppl"}
+    steps = set(args.steps.split(",")) if args.steps != "all" else {"base", "quantize", "imatrix", "ours", "ppl", "rtn"}
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"rows": {}}
     rows = results["rows"]
     f32 = work / "f32" / "model.gguf"
@@ -117,6 +117,16 @@ def main() -> None:
             if not (gdir / "model.gguf").is_file():
                 sh([*rk, "export", qdir, "--format", "gguf", "--out", gdir, "--set", "embedding_type=q8_0",
                     "--overwrite", "-q"], None, log)
+    if "rtn" in steps:  # our RTN on llama.cpp's grid, exported: how many Q4_0 blocks equal llama-quantize's
+        rdir, rg = work / "rtn-q40", work / "rtn-q40-gguf"
+        if not (rdir / "rankwise.json").is_file():
+            sh([*rk, "compress", MODEL, "--structure", "rtn", "--set", "bits=4", "--set", "symmetric=true",
+                "--set", "grid=gguf", "--group-size", "32", "--bits-per-weight", "5", "--calib-windows", "1",
+                "--calib-seqlen", "32", "--out", rdir, "--overwrite", "-q"], None, log)
+        if not (rg / "model.gguf").is_file():
+            sh([*rk, "export", rdir, "--format", "gguf", "--set", "embedding_type=q8_0", "--out", rg, "--overwrite",
+                "-q"], None, log)
+        results["rtn_vs_llama_quantize"] = compare_blocks(rg / "model.gguf", files["llama-quantize"])
     if "ppl" in steps:
         wanted = set(args.ppl_rows.split(",")) if args.ppl_rows else set(files)
         for name, path in files.items():
@@ -149,6 +159,30 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+
+
+def compare_blocks(a: Path, b: Path) -> dict:
+    """Byte-level agreement of two GGUF files' tensors (Q4_0 blocks of 18 bytes; other tensors whole)."""
+    import gguf
+    import numpy as np
+
+    ta = {t.name: t for t in gguf.GGUFReader(a).tensors}
+    tb = {t.name: t for t in gguf.GGUFReader(b).tensors}
+    blocks = same = weights = wdiff = other = other_same = 0
+    for k, x in ta.items():
+        y = tb[k]
+        if x.tensor_type.name != "Q4_0" or y.tensor_type.name != "Q4_0":
+            other += 1
+            other_same += int(x.tensor_type == y.tensor_type and np.array_equal(np.asarray(x.data), np.asarray(y.data)))
+            continue
+        eq = (np.asarray(x.data).reshape(-1, 18) == np.asarray(y.data).reshape(-1, 18)).all(1)
+        blocks, same = blocks + eq.size, same + int(eq.sum())
+        da = gguf.quants.dequantize(x.data, x.tensor_type)
+        db = gguf.quants.dequantize(y.data, y.tensor_type)
+        weights, wdiff = weights + da.size, wdiff + int((da != db).sum())
+    return {"q4_0_blocks": blocks, "identical_blocks": same, "identical_fraction": same / max(blocks, 1),
+            "weights_differing": wdiff, "weights": weights, "other_tensors": other,
+            "other_tensors_identical": other_same, "bytes": [a.stat().st_size, b.stat().st_size]}
 
 
 def _llama_commit(binaries: Path) -> str:
