@@ -129,7 +129,8 @@ def main() -> None:
         results["rtn_vs_llama_quantize"] = compare_blocks(rg / "model.gguf", files["llama-quantize"])
     if "ppl" in steps:
         wanted = set(args.ppl_rows.split(",")) if args.ppl_rows else set(files)
-        for name, path in files.items():
+        order = sorted(files, key=lambda n: (not n.startswith("ours"), n != "llama-imatrix", n))  # ours first
+        for name, path in ((n, files[n]) for n in order):
             if name not in wanted or not path.is_file() or rows.get(name, {}).get("ppl") is not None:
                 continue
             before = Path("/proc/loadavg").read_text().split()[:3]
