@@ -136,7 +136,8 @@ def _dense_array(t: torch.Tensor, qtype: str) -> tuple[np.ndarray, object]:
     qt = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[qtype]
     if a.shape[-1] % 32:
         return a.astype(np.float16), T.F16
-    return quants.quantize(a, qt), qt
+    rows = max(1, (1 << 22) // a.shape[-1])  # gguf-py's quantizers make float64 temporaries: 4M values at a time
+    return np.concatenate([quants.quantize(a[i:i + rows], qt) for i in range(0, a.shape[0], rows)]), qt
 
 
 class _Vocab:
