@@ -72,7 +72,9 @@ def main() -> None:
     ap.add_argument("--llama", type=Path, default=Path("/work/envs/llama.cpp/build/bin"))
     ap.add_argument("--text", type=Path, default=Path("/work/team/reftext"))
     ap.add_argument("--seeds", default="3,4,5")
-    ap.add_argument("--chunks", type=int, default=64)
+    ap.add_argument("--chunks", type=int, default=64, help="imatrix calibration chunks (and perplexity windows)")
+    ap.add_argument("--ppl-chunks", type=int, default=None, help="perplexity windows (default --chunks): a "
+                                                                  "reduced protocol when smaller, labelled in the JSON")
     ap.add_argument("--lock", default=None)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--steps", default="all", help="comma list of: base,quantize,imatrix,ours,ppl,rtn (default all)")
@@ -134,10 +136,12 @@ def main() -> None:
             if name not in wanted or not path.is_file() or rows.get(name, {}).get("ppl") is not None:
                 continue
             before = Path("/proc/loadavg").read_text().split()[:3]
+            chunks = args.ppl_chunks or args.chunks
             out = sh([args.llama / "llama-perplexity", "-m", path, "-f", test, "-c", "512", "--chunks",
-                      str(args.chunks), "-b", "512", "-t", "2"], args.lock, log)
+                      str(chunks), "-b", "512", "-t", "2"], args.lock, log)
             p, err = ppl(out)
             rows.setdefault(name, {}).update({"ppl": p, "ppl_stderr": err, "file_bytes": path.stat().st_size,
+                                              "ppl_windows": chunks,
                                               "loadavg_before": before,
                                               "loadavg_after": Path("/proc/loadavg").read_text().split()[:3]})
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +156,8 @@ def main() -> None:
             "ours_over_imatrix": mean / rows["llama-imatrix"]["ppl"],
             "ours_over_llama_quantize": mean / rows["llama-quantize"]["ppl"] if "ppl" in rows.get("llama-quantize", {}) else None,
             "target": "ours <= 0.9 x imatrix", "met": mean <= 0.9 * rows["llama-imatrix"]["ppl"]}
-    results["protocol"] = {"llama_perplexity": f"-c 512 --chunks {args.chunks} -b 512 -t 2 (scores the second half "
+    results["protocol"] = {"llama_perplexity": f"-c 512 --chunks {args.ppl_chunks or args.chunks} -b 512 -t 2 "
+                                               "(scores the second half "
                                                "of each window)",
                            "imatrix": f"llama-imatrix -c 512 --chunks {args.chunks} on wiki_calib.txt",
                            "ours": "gptq 4-bit symmetric g32 grid=gguf, 64 x 512 calibration windows of wiki_calib.txt",
