@@ -18,8 +18,8 @@ protocol, which differs from rankwise's ``eval`` (same first 64 non-overlapping 
 llama.cpp scores only the second half of each window, 256 tokens each, and tokenizes the file
 itself): compare the rows with each other, not with rankwise's perplexities.
 
-llama.cpp is a benchmark-only build (never a dependency): see BENCHMARKS.md for the build commands;
-``--llama`` points at its ``build/bin``. Each step runs under the team's heavy lock when ``--lock``
+llama.cpp is a benchmark-only build (never a dependency, not in this repository); ``--llama`` points at its
+``build/bin``. Each step runs under the team's heavy lock when ``--lock``
 is given, one step per acquisition, and is skipped when its output already exists (resumable). On a
 busy shared box, run groups of steps under one acquisition each instead (as the results here were):
 
