@@ -39,6 +39,8 @@ COMMANDS: dict[str, str] = {
              "activation matching; the function of MODEL_B is unchanged.",
     "lock": "Fold random invertible query-key and value-output transforms into every attention layer: the same "
             "function, but task-vector merging with it collapses.",
+    "export": "Write a compressed (or plain) model in the format a runtime reads: compressed-tensors (vLLM, "
+              "transformers), gptq, gguf (llama.cpp, ollama), dense, ... Reads the input tensor by tensor.",
 }
 #: Modules under rankwise.commands that add commands to the app.
 COMMAND_MODULES = list(COMMANDS)

@@ -68,14 +68,15 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 8) -> tuple
 
 def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, *,
          percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True,
-         static_groups: bool = False, zero_point: str = "integer", clip: str = "minmax") -> QuantizedMatrix:
+         static_groups: bool = False, zero_point: str = "integer", clip: str = "minmax", grid: str = "minmax"
+         ) -> QuantizedMatrix:
     """GPTQ codes of ``W (m, n)`` under ``C (n, n)``; algorithm and guarantee in the module docstring.
-    ``zero_point`` / ``clip``: how each group's grid is chosen (:func:`.quant.search_range`; the
+    ``zero_point`` / ``clip`` / ``grid``: how each group's grid is chosen (:func:`.quant.search_range`; the
     clipping search weights column ``j`` by ``C_jj``); ``clip="auto"`` runs min/max and the search and
     keeps the lower objective (``info["clip"]`` says which)."""
     if clip == "auto":  # both grids' searches, the lower objective kept (measured: mse wins at 3 bits, not always at 4)
         kw = dict(percdamp=percdamp, blocksize=blocksize, act_order=act_order, static_groups=static_groups,
-                  zero_point=zero_point)
+                  zero_point=zero_point, grid=grid)
         a = gptq(W, C, bits, group_size, symmetric, clip="minmax", **kw)
         b = gptq(W, C, bits, group_size, symmetric, clip="mse", **kw)
         fa, fb = (q.info[f"objective_{q.info['solver']}"] for q in (a, b))
@@ -87,13 +88,13 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
     C = as_covariance(C, n, "C")
     bits = check_bits(bits)
     g = check_group_size(group_size, n)
-    check_grid_options(zero_point, clip)
+    check_grid_options(zero_point, clip, grid=grid, symmetric=symmetric)
     if not percdamp >= 0:
         raise ConfigError(f"percdamp must be >= 0, got {percdamp}; the reference uses 0.01")
     if blocksize < 1:
         raise ConfigError(f"blocksize must be >= 1, got {blocksize}; the reference uses 128")
     imp = torch.diagonal(C).to(torch.float64)
-    base = rtn(W, bits, g, symmetric, zero_point=zero_point, clip=clip, importance=imp)
+    base = rtn(W, bits, g, symmetric, zero_point=zero_point, clip=clip, importance=imp, grid=grid)
 
     H = C.to(torch.float64).clone()
     dead = torch.diagonal(H) == 0
@@ -103,10 +104,10 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
     groups = column_groups(n, g, W.device)
     G = int(groups[-1]) + 1
     if static_groups:
-        grid = fit_grid(Wd, bits, g, symmetric, zero_point=zero_point, clip=clip, importance=imp)
+        qgrid = fit_grid(Wd, bits, g, symmetric, zero_point=zero_point, clip=clip, importance=imp, grid=grid)
         ready = torch.ones(G, dtype=torch.bool)
     else:
-        grid = QuantGrid(bits, g, n, torch.zeros(m, G, dtype=torch.float16, device=W.device),
+        qgrid = QuantGrid(bits, g, n, torch.zeros(m, G, dtype=torch.float16, device=W.device),
                          None if symmetric else torch.zeros(m, G, dtype=torch.float16, device=W.device))
         ready = torch.zeros(G, dtype=torch.bool)
 
@@ -125,7 +126,7 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
     Ut = U.to(f32)
     St = torch.zeros(n, m, dtype=f32, device=W.device)
     Ot = torch.zeros(n, m, dtype=f32, device=W.device)
-    maxq, zcode = grid.maxq, (2 ** (bits - 1) if symmetric else 0)
+    maxq, zcode = qgrid.maxq, (2 ** (bits - 1) if symmetric else 0)
 
     def fix(j: int, scale: torch.Tensor, mn: torch.Tensor | None) -> None:
         pos = invperm[groups == j]
@@ -135,7 +136,7 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
 
     if static_groups:
         for j in range(G):
-            fix(j, grid.scales[:, j], None if grid.mins is None else grid.mins[:, j])
+            fix(j, qgrid.scales[:, j], None if qgrid.mins is None else qgrid.mins[:, j])
     codes_t = torch.zeros(n, m, dtype=torch.int64, device=W.device)
     one = torch.zeros(1, dtype=torch.int64, device=W.device)
 
@@ -153,16 +154,16 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
                 cur = torch.cat([W1[inb], Wt[out] - Ut[i1:i1 + i, out].T @ Err1[:i]], dim=0).T
                 order = torch.cat([cols[pos < i2], cols[pos >= i2]])
                 scale, mn = search_range(cur, one.expand(cur.shape[1]), 1, bits, symmetric, zero_point, clip,
-                                         imp[order])
-                grid.scales[:, j] = scale[:, 0]
+                                         imp[order], grid)
+                qgrid.scales[:, j] = scale[:, 0]
                 if mn is not None:
-                    grid.mins[:, j] = mn[:, 0]
+                    qgrid.mins[:, j] = mn[:, 0]
                 fix(j, scale[:, 0], None if mn is None else mn[:, 0])
                 ready[j] = True
             w = W1[i]
             s, o = St[i1 + i], Ot[i1 + i]
-            q = torch.round((w - o) / torch.where(s > 0, s, 1.0)).clamp_(0, maxq)
-            q = torch.where(s > 0, q, float(zcode))
+            q = torch.round((w - o) / torch.where(s != 0, s, 1.0)).clamp_(0, maxq)  # a gguf scale may be < 0
+            q = torch.where(s != 0, q, float(zcode))
             codes_t[i1 + i] = q.to(torch.int64)
             err = (w - (q * s + o)) / U1[i, i]
             W1[i:] -= U1[i, i:, None] * err[None, :]
@@ -171,14 +172,14 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
 
     codes_p = codes_t.T
     codes = codes_p[:, invperm].to(torch.uint8)
-    obj = quant_objective(W, QuantizedMatrix(codes, grid).dense(torch.float64), C)
+    obj = quant_objective(W, QuantizedMatrix(codes, qgrid).dense(torch.float64), C)
     obj_rtn = quant_objective(W, base.dense(torch.float64), C)
     info = {"objective_gptq": obj, "objective_rtn": obj_rtn, "damping": damp,
             "damping_rel": damp / max(float(torch.diagonal(Hp).mean()), 1e-30), "dead_inputs": int(dead.sum()),
             "act_order": bool(act_order), "static_groups": bool(static_groups), "zero_point": zero_point,
-            "clip": clip}
+            "clip": clip, "grid": grid}
     if obj <= obj_rtn:
-        return QuantizedMatrix(codes, grid, {"solver": "gptq", **info})
+        return QuantizedMatrix(codes, qgrid, {"solver": "gptq", **info})
     return QuantizedMatrix(base.codes, base.grid, {"solver": "rtn", **info})
 
 

@@ -73,12 +73,15 @@ class LowRankQuant:
 
 
 def quantize_target(T: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                    quantizer: str = "gptq", **gptq_kw) -> QuantizedMatrix:
-    """The Q-step: ``T`` quantized by GPTQ under ``C`` or by RTN."""
+                    quantizer: str = "gptq", zero_point: str = "integer", clip: str = "minmax", grid: str = "minmax",
+                    **gptq_kw) -> QuantizedMatrix:
+    """The Q-step: ``T`` quantized by GPTQ under ``C`` or by RTN (the grid options of :mod:`.quant`; RTN
+    reads ``clip="auto"`` as min/max: it has no objective to pick by)."""
     if quantizer == "gptq":
-        return gptq(T, C, bits, group_size, symmetric, **gptq_kw)
+        return gptq(T, C, bits, group_size, symmetric, zero_point=zero_point, clip=clip, grid=grid, **gptq_kw)
     if quantizer == "rtn":
-        return rtn(T, bits, group_size, symmetric)
+        return rtn(T, bits, group_size, symmetric, zero_point=zero_point, clip="minmax" if clip == "auto" else clip,
+                   grid=grid)
     raise ConfigError(f"unknown quantizer {quantizer!r}; valid: {', '.join(QUANTIZERS)}")
 
 

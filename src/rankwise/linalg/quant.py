@@ -20,8 +20,21 @@ columns); nothing is padded and nothing is refused. ``g > n`` means one group (`
   - ``"float"``: ``scale = (hi - lo) / maxq``, ``min = lo``: the grid spans exactly ``[lo, hi]``;
     with float16 storage this reproduces a Q4_1 model bit for bit (a float16 code offset ``-lo /
     scale`` would lose up to 2^-8 of a step, 5e-4 relative on SmolLM2, see the tests).
+  - ``"exact"``: the integer zero point with ``scale`` rounded *up* to ``11 - b`` significant bits, so
+    that ``min = -z scale`` is exact in float16 (a 4-bit step at most 2^-7 coarser): the grid is then
+    exactly ``scale (code - z)`` with an integer ``z``, what compressed-tensors / GPTQ / AWQ checkpoints
+    store (``rankwise export`` writes it without any rounding).
 * symmetric: ``w' = scale * (code - 2^(b-1))``, ``scale = 2 max|w| / maxq`` (GPTQ's symmetric
   grid); no minimum is stored.
+
+The scale rule ``grid`` (for the runtime a model is exported to): ``"minmax"`` (default) as above, or
+``"gguf"``, llama.cpp's reference grids: symmetric 8-bit is Q8_0's ``scale = max|w| / 127`` (codes
+``-127..127`` used); symmetric ``b < 8`` bits is Q4_0's ``scale = m / -2^(b-1)`` with ``m`` the group's
+entry of largest magnitude, sign kept (so ``m`` itself is the grid point ``code = 0`` and the scale may
+be negative; on an exact tie ``|lo| = |hi|`` the negative end is taken, where llama.cpp takes the first
+in memory); asymmetric is Q4_1, i.e. ``zero_point="float"``. Codes are the nearest on the stored
+float16 grid (llama.cpp rounds with the unrounded ``1/d``, so on a rare midpoint a code can differ
+from ``llama-quantize``'s by one).
 
 Scales and minimums are stored in float16 (2 bytes each). Every code is chosen against the stored
 (float16-rounded) grid, so round-to-nearest really is the nearest stored grid point.
@@ -97,15 +110,24 @@ def packed_row_bytes(n: int, bits: int) -> int:
 # ---- grids --------------------------------------------------------------------------------------
 
 
-ZERO_POINTS = ("integer", "float")
+ZERO_POINTS = ("integer", "float", "exact")
+GRIDS = ("minmax", "gguf")
 CLIPS = ("minmax", "mse")
 CLIP_RATIOS = tuple(1.0 - 0.025 * k for k in range(21))  # 1.0, 0.975, ..., 0.5
 
 
-def check_grid_options(zero_point: str, clip: str, auto: bool = False) -> None:
-    """:class:`ConfigError` for an unknown ``zero_point`` / ``clip`` (``auto``: ``clip="auto"`` allowed, GPTQ)."""
+def check_grid_options(zero_point: str, clip: str, auto: bool = False, grid: str = "minmax",
+                       symmetric: bool | None = None) -> None:
+    """:class:`ConfigError` for an unknown ``zero_point`` / ``clip`` / ``grid`` (``auto``: ``clip="auto"``
+    allowed, GPTQ), or an asymmetric ``grid="gguf"`` without Q4_1's float minimum."""
     if zero_point not in ZERO_POINTS:
         raise ConfigError(f"unknown zero_point {zero_point!r}; valid: {', '.join(ZERO_POINTS)}")
+    if grid not in GRIDS:
+        raise ConfigError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)} (gguf: llama.cpp's Q4_0 / Q8_0 / Q4_1 "
+                          "grids)")
+    if grid == "gguf" and symmetric is False and zero_point != "float":
+        raise ConfigError("grid=gguf with asymmetric codes is llama.cpp's Q4_1 (a float minimum): use "
+                          "zero_point=float (or symmetric codes for Q4_0 / Q8_0)")
     if auto and clip == "auto":
         return
     if clip not in CLIPS:
@@ -113,18 +135,35 @@ def check_grid_options(zero_point: str, clip: str, auto: bool = False) -> None:
                           "importance-weighted search over clipping ratios)")
 
 
-def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "integer"
-                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _round_up_bits(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """``x >= 0`` rounded up to ``keep`` significant bits (float64)."""
+    mant, exp = torch.frexp(x)  # x = mant 2^exp, mant in [0.5, 1)
+    return torch.ldexp(torch.ceil(mant * 2.0 ** keep) / 2.0 ** keep, exp)
+
+
+def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "integer",
+                    grid: str = "minmax") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Float16 ``(scale, min)`` (``min`` None when symmetric) of the grids for the ranges ``[lo, hi]``
-    entrywise (module docstring: ``zero_point`` ``"integer"`` puts 0 on the grid, ``"float"`` spans
-    exactly ``[lo, hi]``)."""
+    entrywise (module docstring: ``zero_point`` ``"integer"`` / ``"exact"`` put 0 on the grid, ``"float"``
+    spans exactly ``[lo, hi]``; ``grid="gguf"`` takes llama.cpp's symmetric scales)."""
     maxq = 2 ** bits - 1
     lo = lo.to(torch.float64)
     hi = hi.to(torch.float64)
-    if symmetric:
+    if symmetric and grid == "gguf":
+        if bits == 8:
+            scale = torch.maximum(lo.abs(), hi.abs()) / 127.0
+        else:
+            scale = torch.where(lo.abs() >= hi.abs(), lo, hi) / -(2.0 ** (bits - 1))
+        mn = None
+    elif symmetric:
         scale, mn = 2.0 * torch.maximum(lo.abs(), hi.abs()) / maxq, None
     elif zero_point == "float":
         scale, mn = (hi - lo) / maxq, lo.to(torch.float16)
+    elif zero_point == "exact":
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scale = _round_up_bits((hi - lo) / maxq, 11 - bits)
+        z = torch.where(scale > 0, torch.round(-lo / torch.where(scale > 0, scale, 1.0)), 0.0).clamp(0, maxq)
+        mn = (-z * scale.to(torch.float16).to(torch.float64)).to(torch.float16)
     else:
         lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
         scale = ((hi - lo) / maxq).to(torch.float16).to(torch.float64)
@@ -147,22 +186,22 @@ def _group_range(W: torch.Tensor, idx: torch.Tensor, G: int) -> tuple[torch.Tens
 
 
 def search_range(W: torch.Tensor, groups: torch.Tensor, G: int, bits: int, symmetric: bool,
-                 zero_point: str = "integer", clip: str = "minmax", importance: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                 zero_point: str = "integer", clip: str = "minmax", importance: torch.Tensor | None = None,
+                 grid: str = "minmax") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Float16 ``(scale, min)`` (m, G) for the columns of ``W (m, k)``, column ``j`` in group ``groups[j]``:
     min/max (``clip="minmax"``) or the clipping ratio of :data:`CLIP_RATIOS` with the smallest
     ``sum_j importance_j (w_j - q(w_j))^2`` per (row, group) (``clip="mse"``; importance 1 if None)."""
     W = W.to(torch.float64)
     lo, hi = _group_range(W, groups[None, :], G)
     if clip == "minmax":
-        return grid_from_range(lo, hi, bits, symmetric, zero_point)
+        return grid_from_range(lo, hi, bits, symmetric, zero_point, grid)
     h = (torch.ones(W.shape[1], dtype=torch.float64, device=W.device) if importance is None
          else importance.to(device=W.device, dtype=torch.float64).clamp(min=0))
     maxq, zero = 2 ** bits - 1, (2 ** (bits - 1) if symmetric else 0)
     best = None
     idx = groups[None, :].expand(W.shape[0], -1)
     for r in CLIP_RATIOS:
-        scale, mn = grid_from_range(lo * r, hi * r, bits, symmetric, zero_point)
+        scale, mn = grid_from_range(lo * r, hi * r, bits, symmetric, zero_point, grid)
         s = scale.to(torch.float64)[:, groups]
         off = -(2 ** (bits - 1)) * s if mn is None else mn.to(torch.float64)[:, groups]
         q = round_to_grid(W, s, off, maxq, zero).to(torch.float64) * s + off
@@ -226,26 +265,27 @@ class QuantGrid:
 
 
 def fit_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, *, zero_point: str = "integer",
-             clip: str = "minmax", importance: torch.Tensor | None = None) -> QuantGrid:
+             clip: str = "minmax", importance: torch.Tensor | None = None, grid: str = "minmax") -> QuantGrid:
     """The round-to-nearest grid of ``W (m, n)`` per (row, group): min/max or the clipping search
     (:func:`search_range`; ``importance`` weights the input columns)."""
     bits = check_bits(bits)
-    check_grid_options(zero_point, clip)
+    check_grid_options(zero_point, clip, grid=grid, symmetric=symmetric)
     W = as_matrix(W, "W")
     m, n = W.shape
     g = check_group_size(group_size, n)
     G = -(-n // g)
-    scale, mn = search_range(W, column_groups(n, g, W.device), G, bits, symmetric, zero_point, clip, importance)
+    scale, mn = search_range(W, column_groups(n, g, W.device), G, bits, symmetric, zero_point, clip, importance, grid)
     return QuantGrid(bits, g, n, scale, mn)
 
 
 def round_to_grid(W: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, maxq: int, zero_code: int = 0
                   ) -> torch.Tensor:
-    """Nearest codes ``clamp(round((w - offset) / scale), 0, maxq)`` entrywise (int64). Where ``scale`` is 0
-    (a constant group) every code gives the same value; ``zero_code`` is returned there (0 for the
-    asymmetric grid, whose single point is the minimum; ``2^(b-1)`` for the symmetric one)."""
+    """Nearest codes ``clamp(round((w - offset) / scale), 0, maxq)`` entrywise (int64; ``scale`` of either
+    sign: a gguf grid's may be negative). Where ``scale`` is 0 (a constant group) every code gives the
+    same value; ``zero_code`` is returned there (0 for the asymmetric grid, whose single point is the
+    minimum; ``2^(b-1)`` for the symmetric one)."""
     W = W.to(torch.float64)
-    pos = scale > 0
+    pos = scale != 0
     inv = torch.where(pos, 1.0 / torch.where(pos, scale, torch.ones_like(scale)), torch.zeros_like(scale))
     codes = torch.round((W - offset) * inv).clamp_(0, maxq)
     codes = torch.where(pos, codes, torch.full_like(codes, float(zero_code)))
@@ -288,11 +328,11 @@ class QuantizedMatrix:
 
 
 def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, *, zero_point: str = "integer",
-        clip: str = "minmax", importance: torch.Tensor | None = None) -> QuantizedMatrix:
+        clip: str = "minmax", importance: torch.Tensor | None = None, grid: str = "minmax") -> QuantizedMatrix:
     """Round-to-nearest on the grid of each (row, group) (:func:`fit_grid`); guarantee in the module doc."""
     W = as_matrix(W, "W")
-    grid = fit_grid(W, bits, group_size, symmetric, zero_point=zero_point, clip=clip, importance=importance)
-    return QuantizedMatrix(quantize(W, grid), grid, {"solver": "rtn"})
+    g = fit_grid(W, bits, group_size, symmetric, zero_point=zero_point, clip=clip, importance=importance, grid=grid)
+    return QuantizedMatrix(quantize(W, g), g, {"solver": "rtn"})
 
 
 # ---- packing ------------------------------------------------------------------------------------
@@ -332,7 +372,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 __all__ = [
-    "CLIPS", "CLIP_RATIOS", "MAX_BITS", "MIN_BITS", "ZERO_POINTS", "QuantGrid", "check_grid_options", "search_range", "QuantizedMatrix", "check_bits", "check_group_size", "column_groups",
+    "CLIPS", "CLIP_RATIOS", "GRIDS", "MAX_BITS", "MIN_BITS", "ZERO_POINTS", "QuantGrid", "QuantizedMatrix",
+    "check_bits", "check_grid_options", "check_group_size", "column_groups", "search_range",
     "dequantize", "fit_grid", "grid_from_range", "num_groups", "pack_codes", "packed_row_bytes",
     "quantize", "round_to_grid", "rtn", "unpack_codes",
 ]

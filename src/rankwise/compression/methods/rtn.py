@@ -38,8 +38,11 @@ ROTATIONS = ("stream", "layer")
 class QuantOptions:
     """``bits``: code width 2..8 (None = the largest that fits the budget); ``group_size``: input columns
     per scale (a ragged last group when it does not divide the input size); ``symmetric``: no
-    minimums; ``zero_point``: ``"integer"`` (0 on every grid, the GPTQ / compressed-tensors form) or
-    ``"float"`` (the grid spans exactly [min, max], llama.cpp's Q4_1 form); ``clip``: ``"minmax"`` or
+    minimums; ``zero_point``: ``"integer"`` (0 on every grid, the GPTQ / compressed-tensors form; the
+    default), ``"exact"`` (the same with the scale rounded so that compressed-tensors / GPTQ checkpoints
+    hold it exactly) or ``"float"`` (the grid spans exactly [min, max], llama.cpp's Q4_1 form; the default
+    under ``grid="gguf"``); ``grid``: ``"minmax"`` or ``"gguf"`` (llama.cpp's Q4_0 / Q8_0 / Q4_1 grids, for
+    ``rankwise export --format gguf``); see :mod:`rankwise.linalg.quant`; ``clip``: ``"minmax"`` or
     ``"mse"`` (each group's range shrunk by the ratio with the smallest importance-weighted error,
     :func:`rankwise.linalg.quant.search_range`), and for GPTQ ``"auto"`` (both, the lower objective); ``rotate``: ``"stream"`` (``True``) folds the norms and
     rotates the residual stream by a random Hadamard matrix before quantizing
@@ -51,10 +54,11 @@ class QuantOptions:
     bits: int | None = None
     group_size: int = 128
     symmetric: bool = False
-    zero_point: str = "integer"
+    zero_point: str | None = None
     clip: str = "minmax"
     rotate: str | bool | None = None
     seed: int = 0
+    grid: str = "minmax"
 
     def __post_init__(self) -> None:
         if self.bits is not None:
@@ -62,7 +66,10 @@ class QuantOptions:
         check_group_size(self.group_size, 1)  # type and >= 1; the layer's input size caps it later
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
-        check_grid_options(self.zero_point, self.clip, auto=type(self) is not QuantOptions)  # auto: GPTQ only
+        if self.zero_point is None:  # llama.cpp's asymmetric grid (Q4_1) has a float minimum
+            self.zero_point = "float" if self.grid == "gguf" else "integer"
+        check_grid_options(self.zero_point, self.clip, auto=type(self) is not QuantOptions,  # auto: GPTQ only
+                           grid=self.grid, symmetric=bool(self.symmetric))
         if self.rotate is True:
             self.rotate = "stream"
         elif self.rotate is False or self.rotate in ("none", ""):
@@ -72,7 +79,7 @@ class QuantOptions:
                               "weights), layer (each layer's inputs, at run time), none")
 
     def grid_kwargs(self) -> dict[str, Any]:
-        return {"zero_point": self.zero_point, "clip": self.clip}
+        return {"zero_point": self.zero_point, "clip": self.clip, "grid": self.grid}
 
 
 def quant_spec(shape: tuple[int, int], bits: int, opts: QuantOptions) -> dict[str, Any]:
@@ -166,7 +173,7 @@ class RTN(Method):
         rot = rotation_for(spec, W.shape[1])
         Wr = W if rot is None else rot.rotate(W.double())
         qm = rtn(Wr, int(spec["bits"]), int(spec["group_size"]), bool(spec["symmetric"]),
-                 zero_point=self.options.zero_point, clip=self.options.clip)
+                 **self.options.grid_kwargs())
         layer = QuantLinear.from_quantized(qm, bias, rot, seed=int((spec.get("rotation") or {}).get("seed", 0)),
                                            dtype=torch.float32)
         layer.fit_info = dict(qm.info)
