@@ -31,7 +31,10 @@ ALLOWED = {
                    "evaluation"},
     "analysis": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
                  "evaluation"},
+    "training": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
+                 "evaluation"},
     "healing": {"errors", "structures", "adaptation"},
+    "optim": {"training"},
     "api": None,  # the top: may import anything
     "cli": None,
     "commands": None,
