@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "analyze": "Singular values, stable/effective rank, energy ranks, power-law alpha (WeightWatcher-compatible), "
                "FARMS alpha, whitened spectrum (--calib) and intruder dimensions (--compare), per layer.",
     "adapt": "Attach low-rank adapters initialized from the spectrum / activations / gradients, train, save.",
+    "train": "Train with projected-gradient optimizers, structured layers and initializations; checkpoints resume.",
 }
 #: Modules under rankwise.commands that add commands to the app.
 COMMAND_MODULES = list(COMMANDS)

@@ -8,16 +8,20 @@ from typing import Any, Sequence
 from torch import nn
 
 from ..errors import ConfigError, NoTargetLayersError
+from ..models.saved import structured_layers
 from ..models.surgery import find_linears
 
 
 def projected_linears(model: nn.Module, targets: Sequence[str] | str | None = None) -> dict[str, nn.Module]:
     """``{name: linear}`` whose weights are projected: by default every linear layer inside the model's
     repeated blocks (attention and MLP projections of a transformer, whatever the family); a model
-    without repeated blocks (a plain MLP) gets every linear layer except an LM head / embedding."""
+    without repeated blocks (a plain MLP) gets every linear layer except an LM head / embedding. The
+    linears inside a structured layer (its factors) are never projected."""
     found = find_linears(model, targets, required=targets is not None)
     if not found and targets is None:
         found = find_linears(model, [".*"], required=False)
+    structured = structured_layers(model)      # the factors of a structured layer are not projected
+    found = {n: m for n, m in found.items() if not any(n.startswith(s + ".") for s in structured)}
     if not found:
         raise NoTargetLayersError(f"{type(model).__name__} has no linear layer to project; pass targets= with "
                                   "layer names or regexes")
