@@ -149,10 +149,12 @@ def held_out_loss(model: nn.Module, ids: torch.Tensor, seqlen: int, windows: int
 
 def train(model: nn.Module, train_ids: torch.Tensor, cfg: TrainConfig, eval_ids: torch.Tensor | None = None,
           checkpoint_dir=None, resume: bool = False, fingerprint: dict[str, Any] | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train ``model`` in place on the token stream ``train_ids`` (module docstring)."""
+          progress: bool = True, make_optimizer=None) -> TrainResult:
+    """Train ``model`` in place on the token stream ``train_ids`` (module docstring). ``make_optimizer(model,
+    cfg) -> (optimizer, projected parameters)`` replaces :func:`build_optimizer` (to compare another
+    implementation on the same loop)."""
     cfg.check()
-    opt, projected = build_optimizer(model, cfg)
+    opt, projected = (make_optimizer or build_optimizer)(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda t: lr_factor(t, cfg.steps, cfg.warmup, cfg.min_lr_ratio))
     fp = {**(fingerprint or {}), **cfg.fingerprint()}
