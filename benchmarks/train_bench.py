@@ -19,12 +19,17 @@ row goes through :func:`rankwise.training.loop.train` (the loop ``rankwise train
 SGD with momentum 0.9, batch 64; steps until the training loss (EMA 0.9) first drops below 0.3, and the
 test accuracy at the end; inits ``default`` (PyTorch's), ``lsuv``, ``idinit``, ``spectral``.
 
-Each invocation runs ONE row and seed and merges it into ``results/train_bench.json`` (timing rows run
+``speed``: seconds per step of adamw / galore / galore-ref / dct / randomized side by side in one process
+(interleaved chunks of 50 steps, one projection refresh each); ``refresh``: the refresh alone.
+
+Each invocation runs ONE row (``--seeds 0,1,2`` for its seeds) and merges it into ``results/train_bench.json`` (timing rows run
 under the shared lock, with the load average before and after). ``report`` writes the markdown table
 and ``results/train_bench_loss.png``.
 
-    flock /work/team/heavy.lock nice -n 5 .venv/bin/python benchmarks/train_bench.py pretrain --row galore --seed 0
+    flock /work/team/heavy.lock nice -n 5 .venv/bin/python benchmarks/train_bench.py pretrain --row galore --seeds 0,1,2
     .venv/bin/python benchmarks/train_bench.py init --row lsuv --seed 0
+    flock /work/team/heavy.lock nice -n 5 .venv/bin/python benchmarks/train_bench.py refresh
+    flock /work/team/heavy.lock nice -n 5 .venv/bin/python benchmarks/train_bench.py speed --rounds 3
     .venv/bin/python benchmarks/train_bench.py report
 """
 from __future__ import annotations
@@ -192,6 +197,74 @@ def run_init(row: str, seed: int, args) -> dict:
             "curve": curve[::10], "lr": args.init_lr, "depth": depth, "width": width}
 
 
+# -- step speed, side by side ----------------------------------------------------------------------------
+def run_speed(row: str, seed: int, args) -> dict:
+    """Seconds per optimizer step of each optimizer on the pretrain model, measured side by side in one
+    process: ``--rounds`` rounds, each running every optimizer for ``update_proj_gap`` (50) consecutive
+    steps (so every chunk holds exactly one projection refresh), medians over rounds."""
+    from rankwise.calibration.gradients import lm_loss
+    from rankwise.training.data import batch_at
+    from rankwise.training.loop import TrainConfig, build_optimizer
+
+    _, train_ids, _ = _streams()
+    names = ["adamw", "galore", "galore-ref", "dct", "randomized"]
+    runs = {}
+    for n in names:
+        model = _model(seed)
+        cfg = TrainConfig(optim="adamw" if n == "adamw" else ("galore" if n == "galore-ref" else n),
+                          rank=None if n == "adamw" else MODEL["hidden_size"] // 4, update_proj_gap=50, scale=1.0,
+                          lr=args.lr, batch_size=8, seqlen=128, seed=seed)
+        opt = (_reference_galore if n == "galore-ref" else build_optimizer)(model, cfg)[0]
+        runs[n] = (model.train(), opt)
+    times = {n: [] for n in names}
+    before = _loadavg()
+    step = 0
+    for _ in range(args.rounds):
+        for n in names:
+            model, opt = runs[n]
+            t0 = time.perf_counter()
+            for k in range(50):
+                opt.zero_grad(set_to_none=True)
+                lm_loss(model, batch_at(train_ids, step + k, 8, 128, seed)).backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+            times[n].append((time.perf_counter() - t0) / 50)
+        step += 50
+    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    return {"kind": "speed", "row": "all", "seed": seed, "median_seconds_per_step": med, "all": times,
+            "speed_over_galore": {n: med["galore"] / med[n] for n in names}, "rounds": args.rounds,
+            "threads": torch.get_num_threads(), "loadavg_before": before, "loadavg_after": _loadavg()}
+
+
+# -- projection refresh microbenchmark -----------------------------------------------------------------
+def run_refresh(row: str, seed: int, args) -> dict:
+    """Seconds to refresh the projections of the 28 block matrices of the pretrain model once (random
+    gradients of their shapes), per projector, interleaved rounds, medians: the part of a step that
+    differs between GaLore and its SVD-free variant."""
+    from rankwise.training.projectors import get_projector
+    from rankwise.linalg.projections import projection_side
+
+    d, f, L = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["num_hidden_layers"]
+    shapes = [(d, d)] * 4 * L + [(f, d)] * 2 * L + [(d, f)] * L
+    g = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(*s, generator=g) for s in shapes]
+    r = d // 4
+    names = ["svd", "randomized", "dct", "random"]
+    times = {n: [] for n in names}
+    before = _loadavg()
+    for _ in range(args.rounds):
+        for n in names:
+            proj = get_projector(n)
+            t0 = time.perf_counter()
+            for i, G in enumerate(grads):
+                proj.compute(G, r, projection_side(tuple(G.shape)), i)
+            times[n].append(time.perf_counter() - t0)
+    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    return {"kind": "refresh", "row": "all", "seed": seed, "median_seconds": med,
+            "svd_over": {n: med["svd"] / med[n] for n in names}, "rounds": args.rounds, "rank": r,
+            "threads": torch.get_num_threads(), "loadavg_before": before, "loadavg_after": _loadavg()}
+
+
 # -- report -------------------------------------------------------------------------------------------
 def _stats(vals):
     vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
@@ -266,9 +339,11 @@ def report(args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["pretrain", "init", "report"])
+    ap.add_argument("kind", choices=["pretrain", "init", "refresh", "speed", "report"])
+    ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--row")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", help="comma-separated seeds, run one after the other in this process")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--recover-steps", type=int, default=100)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -282,10 +357,14 @@ def main() -> int:
     if args.kind == "report":
         report(args)
         return 0
-    rec = (run_pretrain if args.kind == "pretrain" else run_init)(args.row, args.seed, args)
-    rec["command"] = " ".join(sys.argv)
-    _merge(rec)
-    print(json.dumps({k: v for k, v in rec.items() if k not in ("losses", "curve", "recover_losses")}, default=str))
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    for seed in seeds:
+        rec = {"pretrain": run_pretrain, "init": run_init, "refresh": run_refresh,
+               "speed": run_speed}[args.kind](args.row, seed, args)
+        rec["command"] = " ".join(sys.argv)
+        _merge(rec)
+        print(json.dumps({k: v for k, v in rec.items() if k not in ("losses", "curve", "recover_losses")},
+                         default=str), flush=True)
     return 0
 
 
