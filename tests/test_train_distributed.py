@@ -3,6 +3,8 @@ projections and weights after N steps (the gradient is all-reduced before ``step
 projectors draw from seeds that are the same on every rank)."""
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import torch
@@ -16,8 +18,7 @@ def _worker(rank: int, world: int, init: str, tmp: str) -> None:
     from safetensors.torch import save_file
     from torch import nn
 
-    from rankwise.compression.engine.distributed import leave, shutdown
-    from rankwise.optim import ProjectedAdamW
+    from rankwise.training.optim import ProjectedAdamW   # torch only: no transformers in the ranks
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -42,10 +43,15 @@ def _worker(rank: int, world: int, init: str, tmp: str) -> None:
                     out[f"{projector}.{name}.proj"] = opt.state[p]["proj"].clone()
         save_file(out, str(Path(tmp) / f"rank{rank}.safetensors"))
     except BaseException:
-        shutdown()
+        dist.destroy_process_group()
         raise
-    shutdown(sync=True)
-    leave(0)
+    # as tests/test_distributed.py's ranks end: a barrier, destroy the group, exit without the interpreter
+    # teardown (a gloo rank can abort in it, see rankwise.compression.engine.distributed.leave)
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_two_gloo_ranks_hold_identical_projections_and_weights(tmp_path):

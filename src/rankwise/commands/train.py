@@ -72,8 +72,9 @@ def register(app: typer.Typer) -> None:
         proj_type: str = typer.Option("std", help="Projected side: std (shorter), reverse_std, left, right."),
         oversample: Optional[int] = typer.Option(None, help="randomized: extra test vectors (default 10)."),
         n_iter: Optional[int] = typer.Option(None, help="randomized: power iterations (default 2)."),
-        structure: Optional[str] = typer.Option(None, help="Replace the block linears by trainable structured layers: "
-                                                "lowrank, monarch, blockdiag-lowrank, kronecker, sltrain, blast."),
+        structure: Optional[str] = typer.Option(None, help="Replace the block linears by freshly initialized trainable "
+                                                "structured layers (their dense weights are discarded): lowrank, "
+                                                "monarch, blockdiag-lowrank, kronecker, sltrain, blast."),
         ratio: Optional[float] = typer.Option(None, help="With --structure: fraction of each layer's values removed "
                                               "(default 0.5)."),
         init: Optional[str] = typer.Option(None, help="Initialize the block linears first: lsuv, idinit, spectral, "

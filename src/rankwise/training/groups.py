@@ -23,6 +23,10 @@ def projected_linears(model: nn.Module, targets: Sequence[str] | str | None = No
     structured = structured_layers(model)      # the factors of a structured layer are not projected
     found = {n: m for n, m in found.items() if not any(n.startswith(s + ".") for s in structured)}
     if not found:
+        if structured:
+            raise NoTargetLayersError(f"every selected linear layer of {type(model).__name__} is structured (e.g. "
+                                      f"{next(iter(structured))}); projected optimizers project dense matrices: use "
+                                      "--optim adamw (per-factor learning rates) for a structured model")
         raise NoTargetLayersError(f"{type(model).__name__} has no linear layer to project; pass targets= with "
                                   "layer names or regexes")
     return found
