@@ -29,6 +29,14 @@ def run_train(model_arg, from_config, tokenizer, optim, rank, update_proj_gap, s
         raise ConfigError(f"--oversample / --n-iter are options of the randomized projector, not of --optim {optim}; "
                           "drop them or use --optim randomized")
     cfg.check()
+    if structure is not None:   # unknown names fail before anything is loaded
+        from ..training.structurize import BUILDERS
+
+        BUILDERS.get(structure)
+    if init is not None:
+        from ..training.init import INITS
+
+        INITS.get(init)
     if (model_arg is None) == (from_config is None):
         raise ConfigError("pass either MODEL (a model directory or built-in name) or --from-config CONFIG.json")
     if tokenizer is not None and from_config is None:
