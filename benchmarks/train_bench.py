@@ -22,7 +22,7 @@ test accuracy at the end; inits ``default`` (PyTorch's), ``lsuv``, ``idinit``, `
 ``speed``: seconds per step of adamw / galore / galore-ref / dct / randomized side by side in one process
 (interleaved chunks of 50 steps, one projection refresh each); ``refresh``: the refresh alone.
 
-Each invocation runs ONE row (``--seeds 0,1,2`` for its seeds) and merges it into ``results/train_bench.json`` (timing rows run
+Each invocation runs one row (``--rows a,b`` for several, ``--seeds 0,1,2`` for its seeds) and merges it into ``results/train_bench.json`` (timing rows run
 under the shared lock, with the load average before and after). ``report`` writes the markdown table
 and ``results/train_bench_loss.png``.
 
@@ -342,6 +342,7 @@ def main() -> int:
     ap.add_argument("kind", choices=["pretrain", "init", "refresh", "speed", "report"])
     ap.add_argument("--rounds", type=int, default=21)
     ap.add_argument("--row")
+    ap.add_argument("--rows", help="comma-separated rows, run one after the other in this process")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", help="comma-separated seeds, run one after the other in this process")
     ap.add_argument("--steps", type=int, default=200)
@@ -358,13 +359,15 @@ def main() -> int:
         report(args)
         return 0
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
-    for seed in seeds:
-        rec = {"pretrain": run_pretrain, "init": run_init, "refresh": run_refresh,
-               "speed": run_speed}[args.kind](args.row, seed, args)
-        rec["command"] = " ".join(sys.argv)
-        _merge(rec)
-        print(json.dumps({k: v for k, v in rec.items() if k not in ("losses", "curve", "recover_losses")},
-                         default=str), flush=True)
+    rows = args.rows.split(",") if args.rows else [args.row]
+    for row in rows:
+        for seed in seeds:
+            rec = {"pretrain": run_pretrain, "init": run_init, "refresh": run_refresh,
+                   "speed": run_speed}[args.kind](row, seed, args)
+            rec["command"] = " ".join(sys.argv)
+            _merge(rec)
+            print(json.dumps({k: v for k, v in rec.items() if k not in ("losses", "curve", "recover_losses")},
+                             default=str), flush=True)
     return 0
 
 
