@@ -53,8 +53,9 @@ MODEL = dict(model_type="llama", vocab_size=257, hidden_size=128, intermediate_s
              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def _load() -> dict:
-    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {"rows": []}
+def _load(path: Path | None = None) -> dict:
+    path = path or RESULTS
+    return json.loads(path.read_text()) if path.exists() else {"rows": []}
 
 
 def _merge(rec: dict) -> None:
@@ -64,6 +65,15 @@ def _merge(rec: dict) -> None:
     data["rows"] = [r for r in data["rows"] if (r["kind"], r["row"], r["seed"]) != (rec["kind"], rec["row"], rec["seed"])]
     data["rows"].append(rec)
     write_json(RESULTS, data)
+
+
+def _all_rows() -> list[dict]:
+    """Rows of every results file (``train_bench*.json``; a later file's row replaces an earlier one's)."""
+    rows = {}
+    for f in sorted(RESULTS.parent.glob("train_bench*.json")):
+        for r in _load(f)["rows"]:
+            rows[(r["kind"], r["row"], r["seed"])] = r
+    return list(rows.values())
 
 
 def _loadavg() -> list[float]:
@@ -277,8 +287,7 @@ def _stats(vals):
 def report(args) -> None:
     from rankwise.figures import new_figure, save_png
 
-    data = _load()
-    rows = data["rows"]
+    rows = _all_rows()
     pre = {}
     for r in rows:
         if r["kind"] == "pretrain":
@@ -352,7 +361,12 @@ def main() -> int:
     ap.add_argument("--init-steps", type=int, default=1500)
     ap.add_argument("--init-lr", type=float, default=0.01)
     ap.add_argument("--target-loss", type=float, default=0.3)
+    ap.add_argument("--results", help="results file (default results/train_bench.json; a run outside the lock "
+                                      "writes its own, e.g. results/train_bench_nolock.json)")
     args = ap.parse_args()
+    if args.results:
+        global RESULTS
+        RESULTS = Path(args.results).resolve()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.kind == "report":
