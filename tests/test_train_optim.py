@@ -194,3 +194,21 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ConfigError):
         opt.add_param_group({"params": [net[0].weight], "rank": 99})
     assert len(opt.param_groups) == 1
+
+
+def test_dct_moments_follow_their_basis_columns_across_a_refresh():
+    net = _net()
+    opt = ProjectedAdamW(_groups(net, projector="dct", gap=1), lr=1e-2)
+    w = net[0].weight                                   # 20 x 12: right side, moments (20, 3)
+    _step(net, opt)
+    old, m_old = opt.state[w]["proj"].tolist(), opt.state[w]["exp_avg"].clone()
+    opt.zero_grad()
+    nn.functional.mse_loss(net(X.flip(1)), Y).backward()   # another gradient: the selection changes
+    G = w.grad.detach().clone()
+    opt.step()
+    new = opt.state[w]["proj"].tolist()
+    assert new != old and set(new) & set(old)
+    R = G @ pj.dct_matrix(12)[:, new]                   # the projected gradient of step 2
+    for i, j in enumerate(new):   # a kept column carries its moment from its old position, a new one starts at 0
+        carried = m_old[:, old.index(j)] if j in old else torch.zeros(20)
+        torch.testing.assert_close(opt.state[w]["exp_avg"][:, i], 0.9 * carried + 0.1 * R[:, i])

@@ -12,7 +12,9 @@ For a projected ``W (m, n)`` with gradient ``G`` at step ``t`` (0-based), projec
     W  <- W (1 - lr weight_decay)
 
 exactly as galore-torch's ``AdamW`` (moments kept across projection refreshes, bias correction in
-the step size, decoupled weight decay after the update); parameters of groups without ``rank``
+the step size, decoupled weight decay after the update); with the ``dct`` projector, whose basis
+vectors are fixed and named by their indices, each moment coordinate follows its basis vector across
+a refresh (kept if the vector stays selected, zero if it is new); parameters of groups without ``rank``
 follow the same rule with ``P = I``. So the Adam state of a projected ``m x n`` matrix is
 ``2 max(m, n) r`` numbers (``std``), plus ``P`` (``min(m, n) r``; ``dct``: ``r`` indices).
 
@@ -125,7 +127,10 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     k = pj.side_size(tuple(grad.shape), side)
                     if "proj" not in state or t % int(group["update_proj_gap"]) == 0:
                         seed = _seed(int(group["seed"]), index, t) if proj.seeded else 0
-                        state["proj"] = proj.compute(grad, int(group["rank"]), side, seed)
+                        new = proj.compute(grad, int(group["rank"]), side, seed)
+                        if proj.indexed and "exp_avg" in state:
+                            _follow_columns(state, state["proj"], new, side)
+                        state["proj"] = new
                     P = proj.basis(state["proj"], k, grad.dtype, grad.device)
                     grad = pj.project(grad, P, side)
                 if "exp_avg" not in state:
@@ -147,6 +152,25 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 if group["weight_decay"] > 0.0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
+
+
+def _follow_columns(state: dict, old: torch.Tensor, new: torch.Tensor, side: str) -> None:
+    """Moments of an indexed basis (``dct``) follow their basis columns across a refresh: the moment
+    coordinate of a column kept in both index sets moves to that column's new position, a new column
+    starts at zero (without this, coordinate ``i`` would carry the moments of another basis vector)."""
+    pos = {int(j): i for i, j in enumerate(old.tolist())}
+    src = torch.tensor([pos.get(int(j), -1) for j in new.tolist()], device=state["exp_avg"].device)
+    keep = src >= 0
+    dim = 1 if side == "right" else 0
+    for key in ("exp_avg", "exp_avg_sq"):
+        m = state[key]
+        moved = torch.zeros_like(m)
+        idx = torch.nonzero(keep).flatten()
+        if dim == 1:
+            moved[:, idx] = m[:, src[keep]]
+        else:
+            moved[idx] = m[src[keep]]
+        state[key] = moved
 
 
 def _seed(base: int, index: int, step: int) -> int:

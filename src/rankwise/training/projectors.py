@@ -41,6 +41,8 @@ class Projector:
     #: Whether ``compute`` uses its ``seed`` (random draws must be the same on every rank: the seed is a
     #: function of the optimizer's seed, the parameter's position and the step, never of a global RNG).
     seeded: ClassVar[bool] = False
+    #: Whether the stored tensor names fixed basis columns (their moments can follow them across a refresh).
+    indexed: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None) -> None:
         self.options = build_options(self.name, options)
@@ -112,6 +114,7 @@ class DCTProjector(Projector):
     """SVD-free: the ``r`` DCT-II columns with the largest ``||G d_j||``; stores only their indices."""
 
     name = "dct"
+    indexed = True
 
     def compute(self, G, rank, side, seed):
         return pj.dct_columns(G, rank, side)
