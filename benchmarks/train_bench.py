@@ -11,7 +11,8 @@ row goes through :func:`rankwise.training.loop.train` (the loop ``rankwise train
   linears at rank d/4 = 32, ``update_proj_gap`` 50, scale 1, the rest plain;
 * ``galore-ref``: pytorch-optimizer's ``GaLore`` with the same groups (the reference implementation);
 * ``lowrank`` / ``sltrain`` / ``monarch`` / ``kronecker`` / ``blast``: ``rankwise.structurize`` at
-  ratio 0.5 (every block linear keeps <= 50 % of its values), AdamW with the per-factor learning rates;
+  ratio 0.5 (every block linear keeps <= 50 % of its values), AdamW with the per-factor learning rates
+  (``<structure>-plainlr``: the same without them, one learning rate for all);
 * ``kronecker-recovered``: the ``adamw`` model compressed to Kronecker at 0.5 by ``rankwise.compress``
   (fitted on 32 calibration windows), then trained ``--recover-steps`` more steps (AdamW on all
   parameters at a tenth of the learning rate, no per-factor multipliers).
@@ -129,9 +130,10 @@ def run_pretrain(row: str, seed: int, args) -> dict:
     elif row in ("galore", "dct", "randomized", "galore-ref"):
         cfg = TrainConfig(optim="galore" if row == "galore-ref" else row, rank=MODEL["hidden_size"] // 4, **base)
         make = _reference_galore if row == "galore-ref" else None
-    else:
-        model = rankwise.structurize(model, row, ratio=0.5, seed=seed, inplace=True)
-        cfg = TrainConfig(optim="adamw", **base)
+    else:   # a structure; "-plainlr": without the per-factor learning-rate multipliers (ablation)
+        structure = row.removesuffix("-plainlr")
+        model = rankwise.structurize(model, structure, ratio=0.5, seed=seed, inplace=True)
+        cfg = TrainConfig(optim="adamw", structure_lr=not row.endswith("-plainlr"), **base)
         extra["structure"] = structure_parameters(model)
     before = _loadavg()
     t0 = time.perf_counter()
@@ -308,24 +310,29 @@ def report(args) -> None:
     _, dense = _fmt(pre["adamw"]) if pre.get("adamw") else (None, None)
     out = ["| optimizer | held-out loss, mean ± half-range (seeds) | vs AdamW | optimizer state of the 28 block "
            "matrices | x AdamW's | step time vs GaLore (side by side) |", "|---|---|---|---|---|---|"]
-    for name in ("adamw", "galore", "galore-ref", "dct", "randomized"):
+    for name in ("adamw", "galore", "galore-ref", "dct", "dct-unaligned", "randomized"):
         rs = pre.get(name)
         if not rs:
             continue
         text, m = _fmt(rs)
         st, dst = rs[0]["projected_state_bytes"], rs[0]["projected_dense_adam_bytes"]
-        sp = speed["median_seconds_per_step"].get(name) / speed["median_seconds_per_step"]["galore"] if speed else None
+        sp = (speed["median_seconds_per_step"][name] / speed["median_seconds_per_step"]["galore"]
+              if speed and name in speed["median_seconds_per_step"] else None)
         out.append(f"| {name} | {text} | {100 * (m / dense - 1):+.2f} % | {st / 2**20:.2f} MiB | {st / dst:.3f} | "
                    + (f"{sp:.3f}x ({speed['median_seconds_per_step'][name]:.3f} s)" if sp else "-") + " |")
     out += ["", "| structure (ratio 0.5) | held-out loss (seeds) | vs dense | values in the block linears | "
                 "model parameters |", "|---|---|---|---|---|"]
-    for name in ("adamw", "lowrank", "sltrain", "monarch", "kronecker", "blast"):
+    for name in ("adamw", "lowrank", "lowrank-plainlr", "sltrain", "sltrain-plainlr", "monarch", "monarch-plainlr",
+                 "kronecker", "blast"):
         rs = pre.get(name)
         if not rs:
             continue
         text, m = _fmt(rs)
         st = rs[0].get("structure")
-        frac = f"{st['structured']:,} ({st['structured'] / st['dense_equivalent']:.3f}x dense)" if st else "786,432 (dense)"
+        d_model, d_mlp, layers = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["num_hidden_layers"]
+        dense_values = layers * (4 * d_model * d_model + 3 * d_model * d_mlp)
+        frac = (f"{st['structured']:,} ({st['structured'] / st['dense_equivalent']:.3f}x dense)" if st
+                else f"{dense_values:,} (dense)")
         out.append(f"| {'dense' if name == 'adamw' else name} | {text} | {100 * (m / dense - 1):+.2f} % | {frac} | "
                    f"{rs[0]['params']:,} |")
     rec = pre.get("kronecker-recovered")
