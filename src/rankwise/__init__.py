@@ -23,7 +23,7 @@ __version__ = "0.2.0"
 from .errors import RankwiseError
 
 _API = ("compress", "compress_low_memory", "load", "load_model", "save", "evaluate", "perplexity",
-        "analyze", "adapt", "load_corpus", "structurize", "init_", "train")
+        "analyze", "adapt", "load_corpus", "match", "barrier", "merge", "lock", "structurize", "init_", "train")
 
 
 def __getattr__(name: str):
