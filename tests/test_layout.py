@@ -33,8 +33,11 @@ ALLOWED = {
                  "evaluation"},
     "merging": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
                 "evaluation"},
+    "training": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
+                 "evaluation"},
     "healing": {"errors", "structures", "adaptation"},
     "export": {"errors", "files", "registry", "options", "linalg", "structures", "models"},
+    "optim": {"training"},
     "api": None,  # the top: may import anything
     "cli": None,
     "commands": None,

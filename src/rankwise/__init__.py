@@ -10,6 +10,8 @@ side effects (no environment variable is set, no plotting backend chosen)::
     rankwise.evaluate(small, tok).ppl
     rankwise.analyze(model)                                             # per-layer spectra
     tuned, info = rankwise.adapt(model, init="pissa", rank=16)          # returns an adapted copy
+    slim = rankwise.structurize(model, "sltrain", ratio=0.5)            # trainable structured layers
+    rankwise.train(slim, tok, optim="galore", rank=32, steps=100)       # in place; rankwise.optim for the optimizer
 
 The verbs live in :mod:`rankwise.api`; the job packages are :mod:`rankwise.compression`,
 :mod:`rankwise.adaptation`, :mod:`rankwise.analysis` and :mod:`rankwise.evaluation`.
@@ -21,7 +23,8 @@ __version__ = "0.2.0"
 from .errors import RankwiseError
 
 _API = ("compress", "compress_low_memory", "load", "load_model", "save", "evaluate", "perplexity",
-        "analyze", "adapt", "load_corpus", "match", "barrier", "merge", "lock", "export")
+        "analyze", "adapt", "load_corpus", "match", "barrier", "merge", "lock", "export", "structurize", "init_",
+        "train")
 
 
 def __getattr__(name: str):

@@ -147,3 +147,40 @@ def export(model_or_dir, format: str, out: str | os.PathLike, *, tokenizer=None,
 
     return _export(model_or_dir, format, out, tokenizer=tokenizer, options=options, max_shard_size=max_shard_size,
                    overwrite=overwrite, progress=progress)
+def structurize(model: nn.Module, structure: str, ratio: float = 0.5, *, inplace: bool = False, **options) -> nn.Module:
+    """``model`` (a copy unless ``inplace``) with its block linears replaced by trainable ``structure`` layers
+    (lowrank, monarch, blockdiag-lowrank, kronecker, sltrain, blast) of at most ``(1 - ratio) m n`` values
+    each, structure-aware initialized. See :func:`rankwise.training.structurize.structurize`."""
+    from .training.structurize import structurize as _structurize
+
+    return _structurize(model, structure, ratio, inplace=inplace, **options)
+
+
+def init_(model: nn.Module, method: str, data: torch.Tensor | None = None, **options) -> dict:
+    """Initialize ``model``'s linear and structured layers in place: ``lsuv`` (needs ``data``), ``idinit``,
+    ``spectral``, ``orthogonal``. See :mod:`rankwise.training.init`."""
+    from .training.init import init_ as _init
+
+    return _init(model, method, data=data, **options)
+
+
+def train(model: nn.Module, tokenizer=None, *, text_file: str | os.PathLike | None = None,
+          train_ids: torch.Tensor | None = None, eval_ids: torch.Tensor | None = None, progress: bool = True,
+          checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, **config):
+    """Train ``model`` in place (``optim="adamw" | "galore" | "dct" | "randomized" | "random"``, ``rank``,
+    ``steps``, ``lr``, ...: :class:`rankwise.training.loop.TrainConfig`) on ``train_ids`` or the default
+    corpus / ``text_file`` tokenized with ``tokenizer``; returns a :class:`~rankwise.training.loop.TrainResult`."""
+    from .options import make_options
+    from .training.build import token_streams
+    from .training.loop import TrainConfig, train as _train
+
+    cfg = make_options(TrainConfig, None, config, "train")
+    if train_ids is None:
+        if tokenizer is None:
+            from .errors import ConfigError
+
+            raise ConfigError("pass train_ids, or a tokenizer to read the default corpus / text_file")
+        train_ids, held = token_streams(tokenizer, text_file)
+        eval_ids = held if eval_ids is None else eval_ids
+    return _train(model, train_ids, cfg, eval_ids=eval_ids, checkpoint_dir=checkpoint_dir, resume=resume,
+                  progress=progress)

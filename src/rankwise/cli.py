@@ -41,6 +41,7 @@ COMMANDS: dict[str, str] = {
             "function, but task-vector merging with it collapses.",
     "export": "Write a compressed (or plain) model in the format a runtime reads: compressed-tensors (vLLM, "
               "transformers), gptq, gguf (llama.cpp, ollama), dense, ... Reads the input tensor by tensor.",
+    "train": "Train with projected-gradient optimizers, structured layers and initializations; checkpoints resume.",
 }
 #: Modules under rankwise.commands that add commands to the app.
 COMMAND_MODULES = list(COMMANDS)

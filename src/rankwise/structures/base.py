@@ -61,6 +61,13 @@ class StructuredLinear(nn.Module):
         quantization scales are overhead, counted in :meth:`nbytes` only)."""
         raise NotImplementedError
 
+    def factor_dims(self) -> dict[str, Any]:
+        """For training from scratch: each trainable factor (a parameter name, relative to the layer) as
+        the dense map it is, ``(d_in, d_out)`` or ``(d_in, d_out, gain)`` (a gain < 1 for each of the
+        parts a layer sums), which sets its structure-aware init and learning rate
+        (:mod:`rankwise.training.structured`). A layer without trainable factors returns ``{}``."""
+        return {}
+
     # -- provided -----------------------------------------------------------------------------
     @property
     def has_bias(self) -> bool:

@@ -71,6 +71,12 @@ class BlockDiagLowRankLinear(StructuredLinear):
         """``m n / b + k (m + n)``."""
         return self.blocks.numel() + self.rank * (self.in_features + self.out_features)
 
+    def factor_dims(self) -> dict[str, Any]:
+        """Blocks ``p -> s`` and the low-rank ``A: n -> k``, ``B: k -> m``; the two summed parts get gain 1/sqrt 2."""
+        _, s, p = self.blocks.shape
+        h = 0.5 ** 0.5
+        return {"blocks": (p, s, h), "A.weight": (self.in_features, self.rank), "B.weight": (self.rank, self.out_features, h)}
+
     def spec(self) -> dict[str, Any]:
         return {"nblocks": self.nblocks, "rank": self.rank}
 

@@ -105,6 +105,12 @@ class KroneckerLinear(StructuredLinear):
         """``r (m1 n1 + m2 n2)``."""
         return self.A.numel() + self.B.numel()
 
+    def factor_dims(self) -> dict[str, Any]:
+        """``A_i: n1 -> m1`` and ``B_i: n2 -> m2``; the ``r`` summed terms give ``A`` a gain ``1/sqrt r``."""
+        r, m1, n1 = self.A.shape
+        _, m2, n2 = self.B.shape
+        return {"A": (n1, m1, r ** -0.5), "B": (n2, m2)}
+
     def spec(self) -> dict[str, Any]:
         return {"m1": self.A.shape[1], "n1": self.A.shape[2], "terms": self.terms}
 

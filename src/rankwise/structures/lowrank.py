@@ -89,6 +89,10 @@ class LowRankLinear(StructuredLinear):
         """``k (m + n)`` weight values."""
         return self.rank * (self.in_features + self.out_features)
 
+    def factor_dims(self) -> dict:
+        """``A: n -> k``, ``B: k -> m``."""
+        return {"A.weight": (self.in_features, self.rank), "B.weight": (self.rank, self.out_features)}
+
     def spec(self) -> dict:
         return {"rank": self.rank}
 

@@ -68,6 +68,11 @@ class MonarchLinear(StructuredLinear):
         """``r (l n + b m)``."""
         return monarch_num_values(self.out_features, self.in_features, self.in_blocks, self.out_blocks, self.rank)
 
+    def factor_dims(self) -> dict[str, Any]:
+        """Each ``B1`` block maps ``p -> l r``, each ``B2`` block ``b r -> s``."""
+        b, l, r = self.in_blocks, self.out_blocks, self.rank
+        return {"B1": (self.in_features // b, l * r), "B2": (b * r, self.out_features // l)}
+
     def spec(self) -> dict[str, Any]:
         return {"in_blocks": self.in_blocks, "out_blocks": self.out_blocks, "rank": self.rank}
 

@@ -12,7 +12,8 @@ Stored values (``num_stored``) are the nonzeros (plus ``rank (out + in)`` for th
 indices and positions are overhead, counted in ``nbytes``. The forward multiplies by a torch sparse
 CSR tensor built from these buffers (its int32 index arrays are cached, not stored) when fewer than
 ``densify_rows`` rows come in (decoding); for more rows (prefill, calibration, evaluation) it scatters
-``S`` into a transient dense (out, in) matrix, freed after the call, and uses one dense product: on
+``S`` into a transient dense (out, in) matrix, freed after the call, and uses one dense product (always
+when the values are being trained: the gradient flows to them through the scatter): on
 CPU at the densities used here (40-70% kept) the CSR product is 2-4x slower than the dense one for
 hundreds of rows, while scattering costs one pass over ``out * in`` values. CSR products run in
 float32/float64; other dtypes compute in float32 and cast back.
@@ -121,7 +122,9 @@ class SparseLinear(StructuredLinear):
         """``x @ S^T`` for ``x (..., in)`` (bias excluded): a CSR product for fewer than ``densify_rows``
         rows, else one dense product with ``S`` scattered into a transient matrix."""
         rows = x.numel() // self.in_features
-        if rows >= self.densify_rows:
+        # training: torch's CSR product has no backward for its values; the scatter path has one
+        training = torch.is_grad_enabled() and self.values.requires_grad
+        if rows >= self.densify_rows or training:
             S = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
             col = self._csr_indices()[1].view(self.out_features, self.nnz_per_row).long()
             S.scatter_(1, col, self.values)
@@ -149,6 +152,11 @@ class SparseLinear(StructuredLinear):
     def num_stored(self) -> int:
         """``out * nnz_per_row`` nonzeros."""
         return self.out_features * self.nnz_per_row
+
+    def factor_dims(self) -> dict[str, Any]:
+        """The values as a map with fan-in ``k`` (entries per row) and fan-out ``m k / n`` (entries per column)."""
+        k = self.nnz_per_row
+        return {"values": (k, max(1, round(self.out_features * k / self.in_features)), 1.0)}
 
     def spec(self) -> dict[str, Any]:
         return {"pattern": self.pattern, "nnz_per_row": self.nnz_per_row}
@@ -220,6 +228,13 @@ class LowRankSparseLinear(StructuredLinear):
     def num_stored(self) -> int:
         """``rank (out + in)`` factor values plus the sparse nonzeros."""
         return self.rank * (self.in_features + self.out_features) + self.S.num_stored()
+
+    def factor_dims(self) -> dict[str, Any]:
+        """``A: n -> k``, ``B: k -> m`` and the sparse ``S`` (as :class:`SparseLinear`); summed parts: gain 1/sqrt 2."""
+        h = 0.5 ** 0.5
+        d_in, d_out, _ = self.S.factor_dims()["values"]
+        return {"A.weight": (self.in_features, self.rank), "B.weight": (self.rank, self.out_features, h),
+                "S.values": (d_in, d_out, h)}
 
     def spec(self) -> dict[str, Any]:
         return {"rank": self.rank, **self.S.spec()}
