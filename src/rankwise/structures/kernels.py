@@ -40,11 +40,20 @@ Forms (``path`` is the name a runtime report prints):
 
 :attr:`RuntimeForm.nbytes` is the memory the form holds besides the stored tensors (the packed
 copy, the cache); runtime reports print it.
+
+**Numerics.** The integer kernels compute in bfloat16 whatever the model's dtype (a float32 model's
+quantized layers included): the input, the kernel's scales and zeros and the output are rounded to
+bfloat16 (relative ``2^-9``), products accumulate in float32. For 4-bit weights this is far below the
+quantization error (on SmolLM2 the logits move by ~1e-3 relative), but it is not the float32
+reference. Inside ``with exact():`` (:func:`exact`) quantized layers compute the reference instead:
+de-quantize, then one product in the input's dtype (slow: for comparisons such as an export's
+logits against the stored model, not for serving).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +66,26 @@ from ..linalg.quant import QuantGrid
 LONG_ROWS = 32
 #: The dtype the CPU integer kernels run in (their only vectorized one).
 KERNEL_DTYPE = torch.bfloat16
+
+
+_EXACT = [False]
+
+
+@contextlib.contextmanager
+def exact(on: bool = True) -> Iterator[None]:
+    """Within the block, quantized layers compute the reference ``x dequant(codes)^T`` in the input's dtype
+    (no integer kernel, no bfloat16 rounding); see the module doc."""
+    old = _EXACT[0]
+    _EXACT[0] = bool(on)
+    try:
+        yield
+    finally:
+        _EXACT[0] = old
+
+
+def exact_mode() -> bool:
+    """Whether :func:`exact` is on."""
+    return _EXACT[0]
 
 
 def has_op(name: str) -> bool:
@@ -207,9 +236,10 @@ def int4_cuda(codes: torch.Tensor, grid: QuantGrid, dtype: torch.dtype = torch.b
                        f"{grid.bits}-bit codes, kernel groups of {kg}, unverified on a GPU")
 
 
-def _transient(dequant: Callable[[torch.dtype], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Long inputs: de-quantize into a transient matrix in the input's dtype and multiply once."""
-    return lambda x: F.linear(x, dequant(x.dtype))
+def _transient(dequant: Callable[[torch.dtype], torch.Tensor],
+               dtype: torch.dtype = KERNEL_DTYPE) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Long inputs: de-quantize into a transient ``dtype`` matrix (freed after the call) and multiply once."""
+    return lambda x: F.linear(x.to(dtype), dequant(dtype)).to(x.dtype)
 
 
 # ---- the layer side --------------------------------------------------------------------------
@@ -279,6 +309,6 @@ def grad_through(tensors: Iterable[torch.Tensor | None]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-__all__ = ["KERNEL_DTYPE", "LONG_ROWS", "KernelMatmul", "RuntimeCached", "RuntimeForm", "StateKey", "dense_cache",
+__all__ = ["KERNEL_DTYPE", "LONG_ROWS", "KernelMatmul", "exact", "exact_mode", "RuntimeCached", "RuntimeForm", "StateKey", "dense_cache",
            "grad_through", "has_op", "int4_cpu", "int4_cpu_available", "int4_cuda", "int8_available",
            "int8_kernel"]

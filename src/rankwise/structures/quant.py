@@ -14,8 +14,8 @@ built once from the stored tensors and rebuilt by itself when they change:
 
 Rotated layers take the same paths on the rotated input. The runtime form is never stored: the state
 dict, saved files and :meth:`nbytes` hold only the tensors below. When autograd must reach the scales or
-minimums (training the grid with the codes frozen), the forward de-quantizes differentiably on every
-call instead (:meth:`reference_forward`).
+minimums (training the grid with the codes frozen), and inside :func:`rankwise.structures.kernels.exact`,
+the forward de-quantizes on every call instead (:meth:`reference_forward`, differentiable).
 
 Stored tensors (the state dict *is* the storage; every byte counted by :meth:`nbytes`):
 
@@ -57,7 +57,7 @@ from ..linalg.quant import (
 )
 from .base import LAYERS, StructuredLinear
 from .kernels import (
-    KernelMatmul, RuntimeCached, RuntimeForm, dense_cache, grad_through, has_op, int4_cpu, int4_cpu_available, int4_cuda,
+    KernelMatmul, RuntimeCached, RuntimeForm, dense_cache, exact_mode, grad_through, has_op, int4_cpu, int4_cpu_available, int4_cuda,
     int8_available, int8_kernel,
 )
 
@@ -244,7 +244,7 @@ class QuantLinear(RuntimeCached, FixedStorageMixin, StructuredLinear):
         return F.linear(xr, self.quantized_weight(x.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if grad_through((self.scales, self.mins)):
+        if exact_mode() or grad_through((self.scales, self.mins)):
             return self.reference_forward(x)
         form = self.runtime(x.dtype)
         y = self.form_matmul(form, x if form.whole else self.rotate_input(x))
