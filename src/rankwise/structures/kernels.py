@@ -5,11 +5,12 @@ A *runtime form* is what a layer's forward multiplies with, built from its store
 the state dict, never saved, so :meth:`StructuredLinear.nbytes` still counts stored bytes only), and
 rebuilt by itself whenever what it was built from changed:
 
-* :class:`StateKey` records, for every stored tensor, its identity, data pointer, in-place version
-  counter (``Tensor._version``), device and dtype: an in-place edit (``codes.copy_``, ``scales.mul_``,
-  ``load_state_dict``, which copies into the buffers), a replaced tensor (``load_state_dict(assign=True)``,
-  ``layer.scales = ...``), a device move or a dtype cast all change the key, and the next forward
-  rebuilds. The key is checked on every call (a few attribute reads per stored tensor).
+* :func:`state_key` records every stored tensor it was built from (the tensor itself), its in-place
+  version counter (``Tensor._version``) and data pointer: an in-place edit (``codes.copy_``,
+  ``scales.mul_``, ``load_state_dict``, which copies into the buffers), a replaced tensor
+  (``load_state_dict(assign=True)``, ``layer.scales = ...``) or ``.data`` swap changes the key, and
+  the next forward rebuilds; device moves and casts (``module.to``) drop the form at once. The key
+  is checked on every call (about a microsecond).
 
 Forms (``path`` is the name a runtime report prints):
 
@@ -104,20 +105,21 @@ def int8_available() -> bool:
     return has_op("_weight_int8pack_mm")
 
 
-class StateKey:
-    """A cheap fingerprint of tensors: identity, storage pointer, version counter, device, dtype each."""
+def state_key(tensors: Iterable[torch.Tensor | None]) -> tuple:
+    """``((tensor, version, data pointer), ...)``: what a runtime form was built from. The key holds the
+    tensors themselves, so a replaced tensor's identity cannot be reused while the key lives."""
+    return tuple(None if t is None else (t, t._version, t.data_ptr()) for t in tensors)
 
-    __slots__ = ("items",)
 
-    def __init__(self, tensors: Iterable[torch.Tensor | None]) -> None:
-        self.items = tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype)
-                           for t in tensors)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, StateKey) and self.items == other.items
-
-    def __hash__(self) -> int:  # pragma: no cover - not used as a dict key
-        return hash(self.items)
+def key_matches(key: tuple, tensors: Iterable[torch.Tensor | None]) -> bool:
+    """Whether ``tensors`` are the very tensors of :func:`state_key` ``key``, unmodified since."""
+    for t, k in zip(tensors, key):
+        if k is None:
+            if t is not None:
+                return False
+        elif t is not k[0] or t._version != k[1] or t.data_ptr() != k[2]:
+            return False
+    return True
 
 
 @dataclass
@@ -138,7 +140,8 @@ class RuntimeForm:
     long: Callable[[torch.Tensor], torch.Tensor] | None = None
     whole: bool = False
     autograd: bool = False
-    key: object = None
+    key: tuple = ()
+    dtype: torch.dtype | None = None
 
     @property
     def nbytes(self) -> int:
@@ -275,13 +278,13 @@ class RuntimeCached(nn.Module):
         raise NotImplementedError
 
     def runtime(self, dtype: torch.dtype) -> RuntimeForm:
-        """The runtime form for inputs of ``dtype``, rebuilt when a stored tensor changed (:class:`StateKey`)."""
-        key = (StateKey(self.runtime_state()), dtype)
+        """The runtime form for inputs of ``dtype``, rebuilt when a stored tensor changed (:func:`state_key`)."""
+        state = self.runtime_state()
         form = self.__dict__.get("_runtime")
-        if form is None or form.key != key:
+        if form is None or form.dtype != dtype or not key_matches(form.key, state):
             self.__dict__["_runtime"] = None  # free the stale form before building the new one
             form = self.build_runtime(dtype)
-            form.key = key
+            form.key, form.dtype = state_key(state), dtype
             self.__dict__["_runtime"] = form
         return form
 
@@ -306,9 +309,11 @@ class RuntimeCached(nn.Module):
 
 def grad_through(tensors: Iterable[torch.Tensor | None]) -> bool:
     """Whether autograd must flow into any of ``tensors`` (grad mode on and one of them requires grad)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
-__all__ = ["KERNEL_DTYPE", "LONG_ROWS", "KernelMatmul", "exact", "exact_mode", "RuntimeCached", "RuntimeForm", "StateKey", "dense_cache",
+__all__ = ["KERNEL_DTYPE", "LONG_ROWS", "KernelMatmul", "exact", "exact_mode", "RuntimeCached", "RuntimeForm", "dense_cache",
            "grad_through", "has_op", "int4_cpu", "int4_cpu_available", "int4_cuda", "int8_available",
-           "int8_kernel"]
+           "int8_kernel", "key_matches", "state_key"]

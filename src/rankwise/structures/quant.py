@@ -177,7 +177,8 @@ class QuantLinear(RuntimeCached, FixedStorageMixin, StructuredLinear):
 
     # -- runtime -----------------------------------------------------------------------------
     def runtime_state(self) -> tuple[torch.Tensor | None, ...]:
-        return (self.codes, self.scales, self.mins)
+        b = self._buffers
+        return (b["codes"], b["scales"], b["mins"])
 
     def kernel_path(self, device: torch.device | str | None = None) -> tuple[str, str]:
         """``(path, why)``: the runtime path this layer's spec takes on ``device`` (module doc)."""
