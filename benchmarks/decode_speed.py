@@ -193,6 +193,7 @@ def build_rows(model, names: list[str], wanted: list[str], log) -> dict[str, dic
             add(row, "HQQ 4-bit g64 (HQQLinear, PyTorch backend, float32 compute)", layers)
             rows[row]["target_stored_mb"] = sum(nbytes([h.W_q, h.meta["scale"], h.meta["zero"]])
                                                 for h in layers.values()) / 1e6
+            rows[row]["paths"] = {"hqq": len(layers)}
         elif row == "quanto-int4":
             try:
                 from optimum.quanto import freeze, qint4, quantize
