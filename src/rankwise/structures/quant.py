@@ -219,10 +219,12 @@ class QuantLinear(RuntimeCached, FixedStorageMixin, StructuredLinear):
             if path == "int8-cpu":
                 return int8_kernel(unpack_codes(self.codes, self.bits, self.in_features), grid, dense)
             if path == "int4-cuda":
-                try:
-                    return int4_cuda(unpack_codes(self.codes, self.bits, self.in_features), grid)
-                except (RuntimeError, StopIteration) as e:  # unverified path: keep running on the cache
-                    why = f"the CUDA int4 kernel refused this layer ({str(e).splitlines()[0][:120]})"
+                try:  # unverified on a GPU: pack, and run one row, or keep running on the cache
+                    form = int4_cuda(unpack_codes(self.codes, self.bits, self.in_features), grid)
+                    form.matmul(torch.zeros(1, self.in_features, dtype=torch.bfloat16, device=self.codes.device))
+                    return form
+                except (RuntimeError, StopIteration) as e:
+                    why = f"the CUDA int4 kernel refused this layer ({(str(e).splitlines() or [''])[0][:120]})"
             if self.rotation_info is not None:
                 return dense_cache(self.dense(), dtype, why, whole=True)
             return dense_cache(dense(dtype), dtype, why)
