@@ -326,3 +326,6 @@ def test_prepare_inference_reports_every_layer(tiny_llama):
         out = tiny_llama.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9)
     assert "model.layers.0.self_attn.q_proj" in runtime_table(rows, per_layer=True)
+    import rankwise
+
+    assert rankwise.prepare_inference(tiny_llama) == rows  # the API verb; forms already built are kept

@@ -106,3 +106,13 @@ def load_corpus(split: str = "test", text_file: str | os.PathLike | None = None)
     from .calibration.corpus import load_corpus as _load_corpus
 
     return _load_corpus(split, text_file)
+
+
+def prepare_inference(model: nn.Module, dtype: torch.dtype | None = None):
+    """Build every structured layer's runtime form now (packed int4 / int8 kernels, de-quantize-once
+    caches, sparse layers merged to dense on CPU) for inputs of ``dtype`` (default: the model's) and
+    return one :class:`~rankwise.models.runtime.LayerRuntime` row per linear layer (kernel path, stored
+    and runtime bytes); :func:`rankwise.models.runtime.runtime_table` prints them."""
+    from .models.runtime import prepare_inference as _prepare
+
+    return _prepare(model, dtype)
