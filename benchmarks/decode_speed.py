@@ -29,7 +29,7 @@ Decode: ``generate`` of ``--new-tokens`` tokens minus ``generate`` of 1 token, g
 runtime table (``rankwise.models.runtime.prepare_inference``: kernel path per layer, stored and
 runtime bytes). ``/proc/loadavg`` is recorded before, after and at each round.
 
-    flock /work/team/heavy.lock nice -n 5 /work/envs/kernels-bench/bin/python benchmarks/decode_speed.py --threads 2
+    flock /work/team/heavy.lock nice -n 5 /work/envs/kernels-bench/bin/python benchmarks/decode_speed.py --threads 2 --values random --micro
 """
 from __future__ import annotations
 
@@ -74,19 +74,34 @@ def share_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def quant_layers(lins: dict, bits: int, g: int, symmetric: bool) -> dict:
+def random_quantized(W: torch.Tensor, bits: int, g: int, symmetric: bool, seed: int = 0):
+    """Random codes on a grid of ``W``'s per-row range (``--values random``: same spec, no fit)."""
+    from rankwise.linalg.quant import QuantGrid, QuantizedMatrix, num_groups
+
+    gen = torch.Generator().manual_seed(seed)
+    m, n = W.shape
+    G = num_groups(n, g)
+    scale = (2 * W.abs().amax(1, keepdim=True) / (2 ** bits - 1)).expand(m, G).half().contiguous()
+    mins = None if symmetric else (-W.abs().amax(1, keepdim=True)).expand(m, G).half().contiguous()
+    codes = torch.randint(0, 2 ** bits, (m, n), generator=gen, dtype=torch.uint8)
+    return QuantizedMatrix(codes, QuantGrid(bits, min(g, n), n, scale, mins))
+
+
+def quant_layers(lins: dict, bits: int, g: int, symmetric: bool, values: str = "rtn") -> dict:
     from rankwise.linalg.quant import rtn
     from rankwise.models.surgery import linear_bias, linear_weight
     from rankwise.structures.quant import QuantLinear
 
     out = {}
-    for name, lin in lins.items():
+    for i, (name, lin) in enumerate(lins.items()):
         W = linear_weight(lin).float()
-        out[name] = QuantLinear.from_quantized(rtn(W, bits, min(g, W.shape[1]), symmetric), linear_bias(lin))
+        qm = (rtn(W, bits, min(g, W.shape[1]), symmetric) if values == "rtn"
+              else random_quantized(W, bits, g, symmetric, i))
+        out[name] = QuantLinear.from_quantized(qm, linear_bias(lin))
     return out
 
 
-def lowrank_layers(lins: dict, ratio: float) -> dict:
+def lowrank_layers(lins: dict, ratio: float, values: str = "rtn") -> dict:
     from rankwise.compression.allocation.budget import uniform_rank
     from rankwise.models.surgery import linear_bias, linear_weight
     from rankwise.structures.lowrank import LowRankLinear
@@ -97,14 +112,17 @@ def lowrank_layers(lins: dict, ratio: float) -> dict:
         k = uniform_rank(*W.shape, ratio)
         if k is None:
             continue
+        if values == "random":
+            out[name] = LowRankLinear(W.shape[1], W.shape[0], k, bias=linear_bias(lin) is not None)
+            continue
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         out[name] = LowRankLinear.from_factors(U[:, :k] * S[:k], Vh[:k], linear_bias(lin))
     return out
 
 
-def lorc_layers(lins: dict, bpw: float, group_size: int = 128) -> dict:
+def lorc_layers(lins: dict, bpw: float, group_size: int = 128, values: str = "rtn") -> dict:
     from rankwise.compression.methods.lorc import LowRankQuantOptions, plan_lowrank_quant
-    from rankwise.linalg.lowrank_quant import lorc
+    from rankwise.linalg.lowrank_quant import LowRankQuant, lorc
     from rankwise.models.surgery import linear_bias, linear_weight
     from rankwise.structures.lowrank_quant import LowRankQuantLinear
 
@@ -114,8 +132,13 @@ def lorc_layers(lins: dict, bpw: float, group_size: int = 128) -> dict:
         W = linear_weight(lin).double()
         m, n = W.shape
         spec = plan_lowrank_quant((m, n), bpw * m * n / 8, opts)
-        res = lorc(W, torch.eye(n, dtype=torch.float64), spec["bits"], spec["group_size"], spec["rank"],
-                   spec["symmetric"], quantizer="rtn")
+        if values == "random":
+            k = spec["rank"]
+            res = LowRankQuant(random_quantized(W.float(), spec["bits"], spec["group_size"], spec["symmetric"]),
+                               (torch.randn(m, k) * 0.01).half(), (torch.randn(k, n) * 0.01).half(), {})
+        else:
+            res = lorc(W, torch.eye(n, dtype=torch.float64), spec["bits"], spec["group_size"], spec["rank"],
+                       spec["symmetric"], quantizer="rtn")
         out[name] = LowRankQuantLinear.from_lowrank_quant(res, linear_bias(lin))
     return out
 
@@ -132,7 +155,7 @@ def nbytes(ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts if isinstance(t, torch.Tensor))
 
 
-def build_rows(model, names: list[str], wanted: list[str], log) -> dict[str, dict]:
+def build_rows(model, names: list[str], wanted: list[str], log, values: str = "rtn") -> dict[str, dict]:
     """``{row: {"model", "label", "stored_mb", "runtime", ...}}`` for every wanted row that can be built."""
     from rankwise.models.runtime import prepare_inference, runtime_summary
     from rankwise.models.surgery import get_module, set_module
@@ -171,19 +194,23 @@ def build_rows(model, names: list[str], wanted: list[str], log) -> dict[str, dic
         elif row in quant or row == "gptq-b4-g128-bf16":
             spec = quant[row] if row in quant else quant["gptq-b4-g128"]
             if spec not in fitted:
-                fitted[spec] = quant_layers(lins, *spec)
-                log(f"rtn-fitted {spec} in {time.perf_counter() - t0:.0f} s")
+                fitted[spec] = quant_layers(lins, *spec, values=values)
+                log(f"{values} {spec} in {time.perf_counter() - t0:.0f} s")
             layers = fitted[spec] if row != "gptq-b4-g128-bf16" else copy.deepcopy(fitted[spec])
             bits, g, sym = spec
             what = f"{bits}-bit {'symmetric' if sym else 'asymmetric'} " + ("per channel" if g > 4096 else f"g{g}")
+            how = "rtn-fitted" if values == "rtn" else "random codes"
             if row == "gptq-b4-g128-bf16":
-                add(row, f"gptq layer spec ({what}), rtn-fitted, bfloat16 model", layers, torch.bfloat16)
+                add(row, f"gptq layer spec ({what}), {how}, bfloat16 model", layers, torch.bfloat16)
             else:
-                add(row, f"gptq layer spec ({what}), rtn-fitted", layers)
+                add(row, f"gptq layer spec ({what}), {how}", layers)
         elif row == "lowrank-40":
-            add(row, "low rank, uniform 40 % of the parameters removed (SVD factors)", lowrank_layers(lins, 0.4))
+            add(row, "low rank, uniform 40 % of the parameters removed (" +
+                ("SVD factors)" if values == "rtn" else "random factors)"), lowrank_layers(lins, 0.4, values))
         elif row == "lorc":
-            add(row, "lorc at 4.0 bits/weight (rtn codes g128 + low-rank error fit)", lorc_layers(lins, 4.0))
+            add(row, "lorc at 4.0 bits/weight (g128 codes + rank from the budget; " +
+                ("rtn codes, low-rank error fit)" if values == "rtn" else "random values)"),
+                lorc_layers(lins, 4.0, values=values))
         elif row == "hqq-b4-g64":
             try:
                 layers = hqq_layers(lins, 4, 64)
@@ -315,6 +342,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--gguf", default=None, help="a GGUF file for the llama.cpp row")
     ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench binary")
+    ap.add_argument("--values", choices=("rtn", "random"), default="rtn",
+                    help="layer values of the timed rows: RTN / SVD fits, or random values of the same spec (speed "
+                         "does not depend on values; the numerics check always uses an RTN-fitted 4-bit g128 row)")
     ap.add_argument("--micro", action="store_true", help="also time single layers (per-shape products)")
     ap.add_argument("--ppl-text", default="/work/team/reftext/wiki_test.txt",
                     help="text for the fast-vs-reference perplexity check (skipped when missing)")
@@ -335,8 +365,9 @@ def main(argv=None) -> dict:
     names = list(find_linears(model))
     wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
     t0 = time.perf_counter()
-    rows = build_rows(model, names, wanted, log)
+    rows = build_rows(model, names, wanted, log, args.values)
     build_s = time.perf_counter() - t0
+    checked = rows if args.values == "rtn" else build_rows(model, names, ["gptq-b4-g128"], log, "rtn")
     micro_res = micro(args.threads, log) if args.micro else None
 
     ids = tok("The history of the city begins with a small settlement on the river, where traders from the "
@@ -354,9 +385,11 @@ def main(argv=None) -> dict:
             checks["dense-fp32"] = {"ppl": perplexity(rows["dense-fp32"]["model"], ids=ppl_ids,
                                                       windows=args.ppl_windows).ppl, "ppl_windows": args.ppl_windows}
     for r in ("gptq-b4-g128", "gptq-b8", "lorc"):
-        if r in rows:
-            checks[r] = numerics(rows[r], ids, 16, ppl_ids, args.ppl_windows)
-            log(f"numerics {r}: {checks[r]}")
+        if r in checked:
+            checks[r] = numerics(checked[r], ids, 16, ppl_ids, args.ppl_windows)
+            log(f"numerics {r} (rtn-fitted): {checks[r]}")
+    if checked is not rows:
+        del checked
 
     dec = {k: [] for k in rows}
     pre = {k: [] for k in rows}
@@ -392,10 +425,10 @@ def main(argv=None) -> dict:
     res = {"benchmark": "decode_speed", "model": str(path), "torch": torch.__version__, "threads": args.threads,
            "rounds": args.rounds, "new_tokens": args.new_tokens, "prompt_tokens": 16, "prefill_tokens": args.prefill,
            "loadavg_before": load_before, "loadavg_rounds": loads, "loadavg_after": loadavg(),
-           "build_seconds": build_s, "numerics": checks, "rows": table, "llama_cpp": llama, "micro": micro_res,
-           "note": ("gptq rows hold RTN-fitted QuantLinear layers of the exact spec GPTQ writes (speed depends on "
-                    "the spec, not the values); medians over interleaved rounds; ratios are to dense-fp32 in "
-                    "this run")}
+           "build_seconds": build_s, "values": args.values, "numerics": checks, "rows": table, "llama_cpp": llama, "micro": micro_res,
+           "note": ("gptq rows hold QuantLinear layers of the exact spec GPTQ writes, with RTN-fitted or random "
+                    "values ('values'; speed depends on the spec, not the values); medians over interleaved rounds; "
+                    "ratios are to dense-fp32 in this run")}
     print(render(res))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,11 +21,10 @@ Forms (``path`` is the name a runtime report prints):
                 cast to bfloat16, the product accumulated in float32 inside the kernel, the output
                 cast back to the input's dtype): torch's float32 / float16 versions of this kernel are
                 scalar reference loops, 100x slower. Rows padded to a multiple of 16 (the
-                kernel's block) with zero weights; the output is sliced back. For inputs of at least
-                :data:`LONG_ROWS` rows (prefill) the kernel re-decodes the weights every 4 rows and
-                loses to a dense product, so those calls de-quantize into a transient matrix (freed
-                after the call; its cost is amortized over the rows) and use one dense product in the
-                input's dtype.
+                kernel's block) with zero weights; the output is sliced back. The kernel decodes the
+                weights again for every few rows, so from :data:`LONG_ROWS` rows on (prefill) a call
+                de-quantizes into a transient bfloat16 matrix instead (freed after the call, its cost
+                amortized over the rows) and runs one bfloat16 dense product.
 ``int8-cpu``    ``torch._weight_int8pack_mm`` (8-bit codes, one group per row): ``x w^T s``
                 (+ ``zero * sum(x)`` for an asymmetric grid), in bfloat16 as above.
 ``int4-cuda``   ``torch.ops.aten._weight_int4pack_mm`` on ``_convert_weight_to_int4pack`` (bfloat16).
@@ -63,8 +62,11 @@ from torch import nn
 from ..linalg.kernel_grids import int4_operands, int8_operands
 from ..linalg.quant import QuantGrid
 
-#: From this many input rows on, the int4/int8 paths de-quantize into a transient matrix (see module doc).
-LONG_ROWS = 32
+#: From this many input rows on, the int4/int8 paths de-quantize into a transient matrix (see module doc):
+#: at one thread on SmolLM2's shapes the kernel was 0.6x a float32 dense product's time from 8 to 256
+#: rows, and the transient bfloat16 product overtook it between 128 rows (0.94-1.07x the kernel's
+#: time) and 256 (0.66-0.71x).
+LONG_ROWS = 160
 #: The dtype the CPU integer kernels run in (their only vectorized one).
 KERNEL_DTYPE = torch.bfloat16
 
