@@ -350,7 +350,11 @@ def main(argv=None) -> dict:
                     help="text for the fast-vs-reference perplexity check (skipped when missing)")
     ap.add_argument("--ppl-windows", type=int, default=4, help="512-token windows of that check (0: skip)")
     ap.add_argument("--out", default=str(RESULTS / "decode_speed.json"))
+    ap.add_argument("--render", default=None, help="print the BENCHMARKS.md section of a results JSON and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render_section(json.loads(Path(args.render).read_text())))
+        return {}
     torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
@@ -435,6 +439,33 @@ def main(argv=None) -> dict:
     out.write_text(json.dumps(res, indent=2) + "\n")
     log(f"wrote {out}")
     return res
+
+
+def render_section(res: dict) -> str:
+    """The BENCHMARKS.md section of a results JSON: the table, the numerics check, the per-layer timings."""
+    out = [render(res), ""]
+    rounds = res["loadavg_rounds"]
+    out.append(f"threads {res['threads']}, {res['rounds']} interleaved rounds (medians), decode {res['new_tokens']} "
+               f"new tokens after a {res['prompt_tokens']}-token prompt, prefill {res['prefill_tokens']} tokens "
+               f"(`logits_to_keep=1`), values: {res['values']}; load average before {res['loadavg_before'][0]:.2f}, "
+               f"per round {', '.join(f'{r[0]:.2f}' for r in rounds)}, after {res['loadavg_after'][0]:.2f}.")
+    if res.get("numerics"):
+        out += ["", "| numerics (rtn-fitted) | ppl fast | ppl reference (`exact()`) | logits rel. diff | greedy tokens equal |",
+                "|---|---:|---:|---:|---:|"]
+        for k, v in res["numerics"].items():
+            if "ppl_fast" in v:
+                out.append(f"| {k} | {v['ppl_fast']:.3f} | {v['ppl_reference']:.3f} | "
+                           f"{v['logits_rel_diff_prefill_last8']:.4f} | {v['greedy_tokens_equal']}/{v['greedy_tokens']} |")
+            elif "ppl" in v:
+                out.append(f"| {k} | {v['ppl']:.3f} | | | |")
+    if res.get("micro"):
+        mic = res["micro"]["shapes"]
+        keys = list(next(iter(mic.values())))
+        out += ["", "| one row, us (best of 15) | " + " | ".join(k.removesuffix("_us") for k in keys) + " |",
+                "|---|" + "---:|" * len(keys)]
+        for shape, r in mic.items():
+            out.append(f"| {shape} | " + " | ".join(f"{r[k]:.1f}" for k in keys) + " |")
+    return "\n".join(out)
 
 
 def render(res: dict) -> str:
