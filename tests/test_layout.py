@@ -31,6 +31,8 @@ ALLOWED = {
                    "evaluation"},
     "analysis": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
                  "evaluation"},
+    "merging": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
+                "evaluation"},
     "healing": {"errors", "structures", "adaptation"},
     "api": None,  # the top: may import anything
     "cli": None,
