@@ -166,7 +166,8 @@ def build_rows(model, names: list[str], wanted: list[str], log, values: str = "r
 
     def add(row: str, label: str, layers: dict | None = None, dtype: torch.dtype | None = None, base=None):
         t0 = time.perf_counter()
-        m = share_copy(base or model)
+        # a cast converts parameters in place: a row cast to another dtype must not share them
+        m = share_copy(base or model) if dtype is None else copy.deepcopy(base or model)
         for n, layer in (layers or {}).items():
             set_module(m, n, layer)
         if dtype is not None:
