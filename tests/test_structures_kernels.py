@@ -39,8 +39,8 @@ def quant_layer(out: int, n: int, bits: int, g: int, symmetric: bool = False, bi
 
 def reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     """De-quantize, then one float64 product: the reference every path is held to."""
-    y = x.double() @ layer.dense().double().T
-    return y if layer.bias is None else y + layer.bias.double()
+    y = x.detach().double() @ layer.dense().detach().double().T
+    return y if layer.bias is None else y + layer.bias.detach().double()
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -329,3 +329,18 @@ def test_prepare_inference_reports_every_layer(tiny_llama):
     import rankwise
 
     assert rankwise.prepare_inference(tiny_llama) == rows  # the API verb; forms already built are kept
+
+
+def test_lowrank_calls_its_products_directly_unless_a_sub_module_is_hooked():
+    from rankwise.structures.lowrank import LowRankLinear
+
+    layer = LowRankLinear(16, 8, 3)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        ref = x @ layer.dense().T + layer.bias
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
+        seen = []
+        handle = layer.A.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
+        handle.remove()
+    assert seen == [torch.Size([2, 3])]  # the hook ran: the sub-modules were called
