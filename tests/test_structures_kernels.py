@@ -344,3 +344,17 @@ def test_lowrank_calls_its_products_directly_unless_a_sub_module_is_hooked():
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-6)
         handle.remove()
     assert seen == [torch.Size([2, 3])]  # the hook ran: the sub-modules were called
+
+
+@needs_int4
+def test_scales_turned_into_parameters_still_run_and_train():
+    """A healing step may hold the grid as parameters: the fast path runs without grad, the reference with it."""
+    layer = quant_layer(32, 64, 4, 32)
+    scales = layer.scales
+    del layer._buffers["scales"]
+    layer.scales = torch.nn.Parameter(scales.float().half(), requires_grad=True)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        assert rel_err(layer(x), reference(layer, x)) < 1e-2
+    layer(x).sum().backward()
+    assert layer.scales.grad is not None and layer.scales.grad.shape == (32, 2)

@@ -177,8 +177,9 @@ class QuantLinear(RuntimeCached, FixedStorageMixin, StructuredLinear):
 
     # -- runtime -----------------------------------------------------------------------------
     def runtime_state(self) -> tuple[torch.Tensor | None, ...]:
-        b = self._buffers
-        return (b["codes"], b["scales"], b["mins"])
+        """The stored tensors the runtime form is built from (buffers, or parameters when the scales or
+        minimums are being trained)."""
+        return (self.codes, self.scales, self.mins)
 
     def kernel_path(self, device: torch.device | str | None = None) -> tuple[str, str]:
         """``(path, why)``: the runtime path this layer's spec takes on ``device`` (module doc)."""
