@@ -24,7 +24,7 @@ from .errors import RankwiseError
 
 _API = ("compress", "compress_low_memory", "load", "load_model", "save", "evaluate", "perplexity",
         "analyze", "adapt", "load_corpus", "match", "barrier", "merge", "lock", "export", "structurize", "init_",
-        "train")
+        "train", "prepare_inference")
 
 
 def __getattr__(name: str):

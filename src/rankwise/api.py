@@ -184,3 +184,13 @@ def train(model: nn.Module, tokenizer=None, *, text_file: str | os.PathLike | No
         eval_ids = held if eval_ids is None else eval_ids
     return _train(model, train_ids, cfg, eval_ids=eval_ids, checkpoint_dir=checkpoint_dir, resume=resume,
                   progress=progress)
+
+
+def prepare_inference(model: nn.Module, dtype: torch.dtype | None = None):
+    """Build every structured layer's runtime form now (packed int4 / int8 kernels, de-quantize-once
+    caches, sparse layers merged to dense on CPU) for inputs of ``dtype`` (default: the model's) and
+    return one :class:`~rankwise.models.runtime.LayerRuntime` row per linear layer (kernel path, stored
+    and runtime bytes); :func:`rankwise.models.runtime.runtime_table` prints them."""
+    from .models.runtime import prepare_inference as _prepare
+
+    return _prepare(model, dtype)

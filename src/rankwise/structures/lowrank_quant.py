@@ -3,8 +3,11 @@
 ``W' = (dequant(codes) + L R) Q^T``: a :class:`~rankwise.structures.quant.QuantLinear` (packed codes,
 float16 group scales and minimums, optional Hadamard rotation ``Q``) plus float16 factors
 ``left = L (out, k)`` and ``right = R (k, in)`` (LoRC, LQ-LoRA, CALDERA;
-:mod:`rankwise.linalg.lowrank_quant`). The forward never forms ``L R``: it adds ``L (R x')`` to the
-de-quantized product (``x' = x Q``). Storage: the quantized part's bytes plus ``2 k (out + in)``
+:mod:`rankwise.linalg.lowrank_quant`). The forward never forms ``L R``: it adds ``L (R x')`` (two skinny
+products) to the quantized product ``dequant(codes) x'`` (``x' = x Q``), which runs through the same
+runtime form as :class:`~rankwise.structures.quant.QuantLinear` (packed int4/int8 kernel or cache). The
+factors are kept converted to the input's dtype beside the form (their bytes counted in
+:meth:`prepare`'s report); the float16 stored factors are never cast per call. Storage: the quantized part's bytes plus ``2 k (out + in)``
 bytes of factors (:meth:`factor_bytes`). Error guarantee: that of the fit that produced the parts.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ..errors import ConfigError
 from ..linalg.hadamard import HadamardRotation
 from ..linalg.lowrank_quant import FACTOR_DTYPE, LowRankQuant
 from .base import LAYERS
+from .kernels import RuntimeForm, dense_cache, exact_mode, grad_through
 from .quant import QuantLinear
 
 
@@ -64,11 +68,39 @@ class LowRankQuantLinear(QuantLinear):
             layer.right.copy_(res.right)
         return layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def runtime_state(self) -> tuple[torch.Tensor | None, ...]:
+        return (*super().runtime_state(), self.left, self.right)
+
+    def build_runtime(self, dtype: torch.dtype) -> RuntimeForm:
+        form = super().build_runtime(dtype)
+        if form.whole:  # rotated: the cache holds (dequant + L R) Q^T
+            return form
+        if form.path == "dense-cache":  # no kernel: merge the factors into the cache, one product per call
+            with torch.no_grad():
+                return dense_cache(self.dense(), dtype, f"{form.note}; factors merged into the cache", whole=True)
+        with torch.no_grad():
+            form.tensors["left"] = self.left.to(dtype).contiguous()
+            form.tensors["right"] = self.right.to(dtype).contiguous()
+        form.note = ", ".join(x for x in (form.note, f"+ rank-{self.rank} factors") if x)
+        return form
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         xr = self.rotate_input(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = F.linear(xr, self.quantized_weight(x.dtype), bias)
         return y + F.linear(F.linear(xr, self.right.to(x.dtype)), self.left.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if exact_mode() or grad_through((self.scales, self.mins, self.left, self.right)):
+            return self.reference_forward(x)
+        form = self.runtime(x.dtype)
+        if form.whole:
+            y = self.form_matmul(form, x)
+        else:
+            xr = self.rotate_input(x)
+            y = self.form_matmul(form, xr)
+            y = y + F.linear(F.linear(xr, form.tensors["right"]), form.tensors["left"])
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def dense(self) -> torch.Tensor:
         """``(dequant(codes) + L R) Q^T`` (out, in), float32."""

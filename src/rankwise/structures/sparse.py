@@ -17,6 +17,15 @@ when the values are being trained: the gradient flows to them through the scatte
 CPU at the densities used here (40-70% kept) the CSR product is 2-4x slower than the dense one for
 hundreds of rows, while scattering costs one pass over ``out * in`` values. CSR products run in
 float32/float64; other dtypes compute in float32 and cast back.
+
+**On CPU both layers are merged to dense at run time** (``merged-dense``, a runtime form of
+:mod:`rankwise.structures.kernels`): ``S`` (and ``B A + S`` for the low-rank + sparse layer) is built
+once as a dense matrix in the input's dtype, kept beside the stored tensors (never saved; its bytes
+in :meth:`prepare`'s report) and rebuilt when they change. torch has no CPU kernel that beats a dense
+product at these densities: at one row (decoding) torch's CSR product took 1.0-1.3x a dense
+product's time on SmolLM2's shapes at 10 % kept and 3-8x at 25-60 % (the densities rankwise's pruning
+and low rank + sparse fits keep; BENCHMARKS.md, decode speed), and 2:4 sparsity has only CUDA kernels. On other devices the stored form runs as described above. When
+autograd must reach the values or factors (training them), the forward uses the stored form.
 """
 from __future__ import annotations
 
@@ -29,6 +38,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..linalg.sparse import check_pattern, index_dtype, mask_to_rows, semistructured_columns, semistructured_compress
 from .base import LAYERS, StructuredLinear
+from .kernels import RuntimeCached, RuntimeForm, dense_cache, grad_through
 
 _CSR_DTYPES = (torch.float32, torch.float64)
 
@@ -45,8 +55,18 @@ def _nnz_per_row(in_features: int, pattern: str, nnz_per_row: int | None) -> int
     return int(nnz_per_row)
 
 
+def merged_or_native(layer: StructuredLinear, pattern: str, dtype: torch.dtype, native) -> RuntimeForm:
+    """``merged-dense`` (``layer.dense()`` kept in ``dtype``) on CPU; elsewhere ``native`` (the stored form)."""
+    if layer.device().type == "cpu":
+        with torch.no_grad():
+            W = layer.dense()
+        return dense_cache(W, dtype, f"merged to dense: no CPU {pattern} sparse kernel beats a dense product",
+                           "merged-dense")
+    return RuntimeForm("sparse-native", native, note="stored sparse form (CSR below densify_rows rows)")
+
+
 @LAYERS.register("sparse")
-class SparseLinear(StructuredLinear):
+class SparseLinear(RuntimeCached, StructuredLinear):
     """``y = S x + bias`` with ``S`` stored as per-row values plus column indices (see module doc)."""
 
     kind = "sparse"
@@ -139,9 +159,20 @@ class SparseLinear(StructuredLinear):
         y = (S @ x2.to(cdt).T).T
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    # -- runtime ---------------------------------------------------------------------------
+    def runtime_state(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.values, self._index_buffer())
+
+    def build_runtime(self, dtype: torch.dtype) -> RuntimeForm:
+        return merged_or_native(self, self.pattern, dtype, self.sparse_matmul)
+
     # -- math ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.sparse_matmul(x)
+        if grad_through((self.values,)):
+            y = self.sparse_matmul(x)
+        else:
+            form = self.runtime(x.dtype)
+            y = form.matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:
@@ -172,7 +203,7 @@ class SparseLinear(StructuredLinear):
 
 
 @LAYERS.register("lowrank-sparse")
-class LowRankSparseLinear(StructuredLinear):
+class LowRankSparseLinear(RuntimeCached, StructuredLinear):
     """``y = B(A x) + S x + bias``: ``W' = B.weight @ A.weight + S`` with ``S`` a :class:`SparseLinear`.
 
     State-dict keys: ``A.weight (rank, in)``, ``B.weight (out, rank)``, ``S.values``, ``S.cols`` or
@@ -218,8 +249,22 @@ class LowRankSparseLinear(StructuredLinear):
                 layer.bias.copy_(bias.to(dtype))
         return layer
 
+    def runtime_state(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.A.weight, self.B.weight, *self.S.runtime_state())
+
+    def build_runtime(self, dtype: torch.dtype) -> RuntimeForm:
+        return merged_or_native(self, self.S.pattern, dtype, self.native_matmul)
+
+    def native_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``B (A x) + S x`` from the stored form (bias excluded)."""
+        return self.B(self.A(x)) + self.S.sparse_matmul(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.B(self.A(x)) + self.S.sparse_matmul(x)
+        if grad_through((self.A.weight, self.B.weight, self.S.values)):
+            y = self.native_matmul(x)
+        else:
+            form = self.runtime(x.dtype)
+            y = form.matmul(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:
