@@ -50,7 +50,11 @@ def models():
 
 
 def _logits(model) -> torch.Tensor:
-    with torch.no_grad():
+    """The model's float32 reference logits (``exact()``: quantized layers de-quantize and multiply in
+    float32 instead of their bfloat16 runtime kernels)."""
+    from rankwise.structures.kernels import exact
+
+    with torch.no_grad(), exact():
         return model(IDS).logits
 
 

@@ -107,8 +107,10 @@ def test_csr_and_transient_dense_paths_agree_with_numpy(pattern, rows, monkeypat
     x = _rand(rows, 24, seed=rows)
     ref = x.double().numpy() @ (W * mask).double().numpy().T + layer.bias.detach().double().numpy()
     with torch.no_grad():  # inference: with gradients on, the values train through the dense path (no CSR backward)
+        # the stored form's product (the forward off the CPU; on the CPU the layer runs merged to dense)
+        np.testing.assert_allclose(layer.sparse_matmul(x).numpy() + layer.bias.numpy(), ref, rtol=1e-5, atol=1e-5)
+        assert calls["csr"] == (1 if rows < SparseLinear.densify_rows else 0)
         np.testing.assert_allclose(layer(x).numpy(), ref, rtol=1e-5, atol=1e-5)
-    assert calls["csr"] == (1 if rows < SparseLinear.densify_rows else 0)
     lrs = LowRankSparseLinear.from_parts(_rand(10, 2, seed=1), _rand(2, 24, seed=2), W, mask, pattern)
     ref2 = x.double().numpy() @ lrs.dense().detach().double().numpy().T
     np.testing.assert_allclose(lrs(x).detach().numpy(), ref2, rtol=1e-5, atol=1e-5)
