@@ -16,12 +16,15 @@ from torch import nn
 
 
 def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu"):
+         device: str | torch.device = "cpu", trust_remote_code: bool = False):
     """``(model, tokenizer, path)`` for a built-in model name, a local Hugging Face directory, or a
-    directory written by :func:`save` / ``rankwise compress`` (its structured layers rebuilt)."""
+    directory written by :func:`save` / ``rankwise compress`` (its structured layers rebuilt). The model
+    comes back as the class it was saved as (``BertModel``, ``...ForSequenceClassification``, a causal or
+    seq2seq LM). ``trust_remote_code`` allows a directory that ships its own modeling code (a remote-code
+    export)."""
     from .models.loading import load_model as _load
 
-    return _load(name_or_path, dtype=dtype, device=device)
+    return _load(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 #: The same loader under its descriptive name (same arguments, same ``(model, tokenizer, path)``).

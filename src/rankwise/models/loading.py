@@ -1,13 +1,24 @@
-"""Load a causal LM and its tokenizer from a built-in name or a local directory."""
+"""Load a model and its tokenizer from a built-in name or a local directory, as the class it was saved as.
+
+* a rankwise directory (``rankwise.json``): :func:`~rankwise.models.saved.load_structured` (the recorded
+  ``model_class``);
+* a plain transformers directory: the class ``config.json``'s ``architectures`` names when transformers has
+  it (:func:`~rankwise.models.architecture.config_class`: a ``BertModel`` stays a ``BertModel``), else the
+  causal LM of its config;
+* a remote-code directory (``auto_map`` in ``config.json``, e.g. rankwise's remote-code export): only with
+  ``trust_remote_code=True``, through the auto class its ``auto_map`` names.
+"""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError
+from .architecture import config_class
 from .offline import hub_offline
 from .registry import resolve_model
 from .saved import is_structured_dir, load_structured
@@ -24,30 +35,64 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
+#: The auto classes a remote-code ``auto_map`` may name, in the order one is picked.
+_REMOTE_AUTO = ("AutoModelForCausalLM", "AutoModelForSeq2SeqLM", "AutoModelForSequenceClassification", "AutoModel")
+
+
+def remote_code_map(path: str | os.PathLike) -> dict | None:
+    """``config.json``'s ``auto_map`` (the directory ships its own modeling code), or None."""
+    try:
+        auto_map = json.loads((Path(path) / "config.json").read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return auto_map if isinstance(auto_map, dict) and auto_map else None
+
+
+def _load_plain(path: Path, dtype: torch.dtype, trust_remote_code: bool):
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    auto_map = remote_code_map(path)
+    if auto_map is not None and not trust_remote_code:
+        raise ConfigError(f"{path} ships its own modeling code (auto_map in config.json: a remote-code export); "
+                          "if you trust that directory, load it with trust_remote_code=True (CLI: --trust-remote-code)")
+    try:
+        with hub_offline():
+            if auto_map is not None:
+                name = next((a for a in _REMOTE_AUTO if a in auto_map), None)
+                if name is None:
+                    raise ConfigError(f"{path}/config.json: auto_map names none of {', '.join(_REMOTE_AUTO)}; "
+                                      "it is not a model directory rankwise can load")
+                return getattr(transformers, name).from_pretrained(str(path), dtype=dtype, local_files_only=True,
+                                                                   trust_remote_code=True)
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+            cls = config_class(config) or AutoModelForCausalLM
+            return cls.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+    except ImportError as e:
+        raise ConfigError(f"loading {path} needs a package that is not installed ({e}); install it and retry") from e
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(
+            f"could not load a model from {path}: {e}. Pass a directory written by "
+            "save_pretrained (config.json + safetensors weights) or a built-in model name."
+        ) from e
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
 ):
-    """Return ``(model, tokenizer, path)`` for a built-in name or a local HF directory.
+    """Return ``(model, tokenizer, path)`` for a built-in name or a local HF directory (see the module doc).
 
-    A directory written by ``rankwise compress`` (it holds ``rankwise.json``) is rebuilt
-    with its factorized layers.
+    A directory written by ``rankwise compress`` (it holds ``rankwise.json``) is rebuilt with its
+    structured layers; ``trust_remote_code`` allows a directory that ships its own modeling code.
     """
     path = resolve_model(name_or_path)
     if is_structured_dir(path):
         model = load_structured(path, dtype=dtype)
     else:
-        from transformers import AutoModelForCausalLM
-
-        try:
-            with hub_offline():
-                model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ModelNotFoundError(
-                f"could not load a causal LM from {path}: {e}. Pass a directory written by "
-                "save_pretrained (config.json + safetensors weights) or a built-in model name."
-            ) from e
+        model = _load_plain(Path(path), dtype, trust_remote_code)
     model.to(device).eval()
     try:
         tok = load_tokenizer(path)
