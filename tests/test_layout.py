@@ -32,6 +32,7 @@ ALLOWED = {
     "analysis": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
                  "evaluation"},
     "healing": {"errors", "structures", "adaptation"},
+    "export": {"errors", "files", "registry", "options", "linalg", "structures", "models"},
     "api": None,  # the top: may import anything
     "cli": None,
     "commands": None,

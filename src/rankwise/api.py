@@ -109,3 +109,14 @@ def load_corpus(split: str = "test", text_file: str | os.PathLike | None = None)
     from .calibration.corpus import load_corpus as _load_corpus
 
     return _load_corpus(split, text_file)
+
+
+def export(model_or_dir, format: str, out: str | os.PathLike, *, tokenizer=None, options=None,
+           max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True):
+    """Write a model in memory, or a saved directory (read tensor by tensor), in ``format`` to ``out``;
+    returns an :class:`~rankwise.export.base.ExportResult` (files, notes). Formats:
+    ``rankwise.export.FORMATS`` (``compressed-tensors``, ``gptq``, ``gguf``, ``dense``, ...)."""
+    from .export import export as _export
+
+    return _export(model_or_dir, format, out, tokenizer=tokenizer, options=options, max_shard_size=max_shard_size,
+                   overwrite=overwrite, progress=progress)

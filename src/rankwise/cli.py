@@ -34,6 +34,8 @@ COMMANDS: dict[str, str] = {
     "analyze": "Singular values, stable/effective rank, energy ranks, power-law alpha (WeightWatcher-compatible), "
                "FARMS alpha, whitened spectrum (--calib) and intruder dimensions (--compare), per layer.",
     "adapt": "Attach low-rank adapters initialized from the spectrum / activations / gradients, train, save.",
+    "export": "Write a compressed (or plain) model in the format a runtime reads: compressed-tensors (vLLM, "
+              "transformers), gptq, gguf (llama.cpp, ollama), dense, ... Reads the input tensor by tensor.",
 }
 #: Modules under rankwise.commands that add commands to the app.
 COMMAND_MODULES = list(COMMANDS)

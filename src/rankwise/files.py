@@ -2,6 +2,12 @@
 
 A file or directory is written under a temporary sibling name and renamed into place at the end,
 so an interrupted run never leaves a half-written output, and a failed write leaves no temp file.
+
+Permissions: what is renamed into place gets the modes of an ordinary new file or directory under the
+user's umask (``0o666 & ~umask`` / ``0o777 & ~umask``), whatever the library that wrote it chose:
+temp names are created private (``mkstemp`` / ``mkdtemp``: 0600 / 0700), and some writers create
+private files themselves (safetensors >= 0.5 ``save_file`` writes 0600), so every file under an
+:func:`atomic_dir` is reset when the directory is committed.
 """
 from __future__ import annotations
 
@@ -28,6 +34,42 @@ def check_new_output(dest: str | os.PathLike | None, overwrite: bool = False, fl
         raise OutputExistsError(f"output {dest} already exists; choose another {flag} or pass --overwrite")
 
 
+def umask() -> int:
+    """The process umask, read without changing it where the OS says it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_mode(directory: bool = False) -> int:
+    """The mode a new file (``0o666``) or directory (``0o777``) gets under the umask."""
+    return (0o777 if directory else 0o666) & ~umask()
+
+
+def reset_modes(root: str | os.PathLike) -> None:
+    """Give ``root`` (a directory or file) and everything under it the default modes of :func:`default_mode`."""
+    root = Path(root)
+    fmode, dmode = default_mode(False), default_mode(True)
+    if root.is_file():
+        os.chmod(root, fmode)
+        return
+    os.chmod(root, dmode)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), dmode)
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+
+
 _cleanups = 0  # atomic_dir cleanups running in this process (see cleanup_running)
 
 
@@ -47,7 +89,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     check_new_output(dest, overwrite)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; outputs are ordinary directories
+    os.chmod(tmp, default_mode(True))  # mkdtemp makes 0700; outputs are ordinary directories
     try:
         yield tmp
     except BaseException:
@@ -58,6 +100,7 @@ def atomic_dir(dest: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         finally:
             _cleanups -= 1
         raise
+    reset_modes(tmp)  # whatever wrote inside (safetensors writes 0600): ordinary files under the umask
     old = None
     if dest.exists():
         old = dest.parent / f".{dest.name}.old-{os.getpid()}"
@@ -80,7 +123,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", newline: str | None = 
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": newline} if "b" not in mode else {})) as f:
             yield f
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -98,7 +141,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -88,12 +88,14 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
                  targets=None, allocate=None, allocate_options=None, engine=None, calib_options=None,
                  text_file=None, calib_file=None, eval_file=None, low_memory=False, out=None, overwrite=False,
                  export_dense_dir=None, do_eval=False, eval_windows=DEFAULT_EVAL_WINDOWS,
-                 eval_seqlen=DEFAULT_SEQLEN, heal=None, quiet=False, dtype=None):
+                 eval_seqlen=DEFAULT_SEQLEN, heal=None, quiet=False, dtype=None, export_to=None):
     """The command's body (also used by ``rankwise demo``): returns ``(model, tokenizer, path, report)``.
 
     ``dtype``: ``None``/``"auto"`` (the checkpoint's), ``float32``, ``bfloat16``, ``float16``. In a
     distributed run (every rank calls this) only rank 0 checks and writes the outputs, evaluates, heals
-    and exports; bad input fails on every rank with the same message."""
+    and exports; bad input fails on every rank with the same message. ``export_to``: ``(format, dir)`` also
+    writes the compressed model in that export format (``rankwise export``), from ``out`` when the model
+    was written block by block (``low_memory``), else from memory."""
     from ..api import compress
     from ..compression.compress import build_config, calibration_windows, compress_low_memory
     from ..compression.engine.device import parse_dtype
@@ -120,6 +122,11 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
         if comm.is_main:
             check_new_output(out, overwrite, "--out")
             check_new_output(export_dense_dir, overwrite, "--export-dense")
+            if export_to is not None:
+                from ..export import FORMATS
+
+                FORMATS.get(export_to[0])
+                check_new_output(export_to[1], overwrite, "--export")
         return healing, want, texts(text_file, calib_file, eval_file)
 
     heal, want, (calib, eval_text, eval_label) = comm.agreed(preflight)
@@ -156,6 +163,11 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
                         extra={"source_model": str(model_arg if low_memory else path)})
     if export_dense_dir is not None:
         export_dense(model, tok, export_dense_dir, overwrite=overwrite)
+    if export_to is not None:
+        from ..export import export
+
+        src = out if (low_memory and not heal.steps) else model
+        report.export = export(src, export_to[0], export_to[1], tokenizer=tok, overwrite=overwrite, progress=not quiet)
     return model, tok, path, report
 
 
@@ -226,6 +238,9 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (still atomic)."),
         export_dense_dir: Optional[Path] = typer.Option(None, "--export-dense",
                                                         help="Also write a plain transformers checkpoint."),
+        export_to: Tuple[str, Path] = typer.Option((None, None), "--export", metavar="FORMAT DIR",
+                                                   help="Also write the compressed model in an export format "
+                                                        "(as rankwise export IN --format FORMAT --out DIR)."),
         do_eval: bool = typer.Option(False, "--eval/--no-eval",
                                      help="Measure the compressed model's perplexity (on --eval-file, the held-out "
                                           "last 10% of --text-file, or the default test split)."),
@@ -265,7 +280,7 @@ def register(app: typer.Typer) -> None:
                 text_file=text_file, calib_file=calib_file, eval_file=eval_file, low_memory=low_memory, out=out,
                 overwrite=overwrite, export_dense_dir=export_dense_dir, do_eval=do_eval, eval_windows=eval_windows,
                 eval_seqlen=eval_seqlen, heal={"steps": heal_steps, "rank": heal_rank, "lr": heal_lr}, quiet=quiet,
-                dtype=dtype)
+                dtype=dtype, export_to=None if export_to[0] is None else export_to)
             if not main:
                 return
             if not quiet:
@@ -274,6 +289,10 @@ def register(app: typer.Typer) -> None:
                 console.print(f"wrote {out}  (evaluate it with: rankwise eval {out})")
             if export_dense_dir is not None:
                 console.print(f"wrote dense checkpoint {export_dense_dir}")
+            if getattr(report, "export", None) is not None:
+                from .export import print_result
+
+                print_result(report.export)
 
         started = init_from_env(device)  # under torchrun: the process group, from its environment
         done = False

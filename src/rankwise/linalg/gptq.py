@@ -62,7 +62,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float, max_tries: int = 8) -> tuple
 
 def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, *,
          percdamp: float = 0.01, blocksize: int = 128, act_order: bool = True,
-         static_groups: bool = False) -> QuantizedMatrix:
+         static_groups: bool = False, rule: str = "minmax") -> QuantizedMatrix:
     """GPTQ codes of ``W (m, n)`` under ``C (n, n)``; algorithm and guarantee in the module docstring."""
     W = as_matrix(W, "W")
     m, n = W.shape
@@ -73,7 +73,7 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
         raise ConfigError(f"percdamp must be >= 0, got {percdamp}; the reference uses 0.01")
     if blocksize < 1:
         raise ConfigError(f"blocksize must be >= 1, got {blocksize}; the reference uses 128")
-    base = rtn(W, bits, g, symmetric)
+    base = rtn(W, bits, g, symmetric, rule)  # rule: how each group's grid is set (linalg.quant, "Grid rules")
 
     H = C.clone()
     dead = torch.diagonal(H) == 0
@@ -82,7 +82,7 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
     Wd[:, dead] = 0.0
     groups = column_groups(n, g, W.device)
     if static_groups:
-        grid = fit_grid(Wd, bits, g, symmetric)
+        grid = fit_grid(Wd, bits, g, symmetric, rule)
         ready = torch.ones(grid.scales.shape[1], dtype=torch.bool)
     else:
         G = int(groups[-1]) + 1
@@ -110,7 +110,7 @@ def gptq(W: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric
                 pos = invperm[groups == j]
                 inb, out = pos[pos < i2] - i1, pos[pos >= i2]
                 cur = torch.cat([W1[:, inb], Wp[:, out] - Err1[:, :i] @ U[i1:i1 + i, out]], dim=1)
-                scale, mn = grid_from_range(cur.amin(1), cur.amax(1), bits, symmetric)
+                scale, mn = grid_from_range(cur.amin(1), cur.amax(1), bits, symmetric, rule)
                 grid.scales[:, j] = scale
                 if mn is not None:
                     grid.mins[:, j] = mn

@@ -73,12 +73,12 @@ class LowRankQuant:
 
 
 def quantize_target(T: torch.Tensor, C: torch.Tensor, bits: int, group_size: int, symmetric: bool = False,
-                    quantizer: str = "gptq", **gptq_kw) -> QuantizedMatrix:
-    """The Q-step: ``T`` quantized by GPTQ under ``C`` or by RTN."""
+                    quantizer: str = "gptq", rule: str = "minmax", **gptq_kw) -> QuantizedMatrix:
+    """The Q-step: ``T`` quantized by GPTQ under ``C`` or by RTN (grid ``rule``, :mod:`.quant`)."""
     if quantizer == "gptq":
-        return gptq(T, C, bits, group_size, symmetric, **gptq_kw)
+        return gptq(T, C, bits, group_size, symmetric, rule=rule, **gptq_kw)
     if quantizer == "rtn":
-        return rtn(T, bits, group_size, symmetric)
+        return rtn(T, bits, group_size, symmetric, rule)
     raise ConfigError(f"unknown quantizer {quantizer!r}; valid: {', '.join(QUANTIZERS)}")
 
 

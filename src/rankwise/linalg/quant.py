@@ -16,6 +16,24 @@ columns); nothing is padded and nothing is refused. ``g > n`` means one group (`
 * symmetric: ``w' = scale * (code - 2^(b-1))``, ``scale = 2 max|w| / maxq`` (GPTQ's symmetric
   grid); no minimum is stored.
 
+Grid rules (``rule=`` of :func:`grid_from_range` / :func:`fit_grid` / :func:`rtn` / GPTQ; the rtn / gptq
+option ``grid``), chosen for
+the runtime a model is exported to; every rule stores the same ``(scale, min)`` form above:
+
+* ``"minmax"`` (default): as above.
+* ``"gguf"``: llama.cpp's reference grids. Symmetric 8-bit is Q8_0's ``scale = max|w| / 127`` (codes
+  ``-127..127`` used); symmetric ``b < 8`` bits is Q4_0's ``scale = m / -2^(b-1)`` with ``m`` the
+  group's entry of largest magnitude, sign kept (so ``m`` itself is the grid point ``code = 0`` and the
+  scale may be negative; on an exact tie ``|lo| = |hi|`` the negative end is taken, where llama.cpp
+  takes the first in memory). Asymmetric is the min/max grid, which *is* Q4_1's (``d = (hi - lo) / 15``,
+  ``m = lo``, both float16). Codes are the nearest on the stored float16 grid (llama.cpp rounds with the
+  unrounded ``1/d``, so on a rare midpoint a code can differ from ``llama-quantize``'s by one).
+* ``"zero-point"``: asymmetric grids with an integer zero point, ``w' = scale * (code - z)``, ``z`` in
+  ``0..maxq`` (what compressed-tensors / GPTQ / AWQ checkpoints store): the range is widened to contain
+  0 (``lo <= 0 <= hi``), ``scale = (hi - lo) / maxq`` is rounded *up* to ``11 - b`` significant bits
+  and ``z = round(-lo / scale)``, so that ``min = -z * scale`` is exact in float16 (a 4-bit step at most
+  2^-7 coarser than the min/max one). Symmetric grids are the min/max ones (already ``z = 2^(b-1)``).
+
 Scales and minimums are stored in float16 (2 bytes each). Every code is chosen against the stored
 (float16-rounded) grid, so round-to-nearest really is the nearest stored grid point.
 
@@ -84,14 +102,44 @@ def packed_row_bytes(n: int, bits: int) -> int:
 # ---- grids --------------------------------------------------------------------------------------
 
 
-def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+GRIDS = ("minmax", "gguf", "zero-point")
+
+
+def check_grid(grid: str) -> str:
+    """``grid`` if it is a known grid rule (module docstring), else :class:`ConfigError`."""
+    if grid not in GRIDS:
+        raise ConfigError(f"unknown grid {grid!r}; valid: {', '.join(GRIDS)} (gguf: llama.cpp's Q4_0/Q8_0/Q4_1 grids; "
+                          "zero-point: integer zero points, as compressed-tensors and GPTQ checkpoints store)")
+    return grid
+
+
+def _round_up_bits(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """``x >= 0`` rounded up to ``keep`` significant bits (float64)."""
+    mant, exp = torch.frexp(x)  # x = mant 2^exp, mant in [0.5, 1)
+    return torch.ldexp(torch.ceil(mant * 2.0 ** keep) / 2.0 ** keep, exp)
+
+
+def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, rule: str = "minmax"
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float16 ``(scale, min)`` (``min`` None when symmetric) of the grids spanning ``[lo, hi]`` entrywise."""
+    """Float16 ``(scale, min)`` (``min`` None when symmetric) of the grids spanning ``[lo, hi]`` entrywise,
+    by the grid rule ``rule`` (module docstring)."""
     maxq = 2 ** bits - 1
     lo = lo.to(torch.float64)
     hi = hi.to(torch.float64)
-    if symmetric:
+    check_grid(rule)
+    if symmetric and rule == "gguf":
+        if bits == 8:
+            scale = torch.maximum(lo.abs(), hi.abs()) / 127.0
+        else:
+            scale = torch.where(lo.abs() >= hi.abs(), lo, hi) / -(2.0 ** (bits - 1))
+        mn = None
+    elif symmetric:
         scale, mn = 2.0 * torch.maximum(lo.abs(), hi.abs()) / maxq, None
+    elif rule == "zero-point":
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scale = _round_up_bits((hi - lo) / maxq, 11 - bits)
+        zero = torch.where(scale > 0, torch.round(-lo / torch.where(scale > 0, scale, 1.0)), 0.0).clamp(0, maxq)
+        mn = (-zero * scale.to(torch.float16).to(torch.float64)).to(torch.float16)
     else:
         scale, mn = (hi - lo) / maxq, lo.to(torch.float16)
     scale = scale.to(torch.float16)
@@ -148,8 +196,9 @@ class QuantGrid:
         return sum(t.numel() * t.element_size() for t in (self.scales, self.mins) if t is not None)
 
 
-def fit_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantGrid:
-    """The round-to-nearest grid of ``W (m, n)``: each (row, group) spans the group's ``[lo, hi]``."""
+def fit_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, rule: str = "minmax"
+             ) -> QuantGrid:
+    """The round-to-nearest grid of ``W (m, n)``: each (row, group) spans the group's ``[lo, hi]`` (grid ``rule``)."""
     bits = check_bits(bits)
     W = as_matrix(W, "W")
     m, n = W.shape
@@ -158,17 +207,17 @@ def fit_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = Fals
     idx = column_groups(n, g, W.device).expand(m, n)
     lo = W.new_zeros(m, G).scatter_reduce(1, idx, W, "amin", include_self=False)
     hi = W.new_zeros(m, G).scatter_reduce(1, idx, W, "amax", include_self=False)
-    scale, mn = grid_from_range(lo, hi, bits, symmetric)
+    scale, mn = grid_from_range(lo, hi, bits, symmetric, rule)
     return QuantGrid(bits, g, n, scale, mn)
 
 
 def round_to_grid(W: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, maxq: int, zero_code: int = 0
                   ) -> torch.Tensor:
-    """Nearest codes ``clamp(round((w - offset) / scale), 0, maxq)`` entrywise (int64). Where ``scale`` is 0
+    """Nearest codes ``clamp(round((w - offset) / scale), 0, maxq)`` entrywise (int64; ``scale`` of either sign). Where ``scale`` is 0
     (a constant group) every code gives the same value; ``zero_code`` is returned there (0 for the
     asymmetric grid, whose single point is the minimum; ``2^(b-1)`` for the symmetric one)."""
     W = W.to(torch.float64)
-    pos = scale > 0
+    pos = scale != 0  # a gguf grid's scale may be negative
     inv = torch.where(pos, 1.0 / torch.where(pos, scale, torch.ones_like(scale)), torch.zeros_like(scale))
     codes = torch.round((W - offset) * inv).clamp_(0, maxq)
     codes = torch.where(pos, codes, torch.full_like(codes, float(zero_code)))
@@ -210,10 +259,11 @@ class QuantizedMatrix:
         return m * packed_row_bytes(n, self.grid.bits) + self.grid.nbytes()
 
 
-def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedMatrix:
-    """Round-to-nearest on the min/max grid of each (row, group) (:func:`fit_grid`); guarantee in the module doc."""
+def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, rule: str = "minmax"
+        ) -> QuantizedMatrix:
+    """Round-to-nearest on the grid of each (row, group) (:func:`fit_grid`, grid ``rule``); guarantee in the module doc."""
     W = as_matrix(W, "W")
-    grid = fit_grid(W, bits, group_size, symmetric)
+    grid = fit_grid(W, bits, group_size, symmetric, rule)
     return QuantizedMatrix(quantize(W, grid), grid, {"solver": "rtn"})
 
 
@@ -254,7 +304,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 __all__ = [
-    "MAX_BITS", "MIN_BITS", "QuantGrid", "QuantizedMatrix", "check_bits", "check_group_size", "column_groups",
+    "GRIDS", "MAX_BITS", "MIN_BITS", "QuantGrid", "QuantizedMatrix", "check_bits", "check_grid", "check_group_size",
+    "column_groups",
     "dequantize", "fit_grid", "grid_from_range", "num_groups", "pack_codes", "packed_row_bytes",
     "quantize", "round_to_grid", "rtn", "unpack_codes",
 ]

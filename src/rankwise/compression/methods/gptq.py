@@ -40,7 +40,7 @@ class GPTQOptions(QuantOptions):
 
     def solver_kwargs(self) -> dict[str, Any]:
         return {"percdamp": float(self.percdamp), "blocksize": self.blocksize, "act_order": bool(self.act_order),
-                "static_groups": bool(self.static_groups)}
+                "static_groups": bool(self.static_groups), "rule": self.grid}
 
 
 def rotated_problem(W: torch.Tensor, stats: LayerStats, spec: Mapping[str, Any]):

@@ -92,7 +92,7 @@ def lowrank_quant_candidates(W: torch.Tensor, stats: LayerStats, opts: LowRankQu
     spec0 = quant_spec((m, n), candidate_widths(opts, bits)[0], opts)
     T, C, _ = rotated_problem(W, stats, spec0)  # the rotation does not depend on the width
     whitener = make_whitener(C, opts.whitening)
-    kw = opts.solver_kwargs() if opts.quantizer == "gptq" else {}
+    kw = opts.solver_kwargs() if opts.quantizer == "gptq" else {"rule": opts.grid}
     out = []
     for b in candidate_widths(opts, bits):
         spec = quant_spec((m, n), b, opts)
@@ -113,7 +113,7 @@ def fit_lowrank_quant(W: torch.Tensor, bias: torch.Tensor | None, stats: LayerSt
     """The fitted :class:`LowRankQuantLinear` (LoRC: ``iters=0, init="lorc"``); ``layer.fit_info`` holds the
     objective history."""
     T, C, rot = rotated_problem(W, stats, spec)
-    kw = opts.solver_kwargs() if opts.quantizer == "gptq" else {}
+    kw = opts.solver_kwargs() if opts.quantizer == "gptq" else {"rule": opts.grid}
     res = lq(T, C, int(spec["bits"]), int(spec["group_size"]), int(spec["rank"]), bool(spec["symmetric"]),
              iters=iters, init=init, quantizer=opts.quantizer, whitening=opts.whitening, **kw)
     layer = LowRankQuantLinear.from_lowrank_quant(res, bias, rot, seed=rotation_seed(spec), dtype=torch.float32)

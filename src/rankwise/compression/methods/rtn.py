@@ -25,7 +25,7 @@ import torch
 from ...errors import ConfigError
 from ...linalg.hadamard import HadamardRotation
 from ...linalg.gptq import quant_objective
-from ...linalg.quant import MAX_BITS, MIN_BITS, check_bits, check_group_size, rtn
+from ...linalg.quant import MAX_BITS, MIN_BITS, check_bits, check_grid, check_group_size, rtn
 from ...structures.quant import QuantLinear, rotation_spec
 from .base import STRUCTURES, Candidate, LayerStats, Method
 
@@ -34,15 +34,20 @@ from .base import STRUCTURES, Candidate, LayerStats, Method
 class QuantOptions:
     """``bits``: code width 2..8 (None = the largest that fits the budget); ``group_size``: input columns
     per scale (a ragged last group when it does not divide the input size); ``symmetric``: no
-    minimums; ``rotate``: randomized Hadamard rotation of the inputs, signs drawn from ``seed``."""
+    minimums; ``rotate``: randomized Hadamard rotation of the inputs, signs drawn from ``seed``;
+    ``grid``: how each group's grid is set, for the runtime the model goes to (``rankwise export``):
+    ``minmax`` (default), ``gguf`` (llama.cpp's Q4_0 / Q8_0 / Q4_1 grids), ``zero-point`` (integer zero
+    points: asymmetric layers exactly in compressed-tensors / GPTQ); see :mod:`rankwise.linalg.quant`."""
 
     bits: int | None = None
     group_size: int = 128
     symmetric: bool = False
     rotate: bool = False
     seed: int = 0
+    grid: str = "minmax"
 
     def __post_init__(self) -> None:
+        check_grid(self.grid)
         if self.bits is not None:
             self.bits = check_bits(self.bits)
         check_group_size(self.group_size, 1)  # type and >= 1; the layer's input size caps it later
@@ -140,7 +145,7 @@ class RTN(Method):
             spec: Mapping[str, Any]) -> QuantLinear:
         rot = rotation_for(spec, W.shape[1])
         Wr = W if rot is None else rot.rotate(W.double())
-        qm = rtn(Wr, int(spec["bits"]), int(spec["group_size"]), bool(spec["symmetric"]))
+        qm = rtn(Wr, int(spec["bits"]), int(spec["group_size"]), bool(spec["symmetric"]), self.options.grid)
         layer = QuantLinear.from_quantized(qm, bias, rot, seed=int((spec.get("rotation") or {}).get("seed", 0)),
                                            dtype=torch.float32)
         layer.fit_info = dict(qm.info)
