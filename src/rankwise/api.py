@@ -120,3 +120,15 @@ def export(model_or_dir, format: str, out: str | os.PathLike, *, tokenizer=None,
 
     return _export(model_or_dir, format, out, tokenizer=tokenizer, options=options, max_shard_size=max_shard_size,
                    overwrite=overwrite, progress=progress)
+
+
+def generate(model: nn.Module, tokenizer, prompt: str | None = None, max_new_tokens: int = 64, *,
+             temperature: float = 0.0, seed: int = 0, chat: bool | None = None, stream=None):
+    """Continue ``prompt`` (through the tokenizer's chat template when it has one) with up to
+    ``max_new_tokens`` tokens, greedy unless ``temperature > 0``; ``stream(text)`` receives the text as
+    it is decoded. Returns a :class:`~rankwise.evaluation.generation.GenerationResult` (text, tokens,
+    decode tokens/s, time to the first token)."""
+    from .evaluation.generation import DEFAULT_PROMPT, generate_text
+
+    return generate_text(model, tokenizer, DEFAULT_PROMPT if prompt is None else prompt, max_new_tokens,
+                         temperature=temperature, seed=seed, chat=chat, write=stream)

@@ -36,6 +36,7 @@ COMMANDS: dict[str, str] = {
     "adapt": "Attach low-rank adapters initialized from the spectrum / activations / gradients, train, save.",
     "export": "Write a compressed (or plain) model in the format a runtime reads: compressed-tensors (vLLM, "
               "transformers), gptq, gguf (llama.cpp, ollama), dense, ... Reads the input tensor by tensor.",
+    "generate": "Continue a prompt with a dense, compressed or exported model, streaming the tokens; print tokens/s.",
 }
 #: Modules under rankwise.commands that add commands to the app.
 COMMAND_MODULES = list(COMMANDS)

@@ -6,7 +6,9 @@
   it (:func:`~rankwise.models.architecture.config_class`: a ``BertModel`` stays a ``BertModel``), else the
   causal LM of its config;
 * a remote-code directory (``auto_map`` in ``config.json``, e.g. rankwise's remote-code export): only with
-  ``trust_remote_code=True``, through the auto class its ``auto_map`` names.
+  ``trust_remote_code=True``, through the auto class its ``auto_map`` names;
+* a GGUF file, or a directory holding one GGUF file and no ``config.json`` (rankwise's gguf export):
+  transformers' GGUF reader, which de-quantizes the weights to ``dtype``.
 """
 from __future__ import annotations
 
@@ -77,6 +79,43 @@ def _load_plain(path: Path, dtype: torch.dtype, trust_remote_code: bool):
         ) from e
 
 
+def gguf_file(name_or_path) -> Path | None:
+    """The GGUF file to load for ``name_or_path``: the path itself when it is a ``.gguf`` file, the single
+    ``.gguf`` file of a directory without ``config.json`` (the first shard when split), else None."""
+    if name_or_path is None:
+        return None
+    p = Path(name_or_path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    if p.is_dir() and not (p / "config.json").is_file():
+        found = sorted(p.glob("*.gguf"))
+        if len(found) > 1:
+            first = [f for f in found if "-00001-of-" in f.name]
+            if len(first) != 1:
+                raise ModelNotFoundError(f"{p} holds several GGUF files ({', '.join(f.name for f in found[:4])}); "
+                                         "pass the one to load")
+            found = first
+        return found[0] if found else None
+    return None
+
+
+def _load_gguf(file: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with hub_offline():
+            model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=dtype,
+                                                         local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name, local_files_only=True)
+    except ImportError as e:
+        raise ConfigError(f"loading {file} needs a package that is not installed ({e}); install it and retry") from e
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelNotFoundError(f"transformers could not load the GGUF file {file} ({type(e).__name__}: {e}); "
+                                 "it reads Llama-family GGUF files of the common quantization types") from e
+    tok.model_max_length = int(1e9)
+    return model, tok
+
+
 def load_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
@@ -88,6 +127,10 @@ def load_model(
     A directory written by ``rankwise compress`` (it holds ``rankwise.json``) is rebuilt with its
     structured layers; ``trust_remote_code`` allows a directory that ships its own modeling code.
     """
+    gguf = gguf_file(name_or_path)
+    if gguf is not None:
+        model, tok = _load_gguf(gguf, dtype)
+        return model.to(device).eval(), tok, gguf
     path = resolve_model(name_or_path)
     if is_structured_dir(path):
         model = load_structured(path, dtype=dtype)
