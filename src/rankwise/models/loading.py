@@ -32,7 +32,8 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     with hub_offline():
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # never the directory's own code (a remote-code export's tokenizer is a standard one)
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     tok.model_max_length = int(1e9)  # we cut windows ourselves; silence length warnings
     return tok
 
