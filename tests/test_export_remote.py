@@ -1,7 +1,13 @@
-"""The remote-code export: transformers loads it with trust_remote_code=True in a process that cannot
-import rankwise, with the same logits, for every factorized structure and for per-block widths."""
+"""The exports of structures no quantized format holds, read by the real packages in a process that cannot
+import rankwise (one process for all, to pay transformers' start-up once):
+
+* remote-code: ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``, same logits, for every
+  factorized structure and for per-block widths;
+* compressed-tensors-lora: the compressed-tensors base loaded by transformers plus the PEFT adapter loaded
+  by peft give rankwise's logits of the low-rank + quantized model."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -87,6 +93,31 @@ def pruned_model():
     return model.eval()
 
 
+def lowrank_quant_model():
+    """Low-rank + quantized layers (4-bit symmetric, g32) of ranks 4 and 2 (a rank_pattern), one plain
+    quantized layer, random codes, scales and factors."""
+    g = torch.Generator().manual_seed(5)
+    model = tiny_model("llama", seed=5)
+    for i, name in enumerate(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n):
+        old = model.get_submodule(name)
+        spec = {"bits": 4, "group_size": 32, "symmetric": True}
+        kind = "quant" if name.endswith("0.mlp.down_proj") else "lowrank-quant"
+        if kind == "lowrank-quant":
+            spec["rank"] = 4 if i % 2 else 2
+        layer = LAYERS.get(kind).from_spec(old.in_features, old.out_features, False, spec, device="cpu")
+        with torch.no_grad():
+            layer.codes.copy_(torch.randint(0, 256, layer.codes.shape, generator=g, dtype=torch.uint8))
+            layer.scales.copy_((torch.rand(layer.scales.shape, generator=g) * 0.02 + 0.005).half())
+            if kind == "lowrank-quant":
+                layer.left.copy_((torch.randn(layer.left.shape, generator=g) * 0.1).half())
+                layer.right.copy_((torch.randn(layer.right.shape, generator=g) * 0.1).half())
+        set_module(model, name, layer)
+    return model.eval()
+
+
+HAVE_CT = importlib.util.find_spec("compressed_tensors") is not None and importlib.util.find_spec("peft") is not None
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -123,6 +154,10 @@ def exports(tmp_path_factory, tiny_tok):
     rankwise.export(pruned, "remote-code", root / "pruned", tokenizer=tiny_tok, progress=False)
     ref = {f"{n}.{k}": _logits(m, ids) for n, m in (("mixed", mixed), ("pruned", pruned))
            for k, ids in (("long", IDS), ("short", SHORT))}
+    if HAVE_CT:
+        lq = lowrank_quant_model()
+        rankwise.export(lq, "compressed-tensors-lora", root / "lq", tokenizer=tiny_tok, progress=False)
+        ref["lq.long"] = _logits(lq, IDS)
     run_clean(f"""
         import torch
         from safetensors.torch import save_file
@@ -137,6 +172,14 @@ def exports(tmp_path_factory, tiny_tok):
                 out[name + ".long"] = model(input_ids=ids).logits
                 out[name + ".short"] = model(input_ids=ids[:1, :5]).logits
             out[name + ".class"] = torch.tensor([ord(c) for c in type(model).__name__])
+        if {HAVE_CT}:
+            from peft import PeftModel
+            from transformers import CompressedTensorsConfig
+            base = AutoModelForCausalLM.from_pretrained({str(root / "lq")!r}, dtype=torch.float32,
+                                                        quantization_config=CompressedTensorsConfig(dequantize=True))
+            model = PeftModel.from_pretrained(base, {str(root / "lq" / "adapter")!r})
+            with torch.no_grad():
+                out["lq.long"] = model(input_ids=ids).logits
         save_file(out, {str(root / "logits.safetensors")!r})
     """, root)
     return root, ref, load_file(str(root / "logits.safetensors"))
@@ -145,6 +188,8 @@ def exports(tmp_path_factory, tiny_tok):
 def test_transformers_loads_every_structure_without_rankwise(exports):
     root, ref, got = exports
     for key, want in ref.items():
+        if key.startswith("lq."):
+            continue
         torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-5, msg=key)
     assert "".join(map(chr, got["mixed.class"].tolist())) == "RankwiseLlamaForCausalLM"
     cfg = json.loads((root / "mixed" / "config.json").read_text())
@@ -192,3 +237,29 @@ def test_quantized_layers_are_refused_with_the_formats_that_hold_them(tmp_path):
     assert not (tmp_path / "x").exists()
     with pytest.raises(UnsupportedExportError, match="no structured or resized layer"):
         rankwise.export(tiny_model("llama"), "remote-code", tmp_path / "x", progress=False)
+
+
+@pytest.mark.skipif(not HAVE_CT, reason="needs compressed-tensors and peft (dev extras)")
+def test_peft_adapter_on_the_compressed_tensors_base_gives_rankwise_logits(exports):
+    root, ref, got = exports
+    torch.testing.assert_close(got["lq.long"], ref["lq.long"], rtol=1e-5, atol=1e-5)
+    cfg = json.loads((root / "lq" / "adapter" / "adapter_config.json").read_text())
+    ranks = {n: (4 if i % 2 else 2) for i, n in enumerate(
+        n for n, m in tiny_model("llama").named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n)}
+    ranks.pop("model.layers.0.mlp.down_proj")
+    assert cfg["rank_pattern"] == ranks and cfg["alpha_pattern"] == {n: float(r) for n, r in ranks.items()}
+    assert cfg["target_modules"] == sorted(ranks) and not cfg["use_rslora"]  # scale alpha / r = 1 everywhere
+    q = json.loads((root / "lq" / "config.json").read_text())["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors" and "lm_head" in q["ignore"]
+
+
+def test_lowrank_quant_needs_its_own_format(tmp_path):
+    lq = lowrank_quant_model()
+    with pytest.raises(UnsupportedExportError, match="lowrank-quant.*compressed-tensors-lora"):
+        rankwise.export(lq, "compressed-tensors", tmp_path / "x", progress=False)
+    model = tiny_model("llama")
+    q = LAYERS.get("quant").from_spec(64, 64, False, {"bits": 4, "group_size": 32, "symmetric": True}, device="cpu")
+    set_module(model, "model.layers.0.self_attn.q_proj", q)
+    with pytest.raises(UnsupportedExportError, match="no low-rank \\+ quantized layer.*--format compressed-tensors"):
+        rankwise.export(model, "compressed-tensors-lora", tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
