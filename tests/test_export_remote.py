@@ -251,6 +251,8 @@ def test_peft_adapter_on_the_compressed_tensors_base_gives_rankwise_logits(expor
     assert cfg["target_modules"] == sorted(ranks) and not cfg["use_rslora"]  # scale alpha / r = 1 everywhere
     q = json.loads((root / "lq" / "config.json").read_text())["quantization_config"]
     assert q["quant_method"] == "compressed-tensors" and "lm_head" in q["ignore"]
+    merged, _, _ = rankwise.load(root / "lq")  # what rankwise generate runs: the base with the adapter merged in
+    torch.testing.assert_close(_logits(merged, IDS), ref["lq.long"], rtol=1e-5, atol=1e-5)
 
 
 def test_lowrank_quant_needs_its_own_format(tmp_path):

@@ -7,6 +7,8 @@
   causal LM of its config;
 * a remote-code directory (``auto_map`` in ``config.json``, e.g. rankwise's remote-code export): only with
   ``trust_remote_code=True``, through the auto class its ``auto_map`` names;
+* a directory with a PEFT adapter in ``adapter/`` (rankwise's compressed-tensors-lora export): the base
+  (de-quantized as it loads when it is compressed-tensors) with the adapter merged in (needs peft);
 * a GGUF file, or a directory holding one GGUF file and no ``config.json`` (rankwise's gguf export):
   transformers' GGUF reader, which de-quantizes the weights to ``dtype``.
 """
@@ -51,6 +53,27 @@ def remote_code_map(path: str | os.PathLike) -> dict | None:
     return auto_map if isinstance(auto_map, dict) and auto_map else None
 
 
+#: Where a base directory keeps its PEFT adapter (the compressed-tensors-lora export).
+ADAPTER_DIR = "adapter"
+
+
+def _with_adapter(cls, path: Path, config, adapter: Path, dtype: torch.dtype):
+    """The base at ``path`` with the PEFT LoRA adapter ``adapter`` merged into its weights."""
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise ConfigError(f"{path} holds a PEFT adapter in {ADAPTER_DIR}/; loading it needs peft (pip install peft)") \
+            from e
+    kw = {}
+    quant = getattr(config, "quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)  # PEFT wraps nn.Linear layers
+    base = cls.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True, **kw)
+    return PeftModel.from_pretrained(base, str(adapter), is_trainable=False).merge_and_unload()
+
+
 def _load_plain(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -70,7 +93,10 @@ def _load_plain(path: Path, dtype: torch.dtype, trust_remote_code: bool):
                                                                    trust_remote_code=True)
             config = AutoConfig.from_pretrained(str(path), local_files_only=True)
             cls = config_class(config) or AutoModelForCausalLM
-            return cls.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+            adapter = path / ADAPTER_DIR
+            if not (adapter / "adapter_config.json").is_file():
+                return cls.from_pretrained(str(path), config=config, dtype=dtype, local_files_only=True)
+            return _with_adapter(cls, path, config, adapter, dtype)
     except ImportError as e:
         raise ConfigError(f"loading {path} needs a package that is not installed ({e}); install it and retry") from e
     except (OSError, ValueError) as e:

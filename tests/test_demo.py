@@ -1,0 +1,31 @@
+"""``rankwise demo`` end to end on a tiny model (the real run is measured in BENCHMARKS.md): every step runs,
+the exports load, the report holds the numbers."""
+from __future__ import annotations
+
+import json
+
+import rankwise
+from rankwise.cli import main
+from rankwise.models.tiny import TINY_TEXT
+
+
+def test_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
+    import rankwise.calibration.corpus as corpus
+    import rankwise.models.loading as loading
+
+    real = loading.load_model
+    monkeypatch.setattr(loading, "load_model", lambda name=None, **kw: real(tiny_dir, **kw))
+    monkeypatch.setattr(corpus, "load_corpus", lambda split="test", text_file=None: TINY_TEXT * 60)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--windows", "2", "--calib-windows", "2", "--seqlen", "64", "--max-new-tokens", "3",
+                 "-q"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["dense"]["windows"] == 2 and r["compressed"]["generation"]["new_tokens"] == 3
+    assert r["compressed"]["bytes"] < r["dense"]["bytes"] / 2  # 4-bit codes + scales against float32
+    assert {e["format"] for e in r["exports"]} == {"compressed-tensors", "gguf"}
+    assert (out / "gguf" / "model.gguf").is_file() and (out / "compressed-tensors" / "config.json").is_file()
+    assert set(r["timings"]) == {"load", "dense_eval", "compress", "compressed_eval", "save_export"}
+    report = (out / "report.md").read_text()
+    assert f"{r['compressed']['ppl']:.2f}" in report and r["compressed"]["generation"]["text"].strip() in report
+    again, _, _ = rankwise.load(out / "model")
+    assert type(again).__name__ == "LlamaForCausalLM"
