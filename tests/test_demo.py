@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 import rankwise
 from rankwise.cli import main
 from rankwise.models.tiny import TINY_TEXT
@@ -14,7 +16,7 @@ def test_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     import rankwise.models.loading as loading
 
     real = loading.load_model
-    monkeypatch.setattr(loading, "load_model", lambda name=None, **kw: real(tiny_dir, **kw))
+    monkeypatch.setattr(loading, "load_model", lambda name=None, **kw: real(name or tiny_dir, **kw))
     monkeypatch.setattr(corpus, "load_corpus", lambda split="test", text_file=None: TINY_TEXT * 60)
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--windows", "2", "--calib-windows", "2", "--seqlen", "64", "--max-new-tokens", "3",
@@ -29,3 +31,8 @@ def test_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     assert f"{r['compressed']['ppl']:.2f}" in report and r["compressed"]["generation"]["text"].strip() in report
     again, _, _ = rankwise.load(out / "model")
     assert type(again).__name__ == "LlamaForCausalLM"
+    gguf, _, path = rankwise.load(out / "gguf")  # what `rankwise generate demo-out/gguf` runs
+    ids = torch.arange(3, 40)[None]
+    with torch.no_grad():  # the Q4_0 layers are bit-exact; the embeddings and norms are stored as float16
+        torch.testing.assert_close(gguf(input_ids=ids).logits, again(input_ids=ids).logits, rtol=1e-3, atol=2e-3)
+    assert path == out / "gguf" / "model.gguf"
