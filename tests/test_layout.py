@@ -31,6 +31,8 @@ ALLOWED = {
                    "evaluation", "export"},  # export.peft: the one PEFT adapter writer
     "analysis": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
                  "evaluation"},
+    "merging": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
+                "evaluation"},
     "healing": {"errors", "structures", "adaptation"},
     "export": {"errors", "files", "registry", "options", "linalg", "structures", "models"},
     "api": None,  # the top: may import anything

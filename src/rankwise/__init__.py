@@ -21,7 +21,7 @@ __version__ = "0.2.0"
 from .errors import RankwiseError
 
 _API = ("compress", "compress_low_memory", "load", "load_model", "save", "evaluate", "perplexity",
-        "analyze", "adapt", "load_corpus", "export", "generate")
+        "analyze", "adapt", "load_corpus", "match", "barrier", "merge", "lock", "export", "generate")
 
 
 def __getattr__(name: str):

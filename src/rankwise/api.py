@@ -111,6 +111,38 @@ def load_corpus(split: str = "test", text_file: str | os.PathLike | None = None)
     return _load_corpus(split, text_file)
 
 
+def match(model_a: nn.Module, model_b: nn.Module, data=None, method: str | None = None, **options):
+    """``model_b`` permuted into ``model_a``'s basis (a copy with the same function) and a
+    :class:`~rankwise.merging.matching.MatchResult`; weight matching, or activation matching with ``data``."""
+    from .merging.matching import match as _match
+
+    return _match(model_a, model_b, data=data, method=method, **options)
+
+
+def barrier(model_a: nn.Module, model_b: nn.Module, data, alphas=11, **options):
+    """The loss (and accuracy) along the linear path between two models and the barrier height; see
+    :func:`rankwise.merging.barrier.barrier`."""
+    from .merging.barrier import barrier as _barrier
+
+    return _barrier(model_a, model_b, data, alphas, **options)
+
+
+def merge(base, models, method: str = "task-arithmetic", out: str | os.PathLike | None = None, **options):
+    """Merge fine-tunes of ``base`` (models, directories or PEFT adapters) with ``method`` (average,
+    task-arithmetic, ties, opcm); see :func:`rankwise.merging.merge.merge`."""
+    from .merging.merge import merge as _merge
+
+    return _merge(base, models, method, out, **options)
+
+
+def lock(model: nn.Module, seed: int = 0, **options):
+    """A copy of ``model`` whose attention layers carry random function-preserving transforms, so that
+    task-vector merging with it collapses; see :func:`rankwise.merging.lock.lock`."""
+    from .merging.lock import lock as _lock
+
+    return _lock(model, seed=seed, **options)
+
+
 def export(model_or_dir, format: str, out: str | os.PathLike, *, tokenizer=None, options=None,
            max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True):
     """Write a model in memory, or a saved directory (read tensor by tensor), in ``format`` to ``out``;

@@ -34,6 +34,11 @@ COMMANDS: dict[str, str] = {
     "analyze": "Singular values, stable/effective rank, energy ranks, power-law alpha (WeightWatcher-compatible), "
                "FARMS alpha, whitened spectrum (--calib) and intruder dimensions (--compare), per layer.",
     "adapt": "Attach low-rank adapters initialized from the spectrum / activations / gradients, train, save.",
+    "merge": "Merge fine-tunes of one base (average, task arithmetic, TIES, OPCM), streamed tensor by tensor.",
+    "match": "Permute MODEL_B's hidden units (residual stream, heads, FFN channels) into MODEL_A's basis by weight or "
+             "activation matching; the function of MODEL_B is unchanged.",
+    "lock": "Fold random invertible query-key and value-output transforms into every attention layer: the same "
+            "function, but task-vector merging with it collapses.",
     "export": "Write a compressed (or plain) model in the format a runtime reads: compressed-tensors (vLLM, "
               "transformers), gptq, gguf (llama.cpp, ollama), dense, ... Reads the input tensor by tensor.",
     "generate": "Continue a prompt with a dense, compressed or exported model, streaming the tokens; print tokens/s.",

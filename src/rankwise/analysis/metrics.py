@@ -9,6 +9,8 @@ Names and what they need:
 * ``whitened``  -- (needs calibration) singular values of ``W S``, ``S S^T = C``: the spectrum that
   activation-aware compression truncates; ranks for 90/95/99% of ``||W X||_F^2``.
 * ``intruders`` -- (needs a compared model) intruder dimensions and the update's size and rank.
+* ``alignment`` -- (needs a compared model) how well the top-k singular vectors of the two weights line
+  up (Ito et al.; permutation matching raises it).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from typing import Callable
 import torch
 
 from ..registry import Registry
+from ..linalg.assignment import singular_alignment
 from ..linalg.spectrum import condition_number, effective_rank, rank_for_energy, stable_rank
 from .farms import farms_fit
 from .intruders import INTRUDER_EPS, INTRUDER_K, intruder_dimensions, update_stats
@@ -43,7 +46,8 @@ Metric = Callable[[LayerData], dict]
 #: name -> metric (one registry pattern for every named thing: :class:`rankwise.registry.Registry`).
 METRICS: Registry[Metric] = Registry("metric")
 #: Metrics that need extra inputs, and which.
-REQUIRES = {"whitened": "calibration data (--calib)", "intruders": "a model to compare with (--compare)"}
+REQUIRES = {"whitened": "calibration data (--calib)", "intruders": "a model to compare with (--compare)",
+            "alignment": "a model to compare with (--compare)"}
 
 
 def register(name: str) -> Callable[[Metric], Metric]:
@@ -112,3 +116,14 @@ def intruder_metrics(d: LayerData) -> dict:
     r = intruder_dimensions(d.base_weight, d.weight, k=k, eps=eps)
     return {"intruders": r.count, "intruder_min_cos": min(r.max_cos) if r.max_cos else math.nan,
             **update_stats(d.base_weight, d.weight)}
+
+
+@register("alignment")
+def alignment_metrics(d: LayerData) -> dict:
+    """Alignment of the top-k singular vectors with the compared weight's (k = ``intruder_k``): mean
+    ``|<u_i, u'_i>|`` and ``|<v_i, v'_i>|``, and the subspace overlaps ``||U_k^T U'_k||_F^2 / k``."""
+    if d.base_weight is None:
+        return {}
+    a = singular_alignment(d.base_weight, d.weight, d.options.get("intruder_k", INTRUDER_K))
+    return {"align_u_mean": a["u_mean"], "align_v_mean": a["v_mean"], "align_u_overlap": a["u_overlap"],
+            "align_v_overlap": a["v_overlap"]}

@@ -83,10 +83,10 @@ def _resolve_metrics(metrics: Sequence[str] | str | None, calib: bool, compare: 
     if isinstance(metrics, str):
         metrics = [m.strip() for m in metrics.split(",") if m.strip()]
     if not metrics:
-        metrics = list(DEFAULT_METRICS) + (["whitened"] if calib else []) + (["intruders"] if compare else [])
+        metrics = list(DEFAULT_METRICS) + (["whitened"] if calib else []) + (["intruders", "alignment"] if compare else [])
     for m in metrics:
         METRICS.get(m)  # an unknown name raises the registry's one error, listing the valid names
-    missing = [m for m in metrics if (m == "whitened" and not calib) or (m == "intruders" and not compare)]
+    missing = [m for m in metrics if (m == "whitened" and not calib) or (m in ("intruders", "alignment") and not compare)]
     if missing:
         raise ConfigError("metric(s) " + ", ".join(f"{m} need {REQUIRES[m]}" for m in missing))
     return list(metrics)
@@ -251,7 +251,7 @@ def _stats(vals: list) -> dict | None:
 
 
 _SUMMARY_KEYS = ("alpha", "alpha_weighted", "farms_alpha", "stable_rank", "effective_rank", "rank90",
-                 "w_rank90", "intruders", "relative_change")
+                 "w_rank90", "intruders", "relative_change", "align_u_mean", "align_v_mean")
 
 
 def summarize(records: list[dict], skipped: list[dict] | None = None) -> dict:

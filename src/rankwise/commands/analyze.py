@@ -41,7 +41,8 @@ def _cols(result) -> list[tuple[str, str]]:
     keys = {k for r in result.layers for k in r}
     cols = [("name", "layer"), ("shape", "shape"), ("alpha", "alpha"), ("farms_alpha", "FARMS alpha"),
             ("stable_rank", "stable rank"), ("effective_rank", "eff. rank"), ("rank90", "r90%"),
-            ("w_rank90", "whitened r90%"), ("intruders", "intruders"), ("relative_change", "rel. change")]
+            ("w_rank90", "whitened r90%"), ("intruders", "intruders"), ("relative_change", "rel. change"),
+            ("align_u_mean", "align u"), ("align_v_mean", "align v")]
     return [(k, h) for k, h in cols if k in keys]
 
 
@@ -82,6 +83,9 @@ def register(app: typer.Typer) -> None:
                                              "to analyze (default: every linear layer but embeddings/LM head)."),
         compare: Optional[str] = typer.Option(None, "--compare", help="Base model to compare MODEL (the tuned one) "
                                               "with: intruder dimensions, relative change."),
+        match: Optional[str] = typer.Option(None, "--match", help="With --compare: first permute MODEL into the compared "
+                                            "model's basis (weight or activation matching); the alignment of "
+                                            "singular vectors before vs after shows what matching aligned."),
         calib: bool = typer.Option(False, "--calib", help="Also the activation-aware (whitened) spectrum, from "
                                    "calibration windows of the default corpus or --text-file."),
         text_file: Optional[Path] = TextFileOpt,
@@ -106,6 +110,9 @@ def register(app: typer.Typer) -> None:
         check_output_file(csv_out, "--csv", ".csv")
         if farms_sampling not in FARMS_SAMPLINGS:
             raise ConfigError(f"unknown --farms-sampling {farms_sampling!r}; use {' or '.join(FARMS_SAMPLINGS)}")
+        if match is not None and (compare is None or match not in ("weight", "activation")):
+            raise ConfigError("--match takes weight or activation and needs --compare" if compare is not None
+                              else "--match needs --compare (the model to match MODEL to)")
         setup(quiet)
         from ..analysis.run import analyze
         from ..models.loading import load_model
@@ -114,6 +121,16 @@ def register(app: typer.Typer) -> None:
 
         m, tok, path = load_model(model)
         base = load_model(compare)[0] if compare else None
+        if match is not None:
+            from ..calibration.corpus import load_corpus
+            from ..calibration.sampling import calib_windows, tokenize
+            from ..merging.matching import match as match_models
+
+            data = (calib_windows(tokenize(tok, load_corpus("calib", text_file)), 16, 256, seed)
+                    if match == "activation" else None)
+            m, mres = match_models(base, m, data=data, method=match, seed=seed)
+            console.print(f"matched MODEL into the compared model's basis ({match} matching: <A, B> "
+                          f"{mres.objective_before:.4g} -> {mres.objective_after:.4g})")
         windows = _calib_windows(m, tok, text_file, calib_windows, calib_seqlen, seed) if calib else None
         res = analyze(m, layers=layers, metrics=metrics, compare=base, calib=windows, intruder_k=intruder_k,
                       intruder_eps=intruder_eps, farms_sampling=farms_sampling, seed=seed, device=device,
@@ -127,6 +144,9 @@ def register(app: typer.Typer) -> None:
             line += f"; alpha mean {a['mean']:.3g} (median {a['median']:.3g}), {s['alpha_in_2_6']:.0%} in [2, 6]"
         if "intruders_total" in s:
             line += f"; {s['intruders_total']} intruder dimensions"
+        if "align_u_mean" in s:
+            line += (f"; top-{intruder_k} singular vectors aligned |cos| u {s['align_u_mean']['mean']:.3f}, "
+                     f"v {s['align_v_mean']['mean']:.3f}")
         console.print(line)
         for sk in res.skipped:
             err_console.print(f"[yellow]skipped[/] {sk['name']}: {sk['reason']}")

@@ -268,3 +268,71 @@ def save_shard(state: Mapping[str, torch.Tensor], file: Path) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(file))
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of ``size``: an int, or a string like ``"5GB"``, ``"500MB"``, ``"2GiB"`` (transformers' units:
+    GB = 10^9, GiB = 2^30)."""
+    if isinstance(size, int):
+        return size
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(size), flags=re.I)
+    if not m:
+        raise ArtifactError(f"cannot read the size {size!r}; write e.g. 5GB, 500MB or a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0] if unit != "B" else "B"]
+    return int(float(m.group(1)) * base ** power)
+
+
+class ShardWriter:
+    """Write tensors one at a time into safetensors shards of at most ``max_shard_size`` bytes (a tensor
+    larger than that gets a shard of its own), named as transformers names them: ``model.safetensors``
+    when one shard suffices, else ``model-0000k-of-0000N.safetensors`` plus
+    ``model.safetensors.index.json``. At most one shard's tensors are held at a time."""
+
+    def __init__(self, directory: Path, max_shard_size: int | str = "5GB",
+                 metadata: Mapping[str, str] | None = None) -> None:
+        self.dir = Path(directory)
+        self.limit = parse_size(max_shard_size)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.limit:
+            self._flush()
+        self.pending[key] = t.detach().contiguous()
+        self.pending_bytes += nbytes
+        self.total += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        file = self.dir / f".shard-{len(self.files):05d}.safetensors"
+        save_file(self.pending, str(file), metadata=self.metadata)
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        """Flush, name the shards, write the index (several shards); returns the weight files."""
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        if n == 1:
+            dest = self.dir / "model.safetensors"
+            os.replace(self.files[0][0], dest)
+            return [dest]
+        weight_map, out = {}, []
+        for i, (file, keys) in enumerate(self.files, 1):
+            dest = self.dir / f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(file, dest)
+            out.append(dest)
+            weight_map.update({k: dest.name for k in keys})
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return out

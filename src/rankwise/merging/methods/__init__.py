@@ -1,0 +1,1 @@
+"""Merge methods, one module each, registered in :data:`rankwise.merging.methods.base.MERGE_METHODS`."""
