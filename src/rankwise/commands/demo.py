@@ -56,7 +56,10 @@ def _report_md(r: dict) -> str:
         "below with the KV cache, one run each, same threads, same process.\n\n"
         "| model | weights | perplexity | decode tokens/s | first token s |\n|---|---|---|---|---|\n"
         f"{rows}\n\n"
-        f"Prompt: *{r['prompt']}*\n\n"
+        + (f"Compressed layers run as: {', '.join(f'{n} {p}' for p, n in sorted(c['layers'].items()))} "
+           "(rankwise.models.runtime.prepare_inference).\n\n" if c.get("layers") else
+           "The quantized layers run through rankwise's reference forward (no fast kernel in this build).\n\n")
+        + f"Prompt: *{r['prompt']}*\n\n"
         f"**Dense:** {d['generation']['text'].strip()}\n\n"
         f"**Compressed:** {c['generation']['text'].strip()}\n\n"
         f"Exports:\n\n{exports}\n\n{notes}\n"
@@ -83,7 +86,7 @@ def register(app: typer.Typer) -> None:
         from ..calibration.sampling import tokenize
         from ..compression.compress import build_config, compress
         from ..compression.saving import save_compressed
-        from ..evaluation.generation import generate_text
+        from ..evaluation.generation import generate_text, prepare_inference
         from ..evaluation.perplexity import perplexity
         from ..export import FORMATS, export
         from ..files import atomic_dir, write_json, write_text
@@ -102,6 +105,7 @@ def register(app: typer.Typer) -> None:
             return now
 
         def measure(model, tok, ids, label: str) -> dict:
+            kernels = prepare_inference(model)  # fast forms of the quantized layers, where this rankwise has them
             res = perplexity(model, ids=ids, seqlen=seqlen, windows=windows, progress=not quiet)
             console.print(f"[bold]{label}[/bold] perplexity {res.ppl:.2f}; continuing the prompt:", highlight=False)
             gen = generate_text(model, tok, prompt, max_new_tokens,
@@ -111,7 +115,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"  {gen.new_tokens} tokens, {gen.tokens_per_second:.1f} tokens/s decode, "
                           f"{gen.first_token_seconds:.2f} s to the first token", highlight=False)
             nbytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
-            return {**res.to_dict(), "generation": gen.to_dict(), "bytes": nbytes}
+            return {**res.to_dict(), "generation": gen.to_dict(), "bytes": nbytes, "layers": kernels}
 
         model, tok, path = load_model(None)
         ids = tokenize(tok, load_corpus("test"))

@@ -47,9 +47,11 @@ def register(app: typer.Typer) -> None:
         dev = resolve_device(device)
         setup(quiet)
         from ..api import generate
+        from ..evaluation.generation import prepare_inference
         from ..models.loading import load_model
 
         lm, tok, path = load_model(model, dtype=want, device=dev, trust_remote_code=trust_remote_code)
+        kernels = prepare_inference(lm)  # the quantized layers' fast forms, built before the clock starts
 
         def write(text: str) -> None:
             sys.stdout.write(text)
@@ -63,8 +65,11 @@ def register(app: typer.Typer) -> None:
         err_console.print(f"{res.new_tokens} new tokens in {res.seconds:.2f} s: {rate} tokens/s decode, "
                           f"{res.first_token_seconds:.2f} s to the first token ({res.prompt_tokens} prompt tokens"
                           f"{', chat template' if res.chat_template else ''}; {path})", highlight=False, soft_wrap=True)
+        if kernels:
+            err_console.print("layers: " + ", ".join(f"{n} {p}" for p, n in sorted(kernels.items())), highlight=False,
+                              soft_wrap=True)
         if json_out:
             from ..files import write_json
 
-            write_json(json_out, {"model": str(path), "prompt": prompt, **res.to_dict()})
+            write_json(json_out, {"model": str(path), "prompt": prompt, **res.to_dict(), "layers": kernels})
             console.print(f"wrote {json_out}")

@@ -37,6 +37,21 @@ class GenerationResult:
         return asdict(self)
 
 
+def prepare_inference(model) -> dict[str, int] | None:
+    """Build the fast runtime forms of the model's structured layers now (packed int4 / int8 kernels,
+    de-quantized caches: :func:`rankwise.models.runtime.prepare_inference`, where this rankwise has it) and
+    return ``{kernel path: layers}``; None when this rankwise has no runtime forms (layers then run as
+    stored)."""
+    try:
+        from ..models.runtime import prepare_inference as _prepare
+    except ImportError:
+        return None
+    counts: dict[str, int] = {}
+    for row in _prepare(model):
+        counts[row.path] = counts.get(row.path, 0) + 1
+    return counts
+
+
 def prompt_ids(tokenizer, prompt: str, chat: bool | None = None) -> tuple[torch.Tensor, bool]:
     """``(ids (1, L), used the chat template)``; ``chat=None`` uses the template when the tokenizer has one."""
     has = bool(getattr(tokenizer, "chat_template", None))
@@ -121,4 +136,4 @@ def generate_text(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_tokens
                             first_token_seconds=first, tokens_per_second=rate)
 
 
-__all__ = ["DEFAULT_PROMPT", "GenerationResult", "generate_text", "prompt_ids"]
+__all__ = ["DEFAULT_PROMPT", "GenerationResult", "generate_text", "prepare_inference", "prompt_ids"]
