@@ -66,13 +66,20 @@ def test_sampling_is_seeded(lm):
     assert a.text == b.text
 
 
-def test_cli_streams_the_text_and_prints_the_speed(tiny_dir, tmp_path, capsys):
+def test_cli_streams_the_text_and_prints_the_speed(tiny_dir, tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+
+    rows = [types.SimpleNamespace(path="int4-cpu")] * 3 + [types.SimpleNamespace(path="dense")]
+    fake = types.SimpleNamespace(prepare_inference=lambda model: rows)  # the kernels' runtime forms
+    monkeypatch.setitem(sys.modules, "rankwise.models.runtime", fake)
     assert main(["generate", str(tiny_dir), "--prompt", "The quick brown", "-n", "6", "-q",
                  "--json", str(tmp_path / "g.json")]) == 0
     out, err = capsys.readouterr()
     saved = json.loads((tmp_path / "g.json").read_text())
     assert out.startswith(saved["text"]) and saved["new_tokens"] == 6
     assert "tokens/s decode" in err and "to the first token" in err
+    assert "layers: 1 dense, 3 int4-cpu" in err and saved["layers"] == {"int4-cpu": 3, "dense": 1}
 
 
 @pytest.mark.parametrize("args, message", [
