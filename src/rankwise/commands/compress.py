@@ -238,7 +238,7 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out (still atomic)."),
         export_dense_dir: Optional[Path] = typer.Option(None, "--export-dense",
                                                         help="Also write a plain transformers checkpoint."),
-        export_to: Tuple[str, Path] = typer.Option((None, None), "--export", metavar="FORMAT DIR",
+        export_to: Optional[Tuple[str, Path]] = typer.Option(None, "--export", metavar="FORMAT DIR",
                                                    help="Also write the compressed model in an export format "
                                                         "(as rankwise export IN --format FORMAT --out DIR)."),
         do_eval: bool = typer.Option(False, "--eval/--no-eval",
@@ -280,7 +280,7 @@ def register(app: typer.Typer) -> None:
                 text_file=text_file, calib_file=calib_file, eval_file=eval_file, low_memory=low_memory, out=out,
                 overwrite=overwrite, export_dense_dir=export_dense_dir, do_eval=do_eval, eval_windows=eval_windows,
                 eval_seqlen=eval_seqlen, heal={"steps": heal_steps, "rank": heal_rank, "lr": heal_lr}, quiet=quiet,
-                dtype=dtype, export_to=None if export_to[0] is None else export_to)
+                dtype=dtype, export_to=export_to or None)
             if not main:
                 return
             if not quiet:
