@@ -36,3 +36,8 @@ def test_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     with torch.no_grad():  # the Q4_0 layers are bit-exact; the embeddings and norms are stored as float16
         torch.testing.assert_close(gguf(input_ids=ids).logits, again(input_ids=ids).logits, rtol=1e-3, atol=2e-3)
     assert path == out / "gguf" / "model.gguf"
+
+
+def test_demo_options_are_checked_before_any_work(capsys):
+    assert main(["demo", "--quantizer", "hqq", "-q"]) == 2
+    assert "--quantizer must be gptq or rtn" in capsys.readouterr().err

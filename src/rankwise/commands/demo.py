@@ -2,10 +2,10 @@
 
 1. load the bundled model (SmolLM2-135M-Instruct) and measure it: perplexity on the first ``--windows``
    512-token windows of the test split, a continuation of ``--prompt`` with its decode speed;
-2. compress it with the demo configuration: GPTQ, 4-bit codes, symmetric, groups of 32 on llama.cpp's
-   Q4_0 grid (``grid=gguf``), fitted one-shot on ``--calib-windows`` calibration windows -- the structure
-   every runtime reads (compressed-tensors for vLLM / transformers, Q4_0 GGUF for llama.cpp / ollama,
-   bit-exact) and the one torch's packed int4 kernel runs;
+2. compress it with the demo configuration: GPTQ, 4-bit codes, symmetric, groups of 32, fitted one-shot
+   on ``--calib-windows`` calibration windows -- the structure every runtime reads bit-exactly
+   (compressed-tensors for vLLM / transformers, Q4_0 GGUF for llama.cpp / ollama) and the one torch's
+   packed int4 kernel runs;
 3. measure the compressed model the same way (perplexity, the same prompt's continuation and speed);
 4. save it (``model/``, ``rankwise generate demo-out/model``) and export it for the runtimes
    (``compressed-tensors/``, ``gguf/``);
@@ -24,8 +24,8 @@ import typer
 
 from ._common import QuietOpt, console, setup, table
 
-#: The demo's compression: 4-bit symmetric GPTQ, groups of 32, llama.cpp's Q4_0 grid.
-DEMO_OPTIONS = {"bits": 4, "group_size": 32, "symmetric": True, "grid": "gguf"}
+#: The demo's compression: 4-bit symmetric GPTQ, groups of 32 (exact in compressed-tensors and as GGUF Q4_0).
+DEMO_OPTIONS = {"bits": 4, "group_size": 32, "symmetric": True}
 DEMO_PROMPT = "What is the capital of France, and what is it famous for?"
 EXPORTS = ("compressed-tensors", "gguf")
 
@@ -49,9 +49,10 @@ def _report_md(r: dict) -> str:
     t = r["timings"]
     return (
         "# rankwise demo\n\n"
-        f"Model: `{r['model']}`. Compression: `{r['structure']}` with {r['options']} (one-shot GPTQ on "
-        f"{r['calibration']['windows']} x {r['calibration']['seqlen']} calibration tokens, seed "
-        f"{r['calibration']['seed']}). Perplexity on the first {d['windows']} x {d['seqlen']}-token windows of the "
+        f"Model: `{r['model']}`. Compression: `{r['structure']}` with {r['options']}"
+        + (f" (one-shot GPTQ on {r['calibration']['windows']} x {r['calibration']['seqlen']} calibration tokens, seed "
+           f"{r['calibration']['seed']})." if r["structure"] == "gptq" else " (round to nearest, no data).")
+        + f" Perplexity on the first {d['windows']} x {d['seqlen']}-token windows of the "
         "wiki test split (the full protocol is 64 x 512). Speed: batch-1 greedy decode of the prompt "
         "below with the KV cache, one run each, same threads, same process.\n\n"
         "| model | weights | perplexity | decode tokens/s | first token s |\n|---|---|---|---|---|\n"
@@ -79,6 +80,8 @@ def register(app: typer.Typer) -> None:
         seqlen: int = typer.Option(512, min=2, help="Tokens per evaluation and calibration window."),
         prompt: str = typer.Option(DEMO_PROMPT, "--prompt", help="The prompt both models continue."),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=2, help="Tokens each model generates."),
+        quantizer: str = typer.Option("gptq", "--quantizer", help="gptq (fitted on the calibration windows) or "
+                                                                  "rtn (round to nearest, no data: faster, worse)."),
         quiet: bool = QuietOpt,
     ) -> None:
         """Compress the default model to 4-bit GPTQ, compare it with dense (perplexity, speed, text), export it."""
@@ -92,10 +95,14 @@ def register(app: typer.Typer) -> None:
         from ..files import atomic_dir, write_json, write_text
         from ..models.loading import load_model
 
+        from ..errors import ConfigError
+
+        if quantizer not in ("gptq", "rtn"):
+            raise ConfigError(f"--quantizer must be gptq or rtn, got {quantizer!r}")
         setup(quiet)
         g = DEMO_OPTIONS["group_size"]
         bpw = DEMO_OPTIONS["bits"] + 16 / g + 0.01  # the codes plus one float16 scale per group
-        build_config("gptq", None, bpw, options=DEMO_OPTIONS, calib_options={"windows": calib_windows, "seqlen": seqlen})  # fail early
+        build_config(quantizer, None, bpw, options=DEMO_OPTIONS, calib_options={"windows": calib_windows, "seqlen": seqlen})  # fail early
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
 
@@ -122,9 +129,10 @@ def register(app: typer.Typer) -> None:
         now = step("load", t0)
         dense = measure(model, tok, ids, "dense")
         now = step("dense_eval", now)
-        console.print(f"compressing: GPTQ {DEMO_OPTIONS['bits']}-bit, groups of {g}, {calib_windows} calibration "
-                      "windows (one-shot)", highlight=False)
-        model, rep = compress(model, "gptq", bits_per_weight=bpw, options=DEMO_OPTIONS, tokenizer=tok,
+        console.print(f"compressing: {quantizer.upper()} {DEMO_OPTIONS['bits']}-bit, groups of {g}"
+                      + (f", {calib_windows} calibration windows (one-shot)" if quantizer == "gptq" else ""),
+                      highlight=False)
+        model, rep = compress(model, quantizer, bits_per_weight=bpw, options=DEMO_OPTIONS, tokenizer=tok,
                               calib_options={"windows": calib_windows, "seqlen": seqlen}, mode="one-shot",
                               progress=not quiet)
         now = step("compress", now)
@@ -140,14 +148,14 @@ def register(app: typer.Typer) -> None:
                                 "serve": FORMATS.get(fmt).runtimes, "notes": res.notes})
         step("save_export", now)
         total = time.perf_counter() - t0
-        results = {"model": str(path), "out": str(out), "structure": "gptq", "options": DEMO_OPTIONS,
+        results = {"model": str(path), "out": str(out), "structure": quantizer, "options": DEMO_OPTIONS,
                    "calibration": rep.calibration, "prompt": prompt, "dense": dense, "compressed": comp,
                    "exports": exports, "timings": timings, "seconds": total, "report": rep.to_dict()}
         write_json(out / "results.json", results)
         write_text(out / "report.md", _report_md(results))
         table("rankwise demo", ["model", "weights", "perplexity", "decode tokens/s"], [
             ["dense (float32)", _mb(dense["bytes"]), dense["ppl"], dense["generation"]["tokens_per_second"]],
-            ["GPTQ 4-bit g32", _mb(comp["bytes"]), comp["ppl"], comp["generation"]["tokens_per_second"]],
+            [f"{quantizer.upper()} 4-bit g{g}", _mb(comp["bytes"]), comp["ppl"], comp["generation"]["tokens_per_second"]],
         ])
         for e in exports:
             console.print(f"export {e['format']}: {e['path']} ({_mb(e['bytes'])}) -> {e['serve']}", highlight=False)
