@@ -71,7 +71,7 @@ CASES = [
     ("eval {tiny} --text-file {missing} -q", "does not exist"),
     ("eval {tiny} --json {tmp} -q", "is a directory"),
     # -- demo (only errors found before the real model is loaded)
-    ("demo --ratio abc", "Invalid value for '--ratio'"),
+    ("demo --max-new-tokens abc", "Invalid value for '--max-new-tokens'"),
     ("demo --windows 1.5", "Invalid value for '--windows'"),
     ("demo --bogus", "No such option: --bogus"),
     # -- compress: types, unknown options, names, budgets, regexes, paths

@@ -28,7 +28,7 @@ ALLOWED = {
     "compression": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
                     "evaluation"},
     "adaptation": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
-                   "evaluation"},
+                   "evaluation", "export"},  # export.peft: the one PEFT adapter writer
     "analysis": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",
                  "evaluation"},
     "merging": {"errors", "files", "figures", "registry", "options", "linalg", "structures", "calibration", "models",

@@ -38,23 +38,25 @@ def test_a_users_own_setting_survives_a_load(tiny_dir):
 
 
 def test_loads_run_offline(tiny_dir, monkeypatch):
-    """Inside rankwise's own loads the hub is offline; the tokenizer and model calls both see it."""
+    """Inside rankwise's own loads the hub is offline; the tokenizer, config and model calls all see it (a
+    plain directory loads as the class its config names: LlamaForCausalLM here)."""
     import transformers
 
     from rankwise.models.loading import load_model
 
     seen = []
-    for cls in (transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+    for cls in (transformers.AutoTokenizer, transformers.AutoConfig, transformers.LlamaForCausalLM):
         real = cls.from_pretrained
 
-        def spy(*a, _real=real, **kw):
-            seen.append((os.environ.get("HF_HUB_OFFLINE"), kw.get("local_files_only")))
+        def spy(*a, _real=real, _name=cls.__name__, **kw):
+            seen.append((_name, os.environ.get("HF_HUB_OFFLINE"), kw.get("local_files_only")))
             return _real(*a, **kw)
 
         monkeypatch.setattr(cls, "from_pretrained", spy)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     load_model(tiny_dir)
-    assert seen == [("1", True), ("1", True)]
+    assert {n for n, _, _ in seen} == {"AutoTokenizer", "AutoConfig", "LlamaForCausalLM"}
+    assert all(env == "1" and local for _, env, local in seen), seen
     assert "HF_HUB_OFFLINE" not in os.environ
 
 

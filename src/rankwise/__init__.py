@@ -24,7 +24,7 @@ from .errors import RankwiseError
 
 _API = ("compress", "compress_low_memory", "load", "load_model", "save", "evaluate", "perplexity",
         "analyze", "adapt", "load_corpus", "match", "barrier", "merge", "lock", "export", "structurize", "init_",
-        "train", "prepare_inference")
+        "train", "prepare_inference", "generate")
 
 
 def __getattr__(name: str):

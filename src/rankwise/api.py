@@ -16,12 +16,15 @@ from torch import nn
 
 
 def load(name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu"):
+         device: str | torch.device = "cpu", trust_remote_code: bool = False):
     """``(model, tokenizer, path)`` for a built-in model name, a local Hugging Face directory, or a
-    directory written by :func:`save` / ``rankwise compress`` (its structured layers rebuilt)."""
+    directory written by :func:`save` / ``rankwise compress`` (its structured layers rebuilt). The model
+    comes back as the class it was saved as (``BertModel``, ``...ForSequenceClassification``, a causal or
+    seq2seq LM). ``trust_remote_code`` allows a directory that ships its own modeling code (a remote-code
+    export)."""
     from .models.loading import load_model as _load
 
-    return _load(name_or_path, dtype=dtype, device=device)
+    return _load(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
 
 
 #: The same loader under its descriptive name (same arguments, same ``(model, tokenizer, path)``).
@@ -138,6 +141,8 @@ def lock(model: nn.Module, seed: int = 0, **options):
     from .merging.lock import lock as _lock
 
     return _lock(model, seed=seed, **options)
+
+
 def export(model_or_dir, format: str, out: str | os.PathLike, *, tokenizer=None, options=None,
            max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True):
     """Write a model in memory, or a saved directory (read tensor by tensor), in ``format`` to ``out``;
@@ -147,6 +152,8 @@ def export(model_or_dir, format: str, out: str | os.PathLike, *, tokenizer=None,
 
     return _export(model_or_dir, format, out, tokenizer=tokenizer, options=options, max_shard_size=max_shard_size,
                    overwrite=overwrite, progress=progress)
+
+
 def structurize(model: nn.Module, structure: str, ratio: float = 0.5, *, inplace: bool = False, **options) -> nn.Module:
     """``model`` (a copy unless ``inplace``) with its block linears replaced by trainable ``structure`` layers
     (lowrank, monarch, blockdiag-lowrank, kronecker, sltrain, blast) of at most ``(1 - ratio) m n`` values
@@ -194,3 +201,15 @@ def prepare_inference(model: nn.Module, dtype: torch.dtype | None = None):
     from .models.runtime import prepare_inference as _prepare
 
     return _prepare(model, dtype)
+
+
+def generate(model: nn.Module, tokenizer, prompt: str | None = None, max_new_tokens: int = 64, *,
+             temperature: float = 0.0, seed: int = 0, chat: bool | None = None, stream=None):
+    """Continue ``prompt`` (through the tokenizer's chat template when it has one) with up to
+    ``max_new_tokens`` tokens, greedy unless ``temperature > 0``; ``stream(text)`` receives the text as
+    it is decoded. Returns a :class:`~rankwise.evaluation.generation.GenerationResult` (text, tokens,
+    decode tokens/s, time to the first token)."""
+    from .evaluation.generation import DEFAULT_PROMPT, generate_text
+
+    return generate_text(model, tokenizer, DEFAULT_PROMPT if prompt is None else prompt, max_new_tokens,
+                         temperature=temperature, seed=seed, chat=chat, write=stream)

@@ -29,7 +29,7 @@ HELP = "Matrix structure of neural-network weights: compress, adapt, analyze."
 COMMANDS: dict[str, str] = {
     "models": "List the built-in models, whether their package is installed, and their cache state.",
     "eval": "Perplexity = exp(mean token NLL) over non-overlapping windows of the test split.",
-    "demo": "Compress the default model (best method, 40% removed), evaluate dense vs compressed, write a report.",
+    "demo": "Compress the default model to 4-bit GPTQ, compare it with dense (perplexity, speed, text), export it.",
     "compress": "Replace the linear layers by structures fitted on calibration activations.",
     "analyze": "Singular values, stable/effective rank, energy ranks, power-law alpha (WeightWatcher-compatible), "
                "FARMS alpha, whitened spectrum (--calib) and intruder dimensions (--compare), per layer.",
@@ -42,6 +42,7 @@ COMMANDS: dict[str, str] = {
     "export": "Write a compressed (or plain) model in the format a runtime reads: compressed-tensors (vLLM, "
               "transformers), gptq, gguf (llama.cpp, ollama), dense, ... Reads the input tensor by tensor.",
     "train": "Train with projected-gradient optimizers, structured layers and initializations; checkpoints resume.",
+    "generate": "Continue a prompt with a dense, compressed or exported model, streaming the tokens; print tokens/s.",
 }
 #: Modules under rankwise.commands that add commands to the app.
 COMMAND_MODULES = list(COMMANDS)

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..files import atomic_dir, write_json
 from ..errors import ArtifactError, ConfigError
+from ..export.peft import lora_state, write_lora
 from ..models.surgery import set_module
 from ..structures.base import StructuredLinear
 from ..structures.lowrank import LowRankLinear
@@ -91,7 +92,7 @@ def peft_state(model: nn.Module, form: str = "original") -> tuple[dict[str, torc
             "residual): the rank-r adapter plus residual_base/, the de-quantized base as a transformers checkpoint")
     convert = meta["residual"] and form == "original"
     rslora = bool(meta["rslora"])
-    tensors, ranks, alphas = {}, {}, {}
+    factors, alphas = {}, {}
     for name, a in layers.items():
         A, B = a.lora_A.detach().float(), a.lora_B.detach().float()
         r = a.rank
@@ -99,22 +100,10 @@ def peft_state(model: nn.Module, form: str = "original") -> tuple[dict[str, torc
         if convert:
             A = torch.cat([A, a.init_state["lora_A"].float()], 0)
             B = torch.cat([B, -a.init_state["lora_B"].float()], 1)
-            r, alpha = 2 * r, alpha * (math.sqrt(2) if rslora else 2)
-        key = f"base_model.model.{name}"
-        tensors[f"{key}.lora_A.weight"] = A.contiguous().cpu()
-        tensors[f"{key}.lora_B.weight"] = B.contiguous().cpu()
-        ranks[name], alphas[name] = r, alpha
-    r0, a0 = next(iter(ranks.values())), next(iter(alphas.values()))
-    uniform = all(v == r0 for v in ranks.values()) and all(abs(v - a0) < 1e-9 for v in alphas.values())
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r0, "lora_alpha": a0,
-        "target_modules": sorted(layers), "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": any(is_conv1d(a.base) for a in layers.values()),
-        "use_rslora": rslora, "init_lora_weights": True, "inference_mode": True,
-        "rank_pattern": {} if uniform else ranks, "alpha_pattern": {} if uniform else alphas,
-        "base_model_name_or_path": meta.get("base_model"),
-    }
-    return tensors, config
+            alpha = alpha * (math.sqrt(2) if rslora else 2)
+        factors[name], alphas[name] = (A, B), alpha
+    return lora_state(factors, alphas, rslora=rslora, fan_in_fan_out=any(is_conv1d(a.base) for a in layers.values()),
+                      base_model=meta.get("base_model"))
 
 
 def _peft_provenance(model: nn.Module, form: str) -> dict:
@@ -146,14 +135,11 @@ def save_peft(model: nn.Module, out: str | os.PathLike, form: str = "original", 
 
     ``extra(tmp_dir)`` may add files (training logs) inside the atomic output directory.
     """
-    from safetensors.torch import save_file
-
     tensors, config = peft_state(model, form)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if extra is not None:
             extra(tmp)
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "adapter_config.json", config)
+        write_lora(tmp, tensors, config)
         write_json(tmp / "rankwise_adapter.json", _peft_provenance(model, form))
         if form == "residual" and _meta(model)["residual"]:
             res = _model_without_adapters(model)

@@ -473,6 +473,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
     from ..models.offline import hub_offline
     from ..models.registry import resolve_model
     from ..models.saved import MANIFEST, WEIGHTS_FILE, manifest, write_side_files
+    from ..models.architecture import config_class, record
     from ..models.skeleton import empty_model
     from ..models.streaming import FileTensors, index_dtypes, index_shapes, stream_merge, weight_index
     from ..models.surgery import block_prefix
@@ -509,7 +510,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         with hub_offline():
             config = AutoConfig.from_pretrained(str(path), local_files_only=True)
         tok = load_tokenizer(path)
-        model = empty_model(config)
+        model = empty_model(config, config_class(config))  # the checkpoint's class (architectures), else causal LM
         windows, source_name = calibration_windows(model, calib, tok, cfg.calib.windows, cfg.calib.seqlen,
                                                    cfg.calib.seed)
         modules = find_linears(model, targets)
@@ -534,7 +535,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         if tmp is not None:
             shard_dir = tmp / ".blocks"
             shard_dir.mkdir()
-            write_side_files(tmp, config, tok, None)  # now: reloading the tokenizer at the end would be the peak
+            write_side_files(tmp, config, tok, None, record(model).get("model_class"))  # now: reloading the tokenizer at the end would be the peak
         del tok
         trim()  # the tokenizer and the calibration text are gone
         source = StreamedSource(model, index, dtype, shard_dir, device, path, spill)
@@ -563,7 +564,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
                          for n, lr in layers.items() if lr.kind is not None}
             aliases.update(source.aliases)  # tensors shared across blocks (a shared basis), written once
             meta = manifest(described, aliases, dtype,
-                            {**_meta_extra(report), "source_model": str(path), **(extra or {})})
+                            {**record(model), **_meta_extra(report), "source_model": str(path), **(extra or {})})
             if (path / "generation_config.json").is_file():
                 from transformers import GenerationConfig
 

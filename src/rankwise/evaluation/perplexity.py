@@ -17,6 +17,7 @@ from ..calibration.sampling import (
     DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, check_seqlen, eval_windows, tokenize,
 )
 from ..errors import ConfigError, NumericalError
+from ..models.architecture import check_language_model
 
 
 @dataclass
@@ -62,6 +63,7 @@ def perplexity(
     Pass token ``ids`` directly, or ``text`` + ``tokenizer``; with neither, the default
     corpus's test split is used. ``windows=None`` scores every full window.
     """
+    check_language_model(model, "perplexity")
     if windows is not None and windows < 1:
         raise ConfigError(f"windows must be a positive number of windows (or None for all), got {windows!r}")
     if batch_size < 1:

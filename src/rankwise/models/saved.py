@@ -7,9 +7,11 @@ A directory holds:
 * ``config.json`` (and ``generation_config.json``) of the original architecture, tokenizer files;
 * ``rankwise.json`` -- the manifest: ``format``, ``format_version``, ``layers`` = ``{name: {kind, shape,
   bias, spec}}`` (:meth:`StructuredLinear.describe`), ``tied`` = ``{dropped key: kept key}``, ``dtype``,
-  ``versions``, plus whatever the writer adds (the compression config and report).
+  ``versions``, ``model_class`` (the transformers class, e.g. ``BertModel``; :mod:`.architecture`), plus
+  whatever the writer adds (the compression config and report).
 
-:func:`load_structured` rebuilds the architecture with empty parameters, swaps in each structured
+:func:`load_structured` rebuilds the architecture (the recorded ``model_class``; a directory written
+before the record existed, as the causal LM of its config) with empty parameters, swaps in each structured
 layer built empty from its description (:func:`rankwise.structures.build_layer`) and loads the
 tensors strictly: every tensor must be present with the shape the manifest implies.
 """
@@ -26,6 +28,7 @@ from torch import nn
 from ..errors import ArtifactError
 from ..files import atomic_dir, write_json
 from ..structures.base import StructuredLinear, build_layer
+from .architecture import record, resolve_class
 from .offline import hub_offline
 from .skeleton import empty_model, meta_parameters
 from .surgery import Conv1D, set_module
@@ -77,8 +80,15 @@ def manifest(layers: Mapping[str, Mapping[str, Any]], aliases: Mapping[str, str]
     return meta
 
 
-def write_side_files(tmp: Path, config, tokenizer=None, generation_config=None) -> None:
-    """``config.json``, ``generation_config.json`` and the tokenizer into the (temporary) output dir."""
+def write_side_files(tmp: Path, config, tokenizer=None, generation_config=None, model_class: str | None = None
+                     ) -> None:
+    """``config.json``, ``generation_config.json`` and the tokenizer into the (temporary) output dir;
+    ``model_class`` goes into ``config.json`` as ``architectures`` (as ``save_pretrained`` writes it)."""
+    if model_class is not None and list(getattr(config, "architectures", None) or []) != [model_class]:
+        import copy
+
+        config = copy.deepcopy(config)
+        config.architectures = [model_class]
     config.save_pretrained(tmp)
     if generation_config is not None:
         generation_config.save_pretrained(tmp)
@@ -100,10 +110,13 @@ def save_structured(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
         raise ArtifactError("the model has no structured layers; compress it first "
                             "(a plain model is saved with rankwise.save or model.save_pretrained)")
     state, aliases = dedup_state(model.state_dict())
-    meta = manifest({n: m.describe() for n, m in layers.items()}, aliases, next(model.parameters()).dtype, extra)
+    kind = record(model)
+    meta = manifest({n: m.describe() for n, m in layers.items()}, aliases, next(model.parameters()).dtype,
+                    {**kind, **(extra or {})})
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "rankwise": FORMAT})
-        write_side_files(tmp, model.config, tokenizer, getattr(model, "generation_config", None))
+        write_side_files(tmp, model.config, tokenizer, getattr(model, "generation_config", None),
+                         kind.get("model_class"))
         write_json(tmp / MANIFEST, meta)
         if after is not None:
             after(tmp)
@@ -146,7 +159,8 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _skeleton(path: Path) -> nn.Module:
+def _skeleton(path: Path, model_class: str | None) -> nn.Module:
+    """The empty model of ``config.json``: the recorded ``model_class``, else (older directories) the causal LM."""
     from transformers import AutoConfig
 
     try:
@@ -154,7 +168,8 @@ def _skeleton(path: Path) -> nn.Module:
             config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}/config.json is missing or invalid ({e})") from None
-    return empty_model(config)
+    cls = None if model_class is None else resolve_class(model_class, config, f"{path / MANIFEST}")
+    return empty_model(config, cls)
 
 
 def load_structured(path: str | os.PathLike, dtype: torch.dtype | None = torch.float32) -> nn.Module:
@@ -167,7 +182,7 @@ def load_structured(path: str | os.PathLike, dtype: torch.dtype | None = torch.f
 
     path = Path(path)
     meta = read_manifest(path)
-    model = _skeleton(path)
+    model = _skeleton(path, meta.get("model_class"))
     for name, desc in meta["layers"].items():
         try:
             model.get_submodule(name)
@@ -228,7 +243,7 @@ def export_dense(model: nn.Module, tokenizer, out_dir: str | os.PathLike, overwr
     layer type (``nn.Linear`` or GPT-2 ``Conv1D``). Loadable with ``from_pretrained`` without rankwise;
     ``model`` is restored afterwards."""
     layers = structured_layers(model)
-    skel = empty_model(model.config)
+    skel = empty_model(model.config, type(model) if record(model) else None)
     swapped = {}
     try:
         for name, layer in layers.items():

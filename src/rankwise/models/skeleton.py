@@ -32,12 +32,14 @@ def empty_parameters() -> Iterator[None]:
         nn.Module.register_parameter = original
 
 
-def empty_model(config) -> nn.Module:
-    """``AutoModelForCausalLM.from_config(config)`` with its parameters on ``meta`` (see module doc)."""
+def empty_model(config, model_class: type | None = None) -> nn.Module:
+    """``model_class(config)`` with its parameters on ``meta`` (see module doc); without a class, the causal
+    LM of the config (``AutoModelForCausalLM.from_config``). The class comes from
+    :mod:`rankwise.models.architecture` (a transformers class resolved by name, never an import)."""
     from transformers import AutoModelForCausalLM
 
     with empty_parameters():
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config) if model_class is None else model_class(config)
     return model.eval()
 
 

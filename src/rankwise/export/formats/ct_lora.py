@@ -1,0 +1,104 @@
+"""``compressed-tensors-lora``: a low-rank + quantized model (lorc, lq) as a compressed-tensors base plus a
+PEFT LoRA adapter.
+
+A :class:`~rankwise.structures.lowrank_quant.LowRankQuantLinear` computes
+``y = dequant(codes) x + L (R x) + b`` (no input rotation). Its two parts go to the two formats runtimes
+read:
+
+* the base ``dequant(codes) x + b``: the export directory itself, in compressed-tensors (the quantized
+  layers written by :func:`rankwise.export.formats.compressed_tensors.layer_tensors`, exactly as that
+  format writes a :class:`~rankwise.structures.quant.QuantLinear`; plain quantized layers go there too);
+* the correction ``L (R x)``: ``adapter/``, a PEFT LoRA adapter with ``lora_A = R`` (k, in),
+  ``lora_B = L`` (out, k) and ``alpha = k`` for every layer (``rank_pattern`` / ``alpha_pattern`` when the
+  ranks differ), so PEFT's scale ``alpha / k`` is exactly 1 (:mod:`rankwise.export.peft`).
+
+Load it with transformers (compressed-tensors installed) and peft; PEFT wraps ``nn.Linear`` layers, so the
+base is de-quantized as it loads::
+
+    base = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
+    model = PeftModel.from_pretrained(base, f"{out}/adapter")
+
+vLLM serves the same pair (``--enable-lora``, the adapter's ranks within ``--max-lora-rank``).
+"""
+from __future__ import annotations
+
+from ..base import FORMATS, ExportContext, Format
+from ..hf import alias_copies, export_config, write_side_files
+from ..peft import lora_state, unit_alpha, write_lora
+from ..shards import TensorEntry
+from .compressed_tensors import (
+    CTOptions, dense_linears, layer_entries, layer_problem, layer_scheme, layer_tensors, quantization_config,
+)
+
+ADAPTER_DIR = "adapter"
+LOWRANK_KIND = "lowrank-quant"
+QUANT_KINDS = ("quant", LOWRANK_KIND)
+
+
+@FORMATS.register("compressed-tensors-lora")
+class CompressedTensorsLora(Format):
+    name = "compressed-tensors-lora"
+    summary = ("low-rank + quantized (lorc, lq): the quantized base in compressed-tensors plus the low-rank part as "
+               "a PEFT LoRA adapter in adapter/ (transformers + peft, vLLM with --enable-lora)")
+    holds = ("low-rank + quantized layers (lorc, lq: 2-8 bits, group size dividing the inputs, no rotation; "
+             "asymmetric ones fitted with --set grid=zero-point) and plain quantized layers")
+    runtimes = "transformers (compressed-tensors installed) + peft, vLLM (--enable-lora)"
+    Options = CTOptions
+
+    def unsupported(self, source) -> list[str]:
+        reasons = []
+        for name, desc in source.layers.items():
+            if desc.get("kind") not in QUANT_KINDS:
+                reasons.append(f"{name} is a {desc.get('kind')!r} layer (only quantized and low-rank + quantized "
+                               "layers)")
+                continue
+            spec = desc.get("spec") or {}
+            layer = source.layer(name) if not spec.get("symmetric", False) else None
+            why = layer_problem(name, desc, layer, self.options.round_zero_points)
+            if why:
+                reasons.append(why)
+        if not any(d.get("kind") == LOWRANK_KIND for d in source.layers.values()):
+            reasons.append("the model has no low-rank + quantized layer (compress it with --structure lorc or lq; a "
+                           "quantized model goes out as --format compressed-tensors)")
+        return reasons
+
+    def write(self, source, ctx: ExportContext) -> None:
+        dtype = source.dtype
+        keys = source.keys()
+        copies = alias_copies(source)
+        entries = [source.entry(k) for k in keys]
+        entries += [TensorEntry(k, source.entry(v).dtype, source.entry(v).shape) for k, v in copies.items()]
+        for name, desc in source.layers.items():
+            entries += layer_entries(name, desc, dtype)
+        factors, alphas = {}, {}
+        with ctx.safetensors(entries) as w:
+            for k in keys:
+                w.write(k, source.tensor(k))
+            for k, v in copies.items():
+                w.write(k, source.tensor(v))
+            for name, desc in source.layers.items():
+                layer = source.layer(name)
+                tensors, notes = layer_tensors(name, layer, dtype, self.options.round_zero_points)
+                for k, t in tensors.items():
+                    w.write(k, t)
+                for n in notes:
+                    ctx.note(n)
+                if desc["kind"] == LOWRANK_KIND:
+                    factors[name] = (layer.right.clone(), layer.left.clone())  # lora_A = R, lora_B = L
+                    alphas[name] = unit_alpha(layer.rank)
+                del layer
+        config = export_config(source)
+        config.quantization_config = quantization_config(
+            {n: layer_scheme(d) for n, d in source.layers.items()}, dense_linears(source))
+        write_side_files(source, ctx.dir, config)
+        task = "CAUSAL_LM" if getattr(source.config, "is_encoder_decoder", False) is False else "SEQ_2_SEQ_LM"
+        # base_model_name_or_path stays empty: the base is this directory, wherever it is moved
+        tensors, adapter_config = lora_state(factors, alphas, dtype=dtype, task_type=task)
+        (ctx.dir / ADAPTER_DIR).mkdir()
+        write_lora(ctx.dir / ADAPTER_DIR, tensors, adapter_config)
+        ranks = sorted({int(A.shape[0]) for A, _ in factors.values()})
+        ctx.note(f"{len(factors)} low-rank corrections (rank {ranks[0]}-{ranks[-1]}) written as a PEFT LoRA adapter in "
+                 f"{ADAPTER_DIR}/ with scale 1: PeftModel.from_pretrained(base, '<out>/{ADAPTER_DIR}')")
+
+
+__all__ = ["ADAPTER_DIR", "CompressedTensorsLora"]
