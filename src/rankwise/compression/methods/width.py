@@ -93,7 +93,10 @@ class HeadOption:
 
     @property
     def label(self) -> str:
-        return "none" if self.mode == "none" else f"{self.mode}-{self.units}"
+        """``none``, ``-K heads (even)`` or ``-J KV groups``."""
+        if self.mode == "none":
+            return "none"
+        return f"-{self.units} heads (even)" if self.mode == "even" else f"-{self.units} KV groups"
 
 
 @dataclass
@@ -208,8 +211,9 @@ class Width(PruningMethod):
         largest = self._largest_ratio(geo)
         if ratio > largest + 1e-12:
             keep = []
-            if "heads" in geo.parts:
-                keep.append("one head per KV group" if self.options.gqa != "groups" else "one KV group")
+            best = max(geo.head_options, key=lambda o: o.params, default=None)
+            if best is not None and best.mode != "none":
+                keep.append("one KV group" if best.mode == "groups" else "one query head per KV group")
             if "channels" in geo.parts:
                 keep.append(f"{min(self.options.multiple, geo.widths.channels)} FFN channels")
             raise ConfigError(f"--ratio {ratio:g} would remove every head of a group or every channel: width pruning "
