@@ -22,6 +22,7 @@ IDS = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(2))
 CASES = {
     "llama-depth": ("llama", "depth", 0.5, {}),
     "llama-width": ("llama", "width", 0.3, {}),
+    "llama-slice": ("llama", "slice", 0.25, {}),
     "gpt2-depth": ("gpt2", "depth", 0.5, {"criterion": "taylor+", "protect_first": 1, "protect_last": 0}),
     "gpt2-width": ("gpt2", "width", 0.3, {}),
     "bert-depth": ("bert", "depth", 0.5, {"criterion": "angular"}),
@@ -90,6 +91,9 @@ def test_pruned_models_evaluate_and_record_what_was_removed(pruned):
         if CASES[case][1] == "depth":
             assert len(rec["removed_blocks"]) == 2 and len(rec["kept_blocks"]) == 2 and rec["scores"]
             assert small.config.num_hidden_layers == 2
+        elif CASES[case][1] == "slice":
+            assert (rec["hidden_before"], rec["hidden_after"]) == (64, 48) == (64, small.config.hidden_size)
+            assert 0.5 < rec["energy_kept"] < 1.0 and len(rec["eigenvalues"]) == 64
         else:
             assert len(rec["blocks"]) == 4 and all("kept_channels" in b and "kept_heads" in b for b in rec["blocks"])
             assert rec["options_table"]
@@ -152,6 +156,10 @@ def test_configs_that_cannot_express_the_shape_name_the_option_that_can():
                           progress=False)
     with pytest.raises(ConfigError, match="criterion=angular"):
         rankwise.compress(_model("bert"), "depth", 0.5, calib=WINDOWS, progress=False)
+    with pytest.raises(ConfigError, match="use --structure width or depth"):
+        rankwise.compress(_model("gpt2"), "slice", 0.25, calib=WINDOWS, progress=False)
+    with pytest.raises(ConfigError, match="use --structure width or depth"):
+        rankwise.compress(_model("bert"), "slice", 0.25, calib=WINDOWS, progress=False)
     with pytest.raises(ConfigError, match="--targets does not apply"):
         rankwise.compress(_model("llama"), "depth", 0.5, calib=WINDOWS, targets="q_proj", progress=False)
 
@@ -184,3 +192,22 @@ def test_healing_distils_the_pruned_model_from_the_dense_one():
     assert sum(p.numel() for p in healed.parameters()) == sum(p.numel() for p in small.parameters())
     assert all(type(m).__name__ in ("Linear", "LlamaDecoderLayer") or "Lora" not in type(m).__name__
                for m in healed.modules())
+
+
+def test_slice_keeps_the_principal_directions():
+    """The PCA rotation loses less than a random orthonormal basis of the same width (same fold)."""
+    from rankwise.models.stream import fold_norms, rotate_stream, stream_layout
+
+    dense = _model("llama")
+    small, report = rankwise.compress(dense, "slice", 0.25, calib=WINDOWS, progress=False)
+    rand = tiny_model("llama", num_hidden_layers=4)
+    rand.load_state_dict(dense.state_dict())
+    layout = stream_layout(rand)
+    fold_norms(rand, layout)
+    Q, _ = torch.linalg.qr(torch.randn(64, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    rotate_stream(rand, Q, layout)
+
+    def err(model):
+        return float((_logits(model, WINDOWS) - _logits(dense, WINDOWS)).norm())
+
+    assert err(small) < 0.8 * err(rand)

@@ -218,10 +218,9 @@ def drop_blocks(model: nn.Module, drop: Sequence[int]) -> list[int]:
             if isinstance(getattr(mod, "layer_idx", None), int):
                 mod.layer_idx = j
     cfg = _text_config(model)
-    for key, value in list(cfg.to_dict().items()):
-        if isinstance(value, list) and len(value) == n and key not in ("architectures",):
-            setattr(cfg, key, [value[i] for i in kept])
-    cfg.num_hidden_layers = len(kept)
+    values = {key: [value[i] for i in kept] for key, value in cfg.to_dict().items()
+              if isinstance(value, list) and len(value) == n and key != "architectures"}
+    set_config(cfg, num_hidden_layers=len(kept), **values)
     return kept
 
 
@@ -254,17 +253,16 @@ def write_widths(model: nn.Module, layout: BlockLayout | None = None) -> None:
                           "uniform widths (--set widths=uniform) or export through HF remote code, whose per-layer "
                           "structure table holds per-block widths")
     cfg = _text_config(model)
+    values = {}
     if layout.head_keys is not None:
         hk, kvk, hdk = layout.head_keys
-        setattr(cfg, hk, w.heads)
-        setattr(cfg, kvk, w.kv_heads)
-        setattr(cfg, hdk, w.head_dim)
+        values.update({hk: w.heads, kvk: w.kv_heads, hdk: w.head_dim})
     elif w.heads != _config_heads(cfg):
         raise ConfigError(f"{layout.family}'s config fixes head_dim = hidden_size / heads, so pruned heads cannot be "
                           "expressed; prune FFN channels only (--set parts=channels)")
     if layout.channel_key is not None:
-        setattr(cfg, layout.channel_key, w.channels)
-    check_config(cfg)
+        values[layout.channel_key] = w.channels
+    set_config(cfg, **values)
 
 
 def _config_heads(cfg) -> int | None:
@@ -274,16 +272,26 @@ def _config_heads(cfg) -> int | None:
     return None
 
 
-def check_config(cfg) -> None:
-    """The config class's own validation of the rewritten values (e.g. Llama's ``hidden_size %
-    num_attention_heads == 0``), as one :class:`ConfigError`."""
+def check_config(cfg, **values) -> None:
+    """The config class's own validation (e.g. Llama's ``hidden_size % num_attention_heads == 0``) of
+    ``cfg`` with ``values`` set, as one :class:`ConfigError`; ``cfg`` itself is not changed."""
     try:
-        type(cfg).from_dict(cfg.to_dict())
-        if hasattr(cfg, "validate_architecture"):
-            cfg.validate_architecture()
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"the pruned shape does not fit {type(cfg).__name__} ({e}); choose another ratio or "
+        trial = type(cfg).from_dict({**cfg.to_dict(), **values})
+        if hasattr(trial, "validate_architecture"):
+            trial.validate_architecture()
+    except Exception as e:  # ValueError, or huggingface_hub's strict-dataclass validation errors
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"the pruned shape does not fit {type(cfg).__name__} ({msg}); choose another ratio or "
                           "structure") from None
+
+
+def set_config(cfg, **values) -> None:
+    """Set several config values at once: validated together first (:func:`check_config`), then
+    assigned without the per-assignment validation that would see the half-updated states."""
+    check_config(cfg, **values)
+    amap = getattr(cfg, "attribute_map", {}) or {}
+    for key, value in values.items():
+        object.__setattr__(cfg, amap.get(key, key), value)
 
 
 class _Skip(nn.Module):

@@ -177,12 +177,8 @@ class Width(PruningMethod):
         hk, kvk, hdk = geo.layout.head_keys
         valid = []
         for o in opts:
-            trial = type(cfg).from_dict(cfg.to_dict())
-            setattr(trial, hk, o.heads)
-            setattr(trial, kvk, o.kv_heads)
-            setattr(trial, hdk, hd)
             try:
-                check_config(trial)
+                check_config(cfg, **{hk: o.heads, kvk: o.kv_heads, hdk: hd})
             except ConfigError:
                 continue
             valid.append(o)
