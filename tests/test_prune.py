@@ -211,3 +211,20 @@ def test_slice_keeps_the_principal_directions():
         return float((_logits(model, WINDOWS) - _logits(dense, WINDOWS)).norm())
 
     assert err(small) < 0.8 * err(rand)
+
+
+def test_cli_prunes_to_a_plain_directory_and_fails_cleanly_before_writing(tiny_dir, tmp_path, capsys):
+    from rankwise.cli import main
+
+    base = ["compress", str(tiny_dir), "--calib-windows", "8", "--calib-seqlen", "32", "--quiet"]
+    assert main(base + ["--structure", "depth", "--ratio", "0.5", "--out", str(tmp_path / "d")]) == 0
+    meta = json.loads((tmp_path / "d" / "rankwise.json").read_text())
+    assert meta["pruning"]["blocks_after"] == 1 and (tmp_path / "d" / "config.json").is_file()
+    capsys.readouterr()
+    for extra, match in ((["--structure", "depth", "--ratio", "0.9"], "largest feasible ratio is 0.5"),
+                         (["--structure", "width", "--set", "widths=per-block"], "remote code"),
+                         (["--structure", "width", "--low-memory"], "drop --low-memory")):
+        rc = main(base + extra + ["--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and match in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()

@@ -67,6 +67,10 @@ class PruningMethod(Method):
     def prune(self, model: nn.Module, windows: torch.Tensor, ctx: PruneContext) -> PruneOutcome:
         raise NotImplementedError
 
+    def plain_output(self) -> str | None:
+        """``None`` when the pruned model fits a plain config.json, else why not and what can hold it."""
+        return None
+
 
 def is_pruning(method: Method) -> bool:
     return bool(getattr(method, "rewrites_architecture", False))
@@ -113,3 +117,22 @@ def prune_model(model: nn.Module, method: PruningMethod, cfg, windows: torch.Ten
         seconds=time.perf_counter() - t0, config=cfg.to_dict())
     report.pruning = outcome.record
     return report
+
+
+def pruning_summary(record: Mapping[str, Any]) -> str:
+    """One line saying what a pruning record removed."""
+    kind = record.get("structure")
+    if kind == "depth":
+        return (f"{len(record['removed_blocks'])} of {record['blocks_before']} blocks removed "
+                f"({record['removed_blocks']}) by {record['criterion']}")
+    if kind == "slice":
+        extra = f", LM head untied (+{record['untied_params']:,} values)" if record.get("untied_head") else ""
+        return (f"hidden size {record['hidden_before']} -> {record['hidden_after']}, "
+                f"{100 * record['energy_kept']:.1f}% of the calibration stream energy kept{extra}")
+    if kind == "width":
+        b, a = record["before"], record["after"]
+        if isinstance(a, list):
+            return f"per-block widths, heads {[w['heads'] for w in a]}, channels {[w['channels'] for w in a]}"
+        return (f"heads {b['heads']} -> {a['heads']}, KV heads {b['kv_heads']} -> {a['kv_heads']}, FFN channels "
+                f"{b['channels']} -> {a['channels']} in every block")
+    return str(kind)

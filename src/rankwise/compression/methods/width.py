@@ -126,6 +126,13 @@ class Width(PruningMethod):
     def engine_defaults(self) -> dict[str, Any]:
         return {"granularity": "subgroup", "refit": True}
 
+    def plain_output(self) -> str | None:
+        if self.options.widths == "per-block":
+            return ("--set widths=per-block gives blocks of different widths, which a plain config.json cannot "
+                    "express: keep the model in memory (Python API) or export it through HF remote code, whose "
+                    "per-layer structure table holds per-block widths; for a plain directory use widths=uniform")
+        return None
+
     # -- geometry and feasibility -------------------------------------------------------------------
     def geometry(self, model: nn.Module) -> Geometry:
         layout = block_layout(model)
