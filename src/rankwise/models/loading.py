@@ -10,7 +10,7 @@ import torch
 from ..errors import ModelNotFoundError
 from .offline import hub_offline
 from .registry import resolve_model
-from .saved import is_plain_dir, is_structured_dir, load_structured
+from .saved import is_structured_dir, load_structured
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_model(
     with its factorized layers.
     """
     path = resolve_model(name_or_path)
-    if is_structured_dir(path) and not is_plain_dir(path):  # a pruned model is plain, rankwise.json aside
+    if is_structured_dir(path):
         model = load_structured(path, dtype=dtype)
     else:
         from transformers import AutoModelForCausalLM

@@ -144,19 +144,15 @@ def save_plain(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, ove
     return Path(out_dir)
 
 
-def is_plain_dir(path: str | os.PathLike) -> bool:
-    """A directory ``from_pretrained`` reads as it is: no ``rankwise.json``, or one without structured layers."""
-    path = Path(path)
-    if not (path / MANIFEST).is_file():
-        return True
-    try:
-        return not read_manifest(path)["layers"]
-    except ArtifactError:
-        return False
-
-
 def is_structured_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """A directory with a ``rankwise.json`` that lists structured layers (or cannot be read: loading then
+    says why). A pruned model's directory lists none: it is a plain Hugging Face directory."""
+    if not (Path(path) / MANIFEST).is_file():
+        return False
+    try:
+        return bool(read_manifest(path)["layers"])
+    except ArtifactError:
+        return True
 
 
 def _upgrade_v1(meta: dict) -> dict:
