@@ -84,6 +84,25 @@ def obs_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, count: in
     removed: list[int] = []
     costs: list[float] = []
     total = 0.0
+    if groups.shape[1] == 1 and classes is None and per_step == 1:  # single columns: rank-1 updates in place
+        cols = groups[:, 0]
+        for _ in range(count):
+            score = W[:, cols].square().sum(0) / torch.diagonal(G)[cols].clamp_min(1e-300)
+            score[~alive] = float("inf")
+            u = int(torch.argmin(score))
+            j = int(cols[u])
+            gj = G[:, j].clone()
+            gjj = float(gj[j])
+            total += max(float(W[:, j].square().sum()) / gjj, 0.0)
+            W.addr_(W[:, j].clone(), gj, alpha=-1.0 / gjj)
+            G.addr_(gj, gj, alpha=-1.0 / gjj)
+            W[:, j] = 0.0
+            G[j, :] = 0.0
+            G[:, j] = 0.0
+            alive[u] = False
+            removed.append(u)
+            costs.append(total)
+        return OBSResult(removed, torch.nonzero(alive).flatten().tolist(), costs, W)
     while len(removed) < count:
         eligible = alive.clone()
         if classes is not None:
