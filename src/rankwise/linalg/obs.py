@@ -85,24 +85,27 @@ def obs_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, count: in
     costs: list[float] = []
     total = 0.0
     if groups.shape[1] == 1 and classes is None and per_step == 1:  # single columns: rank-1 updates in place
-        cols = groups[:, 0]
+        order = groups[:, 0]
+        W, G = W[:, order].contiguous(), G[order][:, order].contiguous()  # group u is column u from here on
+        diag = torch.diagonal(G)
+        dead = torch.zeros(g, dtype=torch.bool)
         for _ in range(count):
-            score = W[:, cols].square().sum(0) / torch.diagonal(G)[cols].clamp_min(1e-300)
-            score[~alive] = float("inf")
+            score = W.square().sum(0).div_(diag.clamp_min(1e-300))
+            score.masked_fill_(dead, float("inf"))
             u = int(torch.argmin(score))
-            j = int(cols[u])
-            gj = G[:, j].clone()
-            gjj = float(gj[j])
-            total += max(float(W[:, j].square().sum()) / gjj, 0.0)
-            W.addr_(W[:, j].clone(), gj, alpha=-1.0 / gjj)
-            G.addr_(gj, gj, alpha=-1.0 / gjj)
-            W[:, j] = 0.0
-            G[j, :] = 0.0
-            G[:, j] = 0.0
-            alive[u] = False
+            gu = G[:, u].clone()
+            guu = float(gu[u])
+            wu = W[:, u].clone()
+            total += max(float(wu.square().sum()) / guu, 0.0)
+            W.addr_(wu, gu, alpha=-1.0 / guu)   # the removed column becomes 0 (up to rounding)
+            G.addr_(gu, gu, alpha=-1.0 / guu)   # its row and column of G^-1 too
+            dead[u] = True
             removed.append(u)
             costs.append(total)
-        return OBSResult(removed, torch.nonzero(alive).flatten().tolist(), costs, W)
+        W[:, dead] = 0.0
+        out = torch.zeros_like(W)
+        out[:, order] = W
+        return OBSResult(removed, torch.nonzero(~dead).flatten().tolist(), costs, out)
     while len(removed) < count:
         eligible = alive.clone()
         if classes is not None:

@@ -40,7 +40,7 @@ from torch import nn
 from ...calibration.stats import COV, LayerStats
 from ...errors import ConfigError
 from ...linalg.obs import contiguous_groups, obs_remove
-from ...linalg.refit import refit_left
+from ...linalg.refit import refit_columns
 from ...models.pruning import BlockLayout, Widths, block_layout, check_config, prune_channels, prune_heads, widths, \
     write_widths
 from ...models.surgery import block_prefix, decoder_blocks
@@ -226,16 +226,25 @@ class Width(PruningMethod):
     # -- the per-layer fit (the engine calls it for o_proj and down_proj) ------------------------------
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> ColumnSubsetLinear:
+        """Select the kept columns by structured OBS on ``(T, C')`` (``T = stats.target(W)``), then fit
+        ``T`` on them under ``C'`` by least squares (the refit: ``min ||W X - W'_K X'_K||``).
+
+        The engine fits each layer once per candidate ridge of its held-out choice and once more with the
+        chosen one, all on the same input statistics: the selection is made at the first of these fits
+        and reused by the others (only the least squares, cheap, depends on the ridge)."""
         T = stats.target(W).to(torch.float64)
         H = stats.covariance().to(torch.float64)
         groups, classes, count = _units(spec, W.shape[1])
-        res = obs_remove(T, H, groups, count, classes=classes, damping=self.options.damping)
-        cols = res.columns(groups)
-        R = torch.zeros(cols.numel(), W.shape[1], dtype=torch.float64)
-        R[torch.arange(cols.numel()), cols] = 1.0
-        W_K = refit_left(T, R, H, dtype=torch.float32)
+        cached = getattr(self, "_selection", None)
+        if cached is not None and cached[0] is stats.inputs and cached[1] == (tuple(W.shape), dict(spec)):
+            cols, removed = cached[2], cached[3]
+        else:
+            res = obs_remove(T, H, groups, count, classes=classes, damping=self.options.damping)
+            cols, removed = res.columns(groups), sorted(res.removed)
+            self._selection = (stats.inputs, (tuple(W.shape), dict(spec)), cols, removed)
+        W_K = refit_columns(T, cols, H, dtype=torch.float32)
         layer = ColumnSubsetLinear.from_weight(W_K, cols, W.shape[1], bias, dtype=torch.float32)
-        layer.fit_info = {"note": f"removed {spec['part']} {sorted(res.removed)}"}
+        layer.fit_info = {"note": f"removed {spec['part']} {removed}"}
         return layer
 
     # -- the pass ---------------------------------------------------------------------------------
@@ -367,8 +376,7 @@ class Width(PruningMethod):
                                 curves[i]["heads"][h.label] = res.costs[h.units - 1]
                 elif c_max > 0:
                     groups = contiguous_groups(W.shape[1], 1)
-                    res = obs_remove(W, H, groups, c_max, damping=self.options.damping,
-                                     per_step=max(1, c_max // 128))
+                    res = obs_remove(W, H, groups, c_max, damping=self.options.damping)
                     curves[i]["channels"] = [0.0] + res.costs
             return {}
 
