@@ -139,8 +139,8 @@ def test_per_block_widths_stay_in_memory_and_refuse_a_plain_save(tmp_path):
 
 
 @pytest.mark.parametrize("structure, ratio, options, match", [
-    ("width", 0.97, {}, "keeps at least one KV group and 8 FFN channels per block; the largest feasible ratio is 0.79"),
-    ("width", 0.7, {"parts": "channels"}, "largest feasible ratio is 0.6"),
+    ("width", 0.97, {}, "keeps at least one KV group and 32 FFN channels per block; the largest feasible ratio is 0.66"),
+    ("width", 0.7, {"parts": "channels"}, "largest feasible ratio is 0.5"),
     ("depth", 0.95, {}, "largest feasible ratio is 0.75"),
     ("depth", 0.25, {"criterion": "taylor+"}, "protects the first 4 and last 2"),
 ])

@@ -56,12 +56,13 @@ MODES = ("auto", "even", "groups")
 class WidthOptions:
     """``parts``: what to prune (auto = heads and channels where the config can express pruned heads,
     else channels); ``gqa``: auto | even | groups; ``widths``: uniform | per-block; ``multiple``: kept
-    FFN channels are a multiple of it; ``damping``: relative ridge of ``H`` in the OBS selection."""
+    FFN channels are a multiple of it (32, GGUF's block: ``down_proj`` rows stay Q4_0/Q8_0-exportable
+    and take quantization groups of 32); ``damping``: relative ridge of ``H`` in the OBS selection."""
 
     parts: str = "auto"
     gqa: str = "auto"
     widths: str = "uniform"
-    multiple: int = 8
+    multiple: int = 32
     damping: float = 0.01
 
     def __post_init__(self) -> None:
