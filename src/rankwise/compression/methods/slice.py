@@ -121,10 +121,11 @@ class Slice(PruningMethod):
         del stats
         rotate_stream(model, Q, layout)
         check_config(_text_config(model))
+        untied = int(model.get_submodule(layout.head).weight.numel()) if info.untied else 0
         total = float(evals.clamp_min(0).sum())
         record = {"structure": "slice", "rotation": "global (one PCA of the normalized stream at every norm)",
                   "hidden_before": d, "hidden_after": k, "untied_head": info.untied,
-                  "untied_params": info.untied_params, "notes": info.notes,
+                  "untied_params": untied, "notes": info.notes,
                   "energy_kept": float(evals[:k].clamp_min(0).sum()) / total if total > 0 else 1.0,
                   "energy_kept_per_site": kept, "eigenvalues": [float(e) / total for e in evals.tolist()],
                   "why": f"the {d - k} directions of least calibration energy of the normalized residual stream "
