@@ -228,3 +228,13 @@ def test_cli_prunes_to_a_plain_directory_and_fails_cleanly_before_writing(tiny_d
         err = capsys.readouterr().err.strip()
         assert rc == 2 and match in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "x").exists()
+
+
+def test_slice_with_the_refit_computes_what_it_fitted():
+    """``--refit``: the engine's pass runs on the rotated model with the cut directions zeroed, which the
+    final cut must reproduce exactly; the result still loads as a plain model."""
+    dense = _model("llama")
+    small, report = rankwise.compress(dense, "slice", 0.25, calib=WINDOWS, refit=True, progress=False)
+    assert report.refit and report.pruning["hidden_after"] == small.config.hidden_size == 48
+    assert torch.isfinite(_logits(small)).all()
+    assert not any(type(m).__name__ == "ColumnSubsetLinear" for m in small.modules())
