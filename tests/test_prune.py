@@ -230,11 +230,25 @@ def test_cli_prunes_to_a_plain_directory_and_fails_cleanly_before_writing(tiny_d
         assert not (tmp_path / "x").exists()
 
 
-def test_slice_with_the_refit_computes_what_it_fitted():
+def test_slice_with_the_refit_computes_what_it_fitted(monkeypatch):
     """``--refit``: the engine's pass runs on the rotated model with the cut directions zeroed, which the
-    final cut must reproduce exactly; the result still loads as a plain model."""
+    final cut must reproduce (up to the norms' eps); the result is a plain model."""
+    import rankwise.compression.methods.slice as slice_mod
+
+    real, seen = slice_mod.rotate_stream, []
+
+    def spy(model, Q, layout=None):
+        if Q.shape[0] != Q.shape[1]:  # the cut: logits just before and just after
+            seen.append(_logits(model))
+            real(model, Q, layout)
+            seen.append(_logits(model))
+        else:
+            real(model, Q, layout)
+
+    monkeypatch.setattr(slice_mod, "rotate_stream", spy)
     dense = _model("llama")
     small, report = rankwise.compress(dense, "slice", 0.25, calib=WINDOWS, refit=True, progress=False)
+    assert len(seen) == 2 and torch.allclose(seen[0], seen[1], atol=2e-3 * float(seen[0].abs().max()))
     assert report.refit and report.pruning["hidden_after"] == small.config.hidden_size == 48
     assert torch.isfinite(_logits(small)).all()
     assert not any(type(m).__name__ == "ColumnSubsetLinear" for m in small.modules())
