@@ -133,6 +133,9 @@ def test_per_block_widths_stay_in_memory_and_refuse_a_plain_save(tmp_path):
                                       progress=False)
     assert torch.isfinite(_logits(small)).all()
     assert report.achieved_ratio >= 0.3 - 1e-9
+    attrs = small.config.rankwise_attributes  # what the remote-code export's per-layer table reads
+    assert [a["num_key_value_groups"] for a in attrs.values()] == \
+        [b.self_attn.num_key_value_groups for b in small.model.layers]
     with pytest.raises(ArtifactError, match="remote code"):
         rankwise.save(small, tmp_path / "pb", report=report)
     assert not (tmp_path / "pb").exists()

@@ -265,6 +265,22 @@ def write_widths(model: nn.Module, layout: BlockLayout | None = None) -> None:
     set_config(cfg, **values)
 
 
+def record_attributes(model: nn.Module, layout: BlockLayout | None = None) -> dict:
+    """Per-block widths that no config key holds, for the HF remote-code export: sets and returns
+    ``config.rankwise_attributes = {attention module: {"num_key_value_groups": r}}`` (the attribute
+    transformers' attention reads per module; the layers' own shapes carry the rest)."""
+    layout = layout or block_layout(model)
+    prefix = next(n for n, m in model.named_modules() if m is decoder_blocks(model))
+    attrs = {}
+    for i, block in enumerate(decoder_blocks(model)):
+        attn = block.get_submodule(layout.attention)
+        if hasattr(attn, "num_key_value_groups"):
+            attrs[f"{prefix}.{i}.{layout.attention}"] = {"num_key_value_groups": int(attn.num_key_value_groups)}
+    cfg = _text_config(model)
+    object.__setattr__(cfg, "rankwise_attributes", attrs)
+    return attrs
+
+
 def _config_heads(cfg) -> int | None:
     for key in ("num_attention_heads", "n_head"):
         if getattr(cfg, key, None) is not None:

@@ -41,8 +41,8 @@ from ...calibration.stats import COV, LayerStats
 from ...errors import ConfigError
 from ...linalg.obs import contiguous_groups, obs_remove
 from ...linalg.refit import refit_columns
-from ...models.pruning import BlockLayout, Widths, block_layout, check_config, prune_channels, prune_heads, widths, \
-    write_widths
+from ...models.pruning import BlockLayout, Widths, block_layout, check_config, prune_channels, prune_heads, \
+    record_attributes, widths, write_widths
 from ...models.surgery import block_prefix, decoder_blocks
 from ...structures.columns import ColumnSubsetLinear
 from ..pruning import PruneContext, PruneOutcome, PruningMethod, largest_ratio_text
@@ -307,6 +307,8 @@ class Width(PruningMethod):
             record_blocks.append(entry)
         if self.options.widths == "uniform":
             write_widths(model, layout)
+        else:
+            record_attributes(model, layout)
         record = {"structure": "width", "parts": list(geo.parts), "widths": self.options.widths,
                   "gqa": self.options.gqa, "multiple": self.options.multiple,
                   "before": dataclasses.asdict(geo.widths),
