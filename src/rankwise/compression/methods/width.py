@@ -43,7 +43,7 @@ from ...linalg.obs import contiguous_groups, obs_remove
 from ...linalg.refit import refit_columns
 from ...models.pruning import BlockLayout, Widths, block_layout, check_config, prune_channels, prune_heads, \
     record_attributes, widths, write_widths
-from ...models.surgery import block_prefix, decoder_blocks
+from ...models.surgery import block_prefix, decoder_blocks, linear_weight
 from ...structures.columns import ColumnSubsetLinear
 from ..pruning import PruneContext, PruneOutcome, PruningMethod, largest_ratio_text
 from .base import STRUCTURES
@@ -143,8 +143,6 @@ class Width(PruningMethod):
                               "with uniform blocks")
         w = ws[0]
         block = decoder_blocks(model)[0]
-        from ...models.surgery import linear_weight
-
         hidden = int(linear_weight(block.get_submodule(layout.o)).shape[0])
         per_channel = (len(layout.mlp_in) + 1) * hidden
         names = [*layout.head_writers, layout.o, *layout.mlp_in, layout.mlp_out]
@@ -157,9 +155,8 @@ class Width(PruningMethod):
 
     def _parts(self, layout: BlockLayout) -> tuple[str, ...]:
         p = self.options.parts
-        can_heads = layout.qkv is None and (layout.head_keys is not None or self.options.widths == "per-block")
         if p == "auto":
-            return ("heads", "channels") if can_heads and layout.head_keys is not None else ("channels",)
+            return ("heads", "channels") if layout.qkv is None and layout.head_keys is not None else ("channels",)
         parts = tuple(p.split(","))
         if "heads" in parts and layout.head_keys is None:
             raise ConfigError(f"{layout.family}'s config fixes head_dim = hidden_size / num_heads, so it cannot "
@@ -177,8 +174,8 @@ class Width(PruningMethod):
                 opts.append(HeadOption("even", k * KV, H - k * KV, KV, k * KV * 2 * D * hd))
         if "groups" in modes:
             for j in range(1, KV):
-                opts.append(HeadOption("groups", j, H - j * r, KV - j, j * (r + 1) * 2 * D * hd if r > 1
-                                       else j * 4 * D * hd))
+                # j KV heads and their j r query heads: q and o lose j r heads, k and v lose j
+                opts.append(HeadOption("groups", j, H - j * r, KV - j, j * (r + 1) * 2 * D * hd))
         if geo.layout.head_keys is None or self.options.widths == "per-block":
             return opts
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
