@@ -127,6 +127,17 @@ def test_width_prunes_heads_evenly_and_refits_the_reader_by_least_squares():
     assert np.allclose(got, sol.T, atol=2e-4 * np.abs(sol).max())
 
 
+def test_width_refit_all_layers_plain_and_loadable():
+    dense = _model("llama")
+    small, report = rankwise.compress(dense, "width", 0.15, calib=WINDOWS, options={"refit": "all", "parts": "heads"},
+                                      progress=False)  # a whole KV group: every linear of every block is fitted
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    assert report.pruning["refit"] == "all" and torch.isfinite(_logits(small)).all()
+    assert all(type(m).__name__ != "ColumnSubsetLinear" for m in small.modules())
+    from rankwise.models.saved import check_config_shapes
+    check_config_shapes(small)
+
+
 def test_per_block_widths_stay_in_memory_and_refuse_a_plain_save(tmp_path):
     dense = _model("llama")
     small, report = rankwise.compress(dense, "width", 0.3, calib=WINDOWS, options={"widths": "per-block"},

@@ -41,8 +41,8 @@ from ...calibration.stats import COV, LayerStats
 from ...errors import ConfigError
 from ...linalg.obs import contiguous_groups, obs_remove
 from ...linalg.refit import refit_columns
-from ...models.pruning import BlockLayout, Widths, block_layout, check_config, prune_channels, prune_heads, \
-    record_attributes, widths, write_widths
+from ...models.pruning import BlockLayout, Widths, block_layout, check_config, keep_columns, prune_channels, \
+    prune_heads, record_attributes, widths, write_widths
 from ...models.surgery import block_prefix, decoder_blocks, linear_weight
 from ...structures.columns import ColumnSubsetLinear
 from ..pruning import PruneContext, PruneOutcome, PruningMethod, largest_ratio_text
@@ -57,13 +57,17 @@ class WidthOptions:
     """``parts``: what to prune (auto = heads and channels where the config can express pruned heads,
     else channels); ``gqa``: auto | even | groups; ``widths``: uniform | per-block; ``multiple``: kept
     FFN channels are a multiple of it (32, GGUF's block: ``down_proj`` rows stay Q4_0/Q8_0-exportable
-    and take quantization groups of 32); ``damping``: relative ridge of ``H`` in the OBS selection."""
+    and take quantization groups of 32); ``damping``: relative ridge of ``H`` in the OBS selection;
+    ``refit``: ``readers`` (``o_proj``, ``down_proj``: ZipLM's update) or ``all`` (also every other
+    linear layer of the block, its kept rows re-fitted to the dense model's output from the pruned
+    prefix's inputs, which corrects the error the earlier blocks left)."""
 
     parts: str = "auto"
     gqa: str = "auto"
     widths: str = "uniform"
     multiple: int = 32
     damping: float = 0.01
+    refit: str = "readers"
 
     def __post_init__(self) -> None:
         self.parts = ",".join(p.strip() for p in str(self.parts).split(",")) if self.parts else "auto"
@@ -79,6 +83,8 @@ class WidthOptions:
             raise ValueError(f"multiple must be a positive integer, got {self.multiple!r}")
         if not (isinstance(self.damping, (int, float)) and self.damping > 0):
             raise ValueError(f"damping must be > 0, got {self.damping!r}")
+        if self.refit not in ("readers", "all"):
+            raise ValueError(f"refit must be readers or all, got {self.refit!r}")
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,9 @@ class Width(PruningMethod):
         chosen one, all on the same input statistics: the selection is made at the first of these fits
         and reused by the others (only the least squares, cheap, depends on the ridge)."""
         T = stats.target(W).to(torch.float64)
+        if spec["part"] == "rows":  # a layer that writes heads / channels: the refit of all its rows
+            return ColumnSubsetLinear.from_weight(T.to(torch.float32), torch.arange(W.shape[1]), W.shape[1], bias,
+                                                  dtype=torch.float32)
         H = stats.covariance().to(torch.float64)
         groups, classes, count = _units(spec, W.shape[1])
         cached = getattr(self, "_selection", None)
@@ -251,11 +260,19 @@ class Width(PruningMethod):
 
         geo = self.geometry(model)
         layout, prefix = geo.layout, block_prefix(model)
-        N = len(decoder_blocks(model))
+        blocks = decoder_blocks(model)  # found now: once every linear is a fitted layer the search would fail
+        N = len(blocks)
         names = {i: (f"{prefix}.{i}.{layout.o}", f"{prefix}.{i}.{layout.mlp_out}") for i in range(N)}
         originals = {n: model.get_submodule(n) for pair in names.values() for n in pair}
         choices, costs, table = self._allocate(model, windows, geo, ctx, names, originals)
         plan: dict[str, dict | None] = {}
+        rows = []
+        if self.options.refit == "all":
+            rows = [f"{prefix}.{i}.{n}" for i in range(N) for n in (*layout.head_writers, *layout.mlp_in)]
+            plan.update({n: {"part": "rows"} for n in rows})
+            originals = {**{n: model.get_submodule(n) for n in rows}, **originals}
+            order = {n: j for j, (n, _) in enumerate(model.named_modules())}
+            originals = dict(sorted(originals.items(), key=lambda kv: order[kv[0]]))
         for i, (h, c) in enumerate(choices):
             o, down = names[i]
             plan[o] = None if h.mode == "none" else {
@@ -278,8 +295,14 @@ class Width(PruningMethod):
         Engine(ModelSource(model, ctx.device), originals, plan, lambda items: _cast(fit(items), dtype), opts,
                need_cov=True, progress=ctx.progress,
                on_replace=lambda n, layer, ridge: fitted.__setitem__(n, (layer, ridge))).run(windows)
+        for n in rows:  # refitted layers back to their own type, all rows (the surgery slices them below)
+            if n in fitted:
+                blk, rel = n[len(prefix) + 1:].split(".", 1)
+                layer = fitted[n][0]
+                keep_columns(blocks[int(blk)], rel, layer.index, layer.weight_k.detach(),
+                             like=originals[n])
         record_blocks = []
-        for i, block in enumerate(decoder_blocks(model)):
+        for i, block in enumerate(blocks):
             o, down = names[i]
             entry: dict[str, Any] = {"block": i, "head_option": choices[i][0].label,
                                      "channels_removed": choices[i][1], "cost": costs[i]}
@@ -307,7 +330,7 @@ class Width(PruningMethod):
         else:
             record_attributes(model, layout)
         record = {"structure": "width", "parts": list(geo.parts), "widths": self.options.widths,
-                  "gqa": self.options.gqa, "multiple": self.options.multiple,
+                  "gqa": self.options.gqa, "multiple": self.options.multiple, "refit": self.options.refit,
                   "before": dataclasses.asdict(geo.widths),
                   "after": [dataclasses.asdict(w) for w in widths(model, layout)] if self.options.widths == "per-block"
                   else dataclasses.asdict(widths(model, layout)[0]),
