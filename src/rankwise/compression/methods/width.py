@@ -22,7 +22,8 @@ a KV head with all its query heads); ``auto`` lets the costs choose.
 Widths: ``uniform`` (default: every block keeps the same heads and channels, so the config stays a
 plain config) or ``per-block``. The split of the budget between heads and channels, and the
 per-block widths, come from a dry one-shot pass on the dense model that measures each block's OBS
-cost curve for heads and for channels: uniform widths take the head option (none, k heads per group,
+cost curve for heads and for channels, each block's divided by the energy of the residual stream it
+writes into (an error matters relative to the stream a norm reads): uniform widths take the head option (none, k heads per group,
 j whole groups) and channel count of least total cost that remove ``R`` of the block weights;
 per-block widths minimize the summed cost under the global budget (Lagrangian search over blocks).
 Per-block widths cannot be written as a plain config.json; they export through HF remote code.
@@ -41,8 +42,8 @@ from ...calibration.stats import COV, LayerStats
 from ...errors import ConfigError
 from ...linalg.obs import contiguous_groups, obs_remove
 from ...linalg.refit import refit_columns
-from ...models.pruning import BlockLayout, Widths, block_layout, check_config, keep_columns, prune_channels, \
-    prune_heads, record_attributes, widths, write_widths
+from ...models.pruning import BlockLayout, Widths, block_layout, block_states, check_config, keep_columns, \
+    prune_channels, prune_heads, record_attributes, widths, write_widths
 from ...models.surgery import block_prefix, decoder_blocks, linear_weight
 from ...structures.columns import ColumnSubsetLinear
 from ..pruning import PruneContext, PruneOutcome, PruningMethod, largest_ratio_text
@@ -60,7 +61,9 @@ class WidthOptions:
     and take quantization groups of 32); ``damping``: relative ridge of ``H`` in the OBS selection;
     ``refit``: ``readers`` (``o_proj``, ``down_proj``: ZipLM's update) or ``all`` (also every other
     linear layer of the block, its kept rows re-fitted to the dense model's output from the pruned
-    prefix's inputs, which corrects the error the earlier blocks left)."""
+    prefix's inputs, which corrects the error the earlier blocks left); ``normalize``: how the
+    allocation weighs the blocks' OBS costs, ``stream`` (each block's divided by the energy of the
+    residual stream it adds to: a norm reads the stream relative to its size) or ``none``."""
 
     parts: str = "auto"
     gqa: str = "auto"
@@ -68,6 +71,7 @@ class WidthOptions:
     multiple: int = 32
     damping: float = 0.01
     refit: str = "readers"
+    normalize: str = "stream"
 
     def __post_init__(self) -> None:
         self.parts = ",".join(p.strip() for p in str(self.parts).split(",")) if self.parts else "auto"
@@ -85,6 +89,8 @@ class WidthOptions:
             raise ValueError(f"damping must be > 0, got {self.damping!r}")
         if self.refit not in ("readers", "all"):
             raise ValueError(f"refit must be readers or all, got {self.refit!r}")
+        if self.normalize not in ("stream", "none"):
+            raise ValueError(f"normalize must be stream or none, got {self.normalize!r}")
 
 
 @dataclass(frozen=True)
@@ -331,6 +337,7 @@ class Width(PruningMethod):
             record_attributes(model, layout)
         record = {"structure": "width", "parts": list(geo.parts), "widths": self.options.widths,
                   "gqa": self.options.gqa, "multiple": self.options.multiple, "refit": self.options.refit,
+                  "normalize": self.options.normalize,
                   "before": dataclasses.asdict(geo.widths),
                   "after": [dataclasses.asdict(w) for w in widths(model, layout)] if self.options.widths == "per-block"
                   else dataclasses.asdict(widths(model, layout)[0]),
@@ -410,6 +417,14 @@ class Width(PruningMethod):
         dry = dataclasses.replace(ctx.engine, mode="one-shot", granularity="block", refit=False)
         Engine(ModelSource(model, ctx.device), originals, plan, probe, dry, need_cov=True, progress=ctx.progress,
                dry=True).run(windows)
+        if self.options.normalize == "stream":  # errors relative to the stream they are added to
+            energy = stream_energy(model, windows[:STREAM_WINDOWS], ctx.engine.batch_size)
+            n_tok = windows.shape[0] * windows.shape[1]
+            for i, cv in enumerate(curves):
+                scale = 1.0 / (n_tok * energy[i])
+                cv["heads"] = {k: v * scale for k, v in cv["heads"].items()}
+                cv["channels"] = [v * scale for v in cv["channels"]]
+                cv["stream_energy"] = energy[i]
         return curves
 
     def _per_block(self, geo: Geometry, curves, head_opts, budget: float):
@@ -452,6 +467,23 @@ class Width(PruningMethod):
         picks, _ = choose(hi)
         table = [{"block": i, "option": p[1].label, "channels_removed": p[2], "cost": p[3]} for i, p in enumerate(picks)]
         return [(p[1], p[2]) for p in picks], [p[3] for p in picks], table
+
+
+#: Calibration windows that measure the residual stream's energy per block (:func:`stream_energy`).
+STREAM_WINDOWS = 8
+
+
+@torch.no_grad()
+def stream_energy(model: nn.Module, windows: torch.Tensor, batch_size: int) -> list[float]:
+    """``mean_t ||x_t||^2`` of the residual stream entering each block, over ``windows``."""
+    device = next(model.parameters()).device
+    sums, count = None, 0
+    for s in range(0, windows.shape[0], batch_size):
+        states = block_states(model, windows[s: s + batch_size].to(device))[:-1]
+        e = torch.stack([x.double().square().sum() for x in states])
+        sums = e if sums is None else sums + e
+        count += int(states[0].shape[0] * states[0].shape[1])
+    return (sums / count).tolist()
 
 
 def _at(curve: list[float], c: int) -> float:
