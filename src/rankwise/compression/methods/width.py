@@ -23,8 +23,9 @@ Widths: ``uniform`` (default: every block keeps the same heads and channels, so 
 plain config) or ``per-block``. The split of the budget between heads and channels, and the
 per-block widths, come from a dry one-shot pass on the dense model that measures each block's OBS
 cost curve for heads and for channels, each block's divided by the energy of the residual stream it
-writes into (an error matters relative to the stream a norm reads): uniform widths take the head option (none, k heads per group,
-j whole groups) and channel count of least total cost that remove ``R`` of the block weights;
+writes into (an error matters relative to the stream a norm reads): uniform widths take the head
+option (none, k heads per group, j whole groups) and channel count of least total cost that remove
+``R`` of the block weights;
 per-block widths minimize the summed cost under the global budget (Lagrangian search over blocks).
 Per-block widths cannot be written as a plain config.json; they export through HF remote code.
 """
