@@ -115,6 +115,7 @@ def cmd_run(args) -> None:
     out = model_dir(name, args.ratio, args.seed)
     save_compressed(model, tok, out, report, overwrite=True, extra={"source_model": str(path)})
     base = {"ratio": args.ratio, "seed": args.seed, "structure": args.structure, "options": options,
+            "resolved": {"options": report.config["options"], "engine": report.config["engine"]},
             "achieved_ratio": report.achieved_ratio, "targeted_params_before": report.targeted_params_before,
             "targeted_params_after": report.targeted_params_after, "model_params_before": before,
             "model_params_after": sum(p.numel() for p in model.parameters()), "threads": threads,
