@@ -79,3 +79,19 @@ def test_bad_counts_and_groups():
         obs_remove(W, H, contiguous_groups(12, 3), 4)
     with pytest.raises(ConfigError, match="groups of 5"):
         contiguous_groups(12, 5)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_row_weights_weigh_each_output_rows_error(size):
+    """With output weights D the costs are sum_r D_r (row r's least-squares error): brute force row by row."""
+    W, H, X = _problem(n=12, seed=4)
+    D = torch.tensor([5.0, 0.1, 1.0, 0.0, 2.0], dtype=torch.float64)
+    groups = contiguous_groups(12, size)
+    res = obs_remove(W, H, groups, 2, damping=1e-12, row_weights=D)
+    keep = res.columns(groups)
+    ref = sum(float(D[r]) * _lstsq_error(W[r:r + 1], X, keep) for r in range(5))
+    assert res.costs[-1] == pytest.approx(ref, rel=1e-6)
+    # the first removal is the group whose weighted error is smallest
+    errs = [sum(float(D[r]) * removal_error(W[r:r + 1], H, torch.cat([groups[j] for j in range(len(groups)) if j != u]))
+                for r in range(5)) for u in range(len(groups))]
+    assert res.removed[0] == int(np.argmin(errs))

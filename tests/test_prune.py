@@ -97,6 +97,7 @@ def test_pruned_models_evaluate_and_record_what_was_removed(pruned):
         else:
             assert len(rec["blocks"]) == 4 and all("kept_channels" in b and "kept_heads" in b for b in rec["blocks"])
             assert rec["options_table"]
+            assert rec["weighting"] == ("stream" if CASES[case][0] == "bert" else "fisher")
         if CASES[case][0] != "bert":
             model, _, _ = rankwise.load(path)
             ppl = perplexity(model, tok, text=TINY_TEXT, seqlen=16, windows=2).ppl

@@ -13,6 +13,11 @@ step costs is exactly ``||(W0 - W') X||^2`` of the final weight, which equals th
 ``W'_K = W0 H_:K (H_KK)^-1`` on the kept columns ``K`` (:func:`rankwise.linalg.refit.refit_left` with a
 selection matrix). ``H`` is damped by ``damping * mean(diag H)`` on its diagonal.
 
+Output weights: with ``row_weights`` ``D`` (one per output row, e.g. the loss's sensitivity to each
+output direction, :func:`rankwise.calibration.gradients.output_fisher`) the costs are
+``tr(D W_S (G_SS)^-1 W_S^T) = sum_r D_r ||(W0 - W')_r X||^2``; each row's least-squares update is
+the same, only which groups go first changes.
+
 Balanced removal: with ``classes`` (one label per group, e.g. the KV head a query head reads), only
 groups of the classes with the most groups left are eligible, so ``k * n_classes`` removals take
 exactly ``k`` groups from every class (grouped-query attention stays evenly divided).
@@ -62,7 +67,8 @@ def _inverse(H: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 def obs_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, count: int, *,
-               classes: torch.Tensor | None = None, damping: float = 1e-4, per_step: int = 1) -> OBSResult:
+               classes: torch.Tensor | None = None, damping: float = 1e-4, per_step: int = 1,
+               row_weights: torch.Tensor | None = None) -> OBSResult:
     """Greedily remove ``count`` of the column groups ``groups`` ((g, size) column indices, disjoint)
     of ``W`` (m, n) under ``H`` (n, n); see the module docstring. ``per_step > 1`` removes that many
     lowest-cost groups per update (faster, jointly compensated; the greedy order is then approximate)."""
@@ -79,6 +85,11 @@ def obs_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, count: in
         classes = torch.as_tensor(classes, dtype=torch.long)
         if classes.shape != (g,):
             raise ConfigError(f"classes must label each of the {g} groups, got shape {tuple(classes.shape)}")
+    D = None
+    if row_weights is not None:
+        D = torch.as_tensor(row_weights, dtype=torch.float64).flatten()
+        if D.shape != (W.shape[0],) or bool((D < 0).any()) or not bool(torch.isfinite(D).all()):
+            raise ConfigError(f"row_weights must be {W.shape[0]} finite values >= 0")
     G = _inverse(H, damping)
     alive = torch.ones(g, dtype=torch.bool)
     removed: list[int] = []
@@ -90,13 +101,14 @@ def obs_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, count: in
         diag = torch.diagonal(G)
         dead = torch.zeros(g, dtype=torch.bool)
         for _ in range(count):
-            score = W.square().sum(0).div_(diag.clamp_min(1e-300))
+            sq = W.square()
+            score = (sq.sum(0) if D is None else D @ sq).div_(diag.clamp_min(1e-300))
             score.masked_fill_(dead, float("inf"))
             u = int(torch.argmin(score))
             gu = G[:, u].clone()
             guu = float(gu[u])
             wu = W[:, u].clone()
-            total += max(float(wu.square().sum()) / guu, 0.0)
+            total += max(float(wu.square().sum() if D is None else D @ wu.square()) / guu, 0.0)
             W.addr_(wu, gu, alpha=-1.0 / guu)   # the removed column becomes 0 (up to rounding)
             G.addr_(gu, gu, alpha=-1.0 / guu)   # its row and column of G^-1 too
             dead[u] = True
@@ -114,13 +126,14 @@ def obs_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, count: in
         cand = torch.nonzero(eligible).flatten()
         if groups.shape[1] == 1:  # single columns: ||w_j||^2 / G_jj for all at once
             cols = groups[cand, 0]
-            scores = W[:, cols].square().sum(0) / torch.diagonal(G)[cols]
+            sq = W[:, cols].square()
+            scores = (sq.sum(0) if D is None else D @ sq) / torch.diagonal(G)[cols]
         else:
             scores = torch.empty(len(cand), dtype=W.dtype)
             for j, u in enumerate(cand.tolist()):
                 S = groups[u]
                 Ws = W[:, S]
-                scores[j] = torch.trace(Ws @ torch.linalg.solve(G[S][:, S], Ws.T))
+                scores[j] = _weighted_trace(Ws, torch.linalg.solve(G[S][:, S], Ws.T), D)
         take = min(per_step, count - len(removed))
         if classes is not None:
             take = 1  # keep the balance exact
@@ -129,7 +142,7 @@ def obs_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, count: in
         S = groups[units].reshape(-1)
         Gs = G[S][:, S]
         Ginv = torch.linalg.inv(Gs)
-        step = torch.trace(W[:, S] @ Ginv @ W[:, S].T).item()
+        step = float(_weighted_trace(W[:, S], Ginv @ W[:, S].T, D))
         W -= (W[:, S] @ Ginv) @ G[S, :]
         G -= G[:, S] @ Ginv @ G[S, :]
         W[:, S] = 0.0
@@ -142,6 +155,12 @@ def obs_remove(W: torch.Tensor, H: torch.Tensor, groups: torch.Tensor, count: in
         costs.extend([total] * len(units))
     kept = torch.nonzero(alive).flatten().tolist()
     return OBSResult(removed, kept, costs, W)
+
+
+def _weighted_trace(A: torch.Tensor, B: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
+    """``tr(diag(D) A B)`` (``tr(A B)`` without weights), from the diagonal only."""
+    diag = (A * B.T).sum(1)
+    return diag.sum() if D is None else D @ diag
 
 
 def removal_error(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor) -> float:

@@ -22,10 +22,11 @@ a KV head with all its query heads); ``auto`` lets the costs choose.
 Widths: ``uniform`` (default: every block keeps the same heads and channels, so the config stays a
 plain config) or ``per-block``. The split of the budget between heads and channels, and the
 per-block widths, come from a dry one-shot pass on the dense model that measures each block's OBS
-cost curve for heads and for channels, each block's divided by the energy of the residual stream it
-writes into (an error matters relative to the stream a norm reads): uniform widths take the head
-option (none, k heads per group, j whole groups) and channel count of least total cost that remove
-``R`` of the block weights;
+cost curve for heads and for channels, the output error weighted by the loss's sensitivity to each
+output direction (the output Fisher diagonal ``D``: ``dE = tr(D W_S (H^-1)_SS^-1 W_S^T)``, a loss
+increase, comparable across blocks; the same weights rank the groups in the sequential pass):
+uniform widths take the head option (none, k heads per group, j whole groups) and channel count of
+least total cost that remove ``R`` of the block weights;
 per-block widths minimize the summed cost under the global budget (Lagrangian search over blocks).
 Per-block widths cannot be written as a plain config.json; they export through HF remote code.
 """
@@ -43,14 +44,15 @@ from ...calibration.stats import COV, LayerStats
 from ...errors import ConfigError
 from ...linalg.obs import contiguous_groups, obs_remove
 from ...linalg.refit import refit_columns
-from ...models.pruning import BlockLayout, Widths, block_layout, block_states, check_config, keep_columns, \
-    prune_channels, prune_heads, record_attributes, widths, write_widths
+from ...models.pruning import BlockLayout, Widths, block_layout, block_states, check_config, is_causal_lm, \
+    keep_columns, prune_channels, prune_heads, record_attributes, widths, write_widths
 from ...models.surgery import block_prefix, decoder_blocks, linear_weight
 from ...structures.columns import ColumnSubsetLinear
 from ..pruning import PruneContext, PruneOutcome, PruningMethod, largest_ratio_text
 from .base import STRUCTURES
 
 PARTS = ("auto", "heads,channels", "heads", "channels")
+WEIGHTINGS = ("fisher", "stream", "none")
 MODES = ("auto", "even", "groups")
 
 
@@ -62,9 +64,12 @@ class WidthOptions:
     and take quantization groups of 32); ``damping``: relative ridge of ``H`` in the OBS selection;
     ``refit``: ``readers`` (``o_proj``, ``down_proj``: ZipLM's update) or ``all`` (also every other
     linear layer of the block, its kept rows re-fitted to the dense model's output from the pruned
-    prefix's inputs, which corrects the error the earlier blocks left); ``normalize``: how the
-    allocation weighs the blocks' OBS costs, ``stream`` (each block's divided by the energy of the
-    residual stream it adds to: a norm reads the stream relative to its size) or ``none``."""
+    prefix's inputs, which corrects the error the earlier blocks left); ``weighting``: how an output
+    error is counted, ``fisher`` (each output direction weighted by the loss's sensitivity to it, the
+    output Fisher diagonal measured on ``score_windows`` calibration windows: the costs are loss
+    increases, comparable across blocks), ``stream`` (plain squared error divided by the energy of the
+    residual stream it is added to; what encoders, which have no next-token loss, get) or ``none``
+    (plain squared error)."""
 
     parts: str = "auto"
     gqa: str = "auto"
@@ -72,7 +77,8 @@ class WidthOptions:
     multiple: int = 32
     damping: float = 0.01
     refit: str = "readers"
-    normalize: str = "stream"
+    weighting: str = "fisher"
+    score_windows: int = 8
 
     def __post_init__(self) -> None:
         self.parts = ",".join(p.strip() for p in str(self.parts).split(",")) if self.parts else "auto"
@@ -90,8 +96,10 @@ class WidthOptions:
             raise ValueError(f"damping must be > 0, got {self.damping!r}")
         if self.refit not in ("readers", "all"):
             raise ValueError(f"refit must be readers or all, got {self.refit!r}")
-        if self.normalize not in ("stream", "none"):
-            raise ValueError(f"normalize must be stream or none, got {self.normalize!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {self.weighting!r}")
+        if isinstance(self.score_windows, bool) or not isinstance(self.score_windows, int) or self.score_windows < 1:
+            raise ValueError(f"score_windows must be a positive integer, got {self.score_windows!r}")
 
 
 @dataclass(frozen=True)
@@ -250,12 +258,13 @@ class Width(PruningMethod):
         H = stats.covariance().to(torch.float64)
         groups, classes, count = _units(spec, W.shape[1])
         cached = getattr(self, "_selection", None)
-        if cached is not None and cached[0] is stats.inputs and cached[1] == (tuple(W.shape), dict(spec)):
+        if cached is not None and cached[0] is stats.inputs and cached[1] is spec:
             cols, removed = cached[2], cached[3]
         else:
-            res = obs_remove(T, H, groups, count, classes=classes, damping=self.options.damping)
+            res = obs_remove(T, H, groups, count, classes=classes, damping=self.options.damping,
+                             row_weights=spec.get("row_weights"))
             cols, removed = res.columns(groups), sorted(res.removed)
-            self._selection = (stats.inputs, (tuple(W.shape), dict(spec)), cols, removed)
+            self._selection = (stats.inputs, spec, cols, removed)
         W_K = refit_columns(T, cols, H, dtype=torch.float32)
         layer = ColumnSubsetLinear.from_weight(W_K, cols, W.shape[1], bias, dtype=torch.float32)
         layer.fit_info = {"note": f"removed {spec['part']} {removed}"}
@@ -271,6 +280,15 @@ class Width(PruningMethod):
         N = len(blocks)
         names = {i: (f"{prefix}.{i}.{layout.o}", f"{prefix}.{i}.{layout.mlp_out}") for i in range(N)}
         originals = {n: model.get_submodule(n) for pair in names.values() for n in pair}
+        self._weights = {}
+        self._weighting = self.options.weighting
+        if self._weighting == "fisher" and not is_causal_lm(model):  # no next-token loss to differentiate
+            self._weighting = "stream"
+        if self._weighting == "fisher":  # the dense model's output Fisher of every reader
+            from ...calibration.gradients import output_fisher
+
+            self._weights = output_fisher(model, windows[: self.options.score_windows], list(originals),
+                                          batch_size=1, progress=ctx.progress)
         choices, costs, table = self._allocate(model, windows, geo, ctx, names, originals)
         plan: dict[str, dict | None] = {}
         rows = []
@@ -284,8 +302,8 @@ class Width(PruningMethod):
             o, down = names[i]
             plan[o] = None if h.mode == "none" else {
                 "part": "heads", "mode": h.mode, "remove": h.units, "head_dim": geo.widths.head_dim,
-                "heads": geo.widths.heads, "kv_heads": geo.widths.kv_heads}
-            plan[down] = None if c == 0 else {"part": "channels", "remove": c}
+                "heads": geo.widths.heads, "kv_heads": geo.widths.kv_heads, "row_weights": self._weights.get(o)}
+            plan[down] = None if c == 0 else {"part": "channels", "remove": c, "row_weights": self._weights.get(down)}
         opts = ctx.engine
         fitted: dict[str, Any] = {}
 
@@ -338,7 +356,7 @@ class Width(PruningMethod):
             record_attributes(model, layout)
         record = {"structure": "width", "parts": list(geo.parts), "widths": self.options.widths,
                   "gqa": self.options.gqa, "multiple": self.options.multiple, "refit": self.options.refit,
-                  "normalize": self.options.normalize,
+                  "weighting": self._weighting,
                   "before": dataclasses.asdict(geo.widths),
                   "after": [dataclasses.asdict(w) for w in widths(model, layout)] if self.options.widths == "per-block"
                   else dataclasses.asdict(widths(model, layout)[0]),
@@ -401,13 +419,15 @@ class Width(PruningMethod):
                                 "heads": geo.widths.heads, "kv_heads": geo.widths.kv_heads}
                         most = max(h.units for h in head_opts if h.mode == mode)
                         groups, classes, _ = _units({**spec, "remove": most}, W.shape[1])
-                        res = obs_remove(W, H, groups, most, classes=classes, damping=self.options.damping)
+                        res = obs_remove(W, H, groups, most, classes=classes, damping=self.options.damping,
+                                         row_weights=self._weights.get(n))
                         for h in head_opts:
                             if h.mode == mode:
                                 curves[i]["heads"][h.label] = res.costs[h.units - 1]
                 elif c_max > 0:
                     groups = contiguous_groups(W.shape[1], 1)
-                    res = obs_remove(W, H, groups, c_max, damping=self.options.damping)
+                    res = obs_remove(W, H, groups, c_max, damping=self.options.damping,
+                                     row_weights=self._weights.get(n))
                     curves[i]["channels"] = [0.0] + res.costs
             return {}
 
@@ -418,7 +438,7 @@ class Width(PruningMethod):
         dry = dataclasses.replace(ctx.engine, mode="one-shot", granularity="block", refit=False)
         Engine(ModelSource(model, ctx.device), originals, plan, probe, dry, need_cov=True, progress=ctx.progress,
                dry=True).run(windows)
-        if self.options.normalize == "stream":  # errors relative to the stream they are added to
+        if self._weighting == "stream":  # errors relative to the stream they are added to
             energy = stream_energy(model, windows[:STREAM_WINDOWS], ctx.engine.batch_size)
             n_tok = windows.shape[0] * windows.shape[1]
             for i, cv in enumerate(curves):
