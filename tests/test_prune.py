@@ -267,3 +267,21 @@ def test_slice_with_the_refit_computes_what_it_fitted(monkeypatch):
     assert report.refit and report.pruning["hidden_after"] == small.config.hidden_size == 48
     assert torch.isfinite(_logits(small)).all()
     assert not any(type(m).__name__ == "ColumnSubsetLinear" for m in small.modules())
+
+
+def test_output_fisher_is_the_squared_loss_gradient_of_the_layer_output():
+    """Against an independent route: a zero tensor added to the layer's output, differentiated."""
+    from rankwise.calibration.gradients import output_fisher
+
+    model = _model("llama")
+    name = "model.layers.1.self_attn.o_proj"
+    got = output_fisher(model, WINDOWS[:2], [name], batch_size=2)[name]
+    layer = model.get_submodule(name)
+    delta = torch.zeros(2, WINDOWS.shape[1], layer.out_features, requires_grad=True)
+    handle = layer.register_forward_hook(lambda m, a, out: out + delta)
+    logits = model(input_ids=WINDOWS[:2]).logits[:, :-1]
+    handle.remove()
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), WINDOWS[:2, 1:].flatten(), reduction="sum")
+    loss.backward()
+    want = delta.grad.double().square().sum((0, 1)) / (2 * (WINDOWS.shape[1] - 1))
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-12)

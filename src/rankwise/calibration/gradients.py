@@ -79,11 +79,12 @@ def accumulate_gradients(model: nn.Module, windows: torch.Tensor, names: Sequenc
 
 def output_fisher(model: nn.Module, windows: torch.Tensor, names: Sequence[str], batch_size: int = 1,
                   progress: bool = False) -> dict[str, torch.Tensor]:
-    """``{name: D}`` with ``D_r = mean_t (d l_t / d y_{t,r})^2`` per output feature ``r`` of each named layer
-    (float64): the diagonal of the empirical Fisher of the layer's *output*, ``l_t`` the next-token
-    cross-entropy of token ``t``, over every scored token of ``windows``. An output error ``e_t`` then
-    raises the loss by about ``1/2 sum_r D_r e_{t,r}^2`` (second order, diagonal): what an error in each
-    output direction costs. No parameter receives a gradient."""
+    """``{name: D}`` with ``D_r = mean_t (dL / dy_{t,r})^2`` per output feature ``r`` of each named layer
+    (float64): the diagonal of the empirical Fisher of the layer's *output* ``y_t`` at each position
+    ``t`` of ``windows``, ``L`` the window's summed next-token cross-entropy (so ``dL / dy_t`` counts
+    every later token ``y_t`` reaches through attention). An output error ``e`` then raises the loss by
+    about ``1/2 sum_t sum_r D_r e_{t,r}^2`` (second order, diagonal): what an error in each output
+    direction costs. No parameter receives a gradient."""
     _check_windows(windows, batch_size)
     modules = get_modules(model, names)
     device = next(model.parameters()).device
