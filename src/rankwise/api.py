@@ -52,8 +52,9 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
     See :func:`rankwise.compression.compress.compress` for every option (``bits_per_weight``,
     ``options``, ``allocate``, ``mode``, ``granularity``, ``refit``, ``calib_options``, ``device``, ...).
     ``heal``: :class:`rankwise.healing.HealOptions` (or a dict, e.g. ``{"steps": 100}``) trains low-rank
-    corrections of the factors on the calibration windows and merges them back (same size); the
-    report's ``healing`` records it.
+    corrections of the factors on the calibration windows and merges them back (same size); a pruned
+    model (``depth``, ``width``, ``slice``) is distilled from the dense model instead (KL on the logits,
+    corrections of every linear layer); the report's ``healing`` records it.
     """
     from .compression.compress import calibration_windows, compress as _compress
     from .options import make_options
@@ -61,14 +62,25 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
 
     heal_opts = make_options(HealOptions, heal, {}, "healing")
     target = model if inplace else copy.deepcopy(model)
+    teacher = None  # pruned models heal by distillation from the dense model
+    if heal_opts.steps and _rewrites_architecture(structure):
+        teacher = copy.deepcopy(model) if inplace else model
     if heal_opts.steps and not (isinstance(calib, torch.Tensor) and calib.ndim == 2):
         co = dict(options.get("calib_options") or {})
         calib, _ = calibration_windows(target, calib, tokenizer, co.get("windows", 64), co.get("seqlen", 512),
                                        co.get("seed", 3))
     target, report = _compress(target, structure, ratio, method=method, calib=calib, tokenizer=tokenizer, **options)
     if heal_opts.steps:
-        report.healing = _heal(target, calib, heal_opts, progress=options.get("progress", True))
+        report.healing = _heal(target, calib, heal_opts, progress=options.get("progress", True), teacher=teacher)
     return target, report
+
+
+def _rewrites_architecture(structure: str | None) -> bool:
+    """Whether ``structure`` prunes the architecture (depth, width, slice) rather than replacing layers."""
+    from .compression.compress import DEFAULT_STRUCTURE
+    from .compression.methods.base import STRUCTURES
+
+    return bool(getattr(STRUCTURES.get(structure or DEFAULT_STRUCTURE), "rewrites_architecture", False))
 
 
 def compress_low_memory(model: str | os.PathLike | None, out_dir: str | os.PathLike, **options):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -71,8 +72,10 @@ def _restore(model: nn.Module, snap: dict) -> None:
 
 
 def train(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, eval_ids: torch.Tensor | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train ``model``'s adapters on token ``windows`` (n, L); returns the loss curve and evaluations."""
+          progress: bool = True, loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+          ) -> TrainResult:
+    """Train ``model``'s adapters on token ``windows`` (n, L); returns the loss curve and evaluations.
+    ``loss_fn(model, ids)``: the training loss of a batch (default: next-token cross-entropy)."""
     params = trainable_parameters(model)
     if not params:
         raise ConfigError("the model has no trainable adapter parameters; call rankwise.adapt(model, ...) first")
@@ -120,7 +123,7 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, eval_ids: t
             finite = True
             for _ in range(cfg.grad_accum):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss = lm_loss(model, next_batch())
+                    loss = (loss_fn or lm_loss)(model, next_batch())
                 if not bool(torch.isfinite(loss)):
                     finite = False
                     break

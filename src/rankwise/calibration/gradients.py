@@ -75,3 +75,62 @@ def accumulate_gradients(model: nn.Module, windows: torch.Tensor, names: Sequenc
             p.requires_grad_(flags[id(p)])
         model.train(was_training)
     return acc
+
+
+def output_fisher(model: nn.Module, windows: torch.Tensor, names: Sequence[str], batch_size: int = 1,
+                  progress: bool = False) -> dict[str, torch.Tensor]:
+    """``{name: D}`` with ``D_r = mean_t (dL / dy_{t,r})^2`` per output feature ``r`` of each named layer
+    (float64): the diagonal of the empirical Fisher of the layer's *output* ``y_t`` at each position
+    ``t`` of ``windows``, ``L`` the window's summed next-token cross-entropy (so ``dL / dy_t`` counts
+    every later token ``y_t`` reaches through attention). An output error ``e`` then raises the loss by
+    about ``1/2 sum_t sum_r D_r e_{t,r}^2`` (second order, diagonal): what an error in each output
+    direction costs. No parameter receives a gradient."""
+    _check_windows(windows, batch_size)
+    modules = get_modules(model, names)
+    device = next(model.parameters()).device
+    acc: dict[str, torch.Tensor] = {}
+    outs: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, out):
+            y = out[0] if isinstance(out, (tuple, list)) else out
+            outs[name] = y
+            return None
+        return hook
+
+    handles = [m.register_forward_hook(keep(n)) for n, m in modules.items()]
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    model.eval()
+    tokens = 0
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        emb = model.get_input_embeddings()
+        for i in tqdm(range(0, windows.shape[0], batch_size), desc="output fisher", disable=not progress, leave=False):
+            ids = windows[i: i + batch_size].to(device)
+            with torch.enable_grad():
+                h = emb(ids).detach().requires_grad_(True)  # a leaf so that the graph reaches every layer
+                handle = emb.register_forward_hook(lambda m, a, o: h)
+                try:
+                    out = model(input_ids=ids, **({"use_cache": False} if hasattr(model, "config") else {}))
+                finally:
+                    handle.remove()
+                logits = (out.logits if hasattr(out, "logits") else out)[:, :-1].float()
+                loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+                grads = torch.autograd.grad(loss, [outs[n] for n in modules])
+            for n, g in zip(modules, grads):
+                g = g.detach().to(torch.float64).flatten(0, -2)
+                if not bool(torch.isfinite(g).all()):
+                    raise NumericalError(f"non-finite output gradient of layer {n!r}")
+                s = g.square().sum(0)
+                acc[n] = s if n not in acc else acc[n] + s
+            tokens += int(ids.shape[0] * (ids.shape[1] - 1))
+            outs.clear()
+    finally:
+        for hd in handles:
+            hd.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        model.train(was_training)
+    return {n: v / max(tokens, 1) for n, v in acc.items()}

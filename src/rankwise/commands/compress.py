@@ -33,6 +33,10 @@ def print_report(report, max_layers: int = 12) -> None:
         console.print(f"rotated the residual stream ({mt.get('kind')}, seed {mt.get('seed')}); "
                       + (f"the head was untied from the embeddings: +{mt['untied_params']:,} stored values "
                          "(in 'model params', not in bits/weight)" if mt.get("untied") else "the head stays tied"))
+    if report.pruning:
+        from ..compression.pruning import pruning_summary
+
+        console.print(f"pruned: {pruning_summary(report.pruning)} (rankwise.json 'pruning' says what and why)")
     if report.perplexity:
         p = report.perplexity
         table("perplexity", ["dense", "compressed", "windows x seqlen", "text"],
@@ -119,7 +123,10 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
               allocate_options=allocate_options, engine=engine, calib_options=calib_options)
 
     def preflight():
-        build_config(structure, ratio, bits_per_weight, **kw)  # every option checked before any model work
+        _, meth = build_config(structure, ratio, bits_per_weight, **kw)  # every option checked before model work
+        why = getattr(meth, "plain_output", lambda: None)()
+        if why and (out is not None or export_dense_dir is not None):
+            raise ConfigError(why)
         healing = make_options(HealOptions, heal, {}, "healing")
         want = parse_dtype(dtype)
         if low_memory and out is None:
@@ -182,7 +189,8 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = ModelArg,
         structure: str = typer.Option("lowrank", "--structure", "-s",
                                       help="lowrank | rtn | gptq | lorc | lq | lowrank-sparse | prune | monarch | "
-                                           "blockdiag-lowrank | kronecker | shared-basis (rankwise.compression.methods)."),
+                                           "blockdiag-lowrank | kronecker | shared-basis (rankwise.compression.methods); "
+                                           "structured pruning to a smaller plain model: depth | width | slice."),
         method: Optional[str] = typer.Option(None, "--method", "-m",
                                              help="Low-rank objective: svd | asvd | fwsvd | svd-llm (default) | "
                                                   "svd-llm-v2."),
@@ -257,7 +265,9 @@ def register(app: typer.Typer) -> None:
         eval_seqlen: int = typer.Option(DEFAULT_SEQLEN, help="Tokens per window for --eval."),
         heal_steps: int = typer.Option(0, "--heal-steps",
                                        help="Train low-rank corrections of the factors for N steps on the "
-                                            "calibration windows and merge them back (same size); 0 = off."),
+                                            "calibration windows and merge them back (same size); pruned models "
+                                            "(depth, width, slice) are distilled from the dense model (KL on the "
+                                            "logits, corrections of every linear layer); 0 = off."),
         heal_rank: int = typer.Option(8, "--heal-rank", help="Rank of each healing correction."),
         heal_lr: float = typer.Option(5e-4, "--heal-lr", help="Healing learning rate."),
         quiet: bool = QuietOpt,

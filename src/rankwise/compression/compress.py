@@ -44,6 +44,7 @@ from .engine.memory import trim
 from .engine.distributed import Comm, module_fingerprint, sigterm_as_exit
 from ..options import make_options
 from .methods.base import LayerInput, Method, get_method
+from .pruning import is_pruning, prune_model
 from .report import CompressionReport, LayerReport
 
 log = logging.getLogger(__name__)
@@ -414,6 +415,12 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
         return cfg, meth, device, modules, windows, source_name
 
     cfg, meth, device, modules, windows, source_name = comm.agreed(preflight)
+    if is_pruning(meth):
+        if comm.active:
+            raise ConfigError(f"--structure {meth.name} runs in one process; run it without torchrun")
+        desc = {"source": source_name, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
+                "seed": cfg.calib.seed, "fisher_windows": 0}
+        return model, prune_model(model, meth, cfg, windows, device, desc, progress)
     comm.check_same(_agreement(cfg, module_fingerprint(model) if comm.active else {}, windows))
     needs = _needs(meth)
     was_training = model.training
@@ -490,6 +497,9 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         cfg, meth = build_config(structure, ratio, bits_per_weight, method=method, options=options,
                                  targets=targets, allocate=allocate, allocate_options=allocate_options,
                                  engine=engine, calib_options=calib_options)
+        if is_pruning(meth):
+            raise ConfigError(f"--structure {meth.name} rewrites the architecture of the whole model and runs in "
+                              "memory; drop --low-memory")
         if FISHER in _needs(meth):
             raise ConfigError("--low-memory cannot use the fwsvd objective: it needs gradients of the whole model; "
                               "use svd, asvd or svd-llm, or drop --low-memory")
@@ -607,5 +617,5 @@ def _meta_extra(report: CompressionReport) -> dict[str, Any]:
     return {"structure": report.structure, "method": report.method, "budget": report.budget,
             "allocate": report.allocate, "mode": report.mode, "granularity": report.granularity,
             "refit": report.refit, "calibration": report.calibration, "perplexity": report.perplexity,
-            "healing": report.healing,
+            "healing": report.healing, **({"pruning": report.pruning} if report.pruning else {}),
             "config": report.config, "report": report.to_dict()}

@@ -43,6 +43,7 @@ class CompressionReport:
     config: dict[str, Any] | None = None      # the full configuration (options of every part)
     healing: dict[str, Any] | None = None     # healing steps after compression (options, losses)
     model_transform: dict[str, Any] | None = None  # a model-level transform before fitting (stream rotation)
+    pruning: dict[str, Any] | None = None     # structured pruning: what was removed and why (scores, kept parts)
 
     @property
     def ratio(self) -> float | None:

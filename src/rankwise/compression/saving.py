@@ -12,25 +12,28 @@ from typing import Any, Mapping
 from torch import nn
 
 from ..files import atomic_dir
-from ..models.saved import save_structured, structured_layers
+from ..models.saved import save_plain, save_structured, structured_layers
 from .report import CompressionReport
 
 
 def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: CompressionReport | None = None,
                     overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model`` (with its structured layers), the report and the rank table/plot atomically."""
+    """Write ``model`` (with its structured layers), the report and the rank table/plot atomically; a
+    pruned model (no structured layers, ``report.pruning``) as a plain Hugging Face directory."""
     from .compress import _meta_extra
     from .rankplot import write_rank_report
 
     meta = {**(_meta_extra(report) if report is not None else {}), **(extra or {})}
     after = (lambda tmp: write_rank_report(report, tmp)) if report is not None else None
+    if not structured_layers(model) and report is not None and report.pruning:  # pruned: a plain directory
+        return save_plain(model, out_dir, tokenizer, overwrite=overwrite, extra=meta, after=after)
     return save_structured(model, out_dir, tokenizer, overwrite=overwrite, extra=meta, after=after)
 
 
 def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report: CompressionReport | None = None,
                overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
     """:func:`save_compressed` for a model with structured layers, else an atomic ``save_pretrained``."""
-    if structured_layers(model):
+    if structured_layers(model) or (report is not None and report.pruning):
         return save_compressed(model, tokenizer, out_dir, report, overwrite=overwrite, extra=extra)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -43,6 +43,29 @@ def refit_left(W: torch.Tensor, R: torch.Tensor, C: torch.Tensor, cross: torch.T
     return L.to(dtype)
 
 
+def refit_columns(W: torch.Tensor, keep: torch.Tensor, C: torch.Tensor, cross: torch.Tensor | None = None,
+                  ridge: float = 1e-10, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:func:`refit_left` with ``R`` the selection of the input columns ``keep`` (input pruning), by
+    indexing instead of products: ``L (m, k) = W M_:K (C_KK + lam I)^-1`` minimizes ``||W X - L X'_K||_F``
+    (``M = X X'^T``, ``C = X' X'^T``; ``M = C`` without ``cross``, i.e. ``||(W - L S) X||``)."""
+    W = as_matrix(W, "W")
+    n = W.shape[1]
+    C = as_covariance(C, n, "C")
+    keep = torch.as_tensor(keep, dtype=torch.long, device=W.device).flatten()
+    M = C if cross is None else as_matrix(cross, "cross")
+    if M.shape != (n, n):
+        raise ConfigError(f"cross covariance must be ({n}, {n}), got {tuple(M.shape)}")
+    G = C[keep][:, keep]
+    rhs = W @ M[:, keep]
+    k = G.shape[0]
+    lam = ridge * float(torch.diagonal(G).sum()) / k
+    G.diagonal().add_(lam)
+    chol, info = torch.linalg.cholesky_ex(G)
+    if int(info) == 0:
+        return torch.cholesky_solve(rhs.T, chol).T.to(dtype)
+    return torch.linalg.lstsq(G, rhs.T).solution.T.to(dtype)
+
+
 def activation_error(W: torch.Tensor, Wp: torch.Tensor, C: torch.Tensor) -> float:
     """``||(W - W') X||_F = sqrt(tr((W - W') C (W - W')^T))`` from ``C = X X^T`` (float64)."""
     D = as_matrix(W, "W") - as_matrix(Wp, "W'")

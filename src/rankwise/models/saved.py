@@ -123,8 +123,49 @@ def save_structured(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
     return Path(out_dir)
 
 
+def check_config_shapes(model: nn.Module) -> None:
+    """:class:`ArtifactError` unless every tensor of ``model`` has the shape its ``config.json`` implies
+    (a model pruned to different widths per block does not: no plain config can describe it)."""
+    skel = empty_model(model.config)
+    want = {k: tuple(v.shape) for k, v in skel.state_dict().items()}
+    for key, t in model.state_dict().items():
+        if key in want and tuple(t.shape) != want[key]:
+            raise ArtifactError(
+                f"tensor {key} has shape {tuple(t.shape)} but config.json implies {want[key]}: the model's blocks have "
+                "different widths, which a plain config.json cannot express; prune with uniform widths "
+                "(--set widths=uniform) or export through HF remote code, whose per-layer table holds per-block widths")
+
+
+def save_plain(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
+               extra: Mapping[str, Any] | None = None, after: Callable[[Path], Any] | None = None,
+               max_shard_size: int | str | None = None) -> Path:
+    """Write a model without structured layers (a pruned one) as a plain Hugging Face directory --
+    ``config.json``, safetensors (sharded above ``max_shard_size``, default as transformers), the
+    tokenizer -- plus ``rankwise.json`` recording how it was made (``layers`` empty), atomically.
+    ``from_pretrained`` loads it without rankwise; the model must match its config (checked first)."""
+    check_config_shapes(model)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    meta = manifest({}, {}, dtype, extra)
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, **kw)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json(tmp / MANIFEST, meta)
+        if after is not None:
+            after(tmp)
+    return Path(out_dir)
+
+
 def is_structured_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """A directory with a ``rankwise.json`` that lists structured layers (or cannot be read: loading then
+    says why). A pruned model's directory lists none: it is a plain Hugging Face directory."""
+    if not (Path(path) / MANIFEST).is_file():
+        return False
+    try:
+        return bool(read_manifest(path)["layers"])
+    except ArtifactError:
+        return True
 
 
 def _upgrade_v1(meta: dict) -> dict:

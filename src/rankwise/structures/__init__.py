@@ -12,6 +12,7 @@ from .lowrank_quant import LowRankQuantLinear
 from .quant import QuantLinear
 from . import blockdiag, kronecker, monarch, shared_basis, sparse  # noqa: F401  layer kinds (issue 13)
 from . import blast  # noqa: F401,E402  layer kind (issue 21)
+from . import columns  # noqa: F401  input-column subsets (width pruning, issue 20)
 
 __all__ = ["LAYERS", "LowRankLinear", "LowRankQuantLinear", "QuantLinear", "StructuredLinear", "build_layer",
            "lowrank_saves", "max_saving_rank"]
