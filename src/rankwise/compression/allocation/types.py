@@ -36,6 +36,10 @@ class AllocateOptions:
     sensitivity_seqlen: int = 256      # tokens per window of a measured loss
     sensitivity_points: int = 3        # candidate ranks measured per layer (sensitivity)
     bits: list[int] | None = None      # bits-greedy: candidate code widths (None: 2..8, or the fixed bits)
+    group_sizes: list[int] | None = None  # bits-greedy: candidate group sizes (None: 32, 64, 128, or the fixed one)
+    measure: str = "estimate"          # bits-greedy: GPTQ candidate errors "estimate"d (3 fits a layer) or "exact"
+    dense: bool = True                 # bits-greedy: keeping a layer dense is a candidate (not with a fixed --bits)
+    validate: bool = True              # bits-greedy: keep the plan only if it beats uniform on held-out windows
 
 
 @dataclass
@@ -68,6 +72,7 @@ class AllocationRequest:
     info: dict[str, Any] = field(default_factory=dict)
     bits_per_weight: float | None = None
     costs: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # {name: [Candidate]} (needs="costs")
+    dense_bytes: Mapping[str, int] | None = None  # {name: bytes of the layer kept dense}: a candidate when given
 
     def spectra(self):
         """``{name: singular values}`` (float64 numpy, descending) of every targeted layer."""
