@@ -14,7 +14,8 @@ DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, DEFAULT_SEED = 64, 
 def print_report(report, max_layers: int = 12) -> None:
     """Rich tables: the summary and the per-layer structures."""
     budget = (f"ratio {report.budget['ratio']:g}" if "ratio" in report.budget
-              else f"{report.budget['bits_per_weight']:g} bits/weight")
+              else f"{report.budget['bits_per_weight']:g} bits/weight" if "bits_per_weight" in report.budget
+              else f"{report.budget.get('bits')}-bit codes")
     table("compression", ["structure", "method", "budget", "allocate", "mode", "refit", "removed", "bits/weight",
                           "targeted values", "model params", "seconds"],
           [[report.structure, report.method, budget, report.allocate, f"{report.mode}, {report.granularity}",
@@ -284,10 +285,14 @@ def register(app: typer.Typer) -> None:
         eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="Windows for --eval."),
         eval_seqlen: int = typer.Option(DEFAULT_SEQLEN, help="Tokens per window for --eval."),
         heal_steps: int = typer.Option(0, "--heal-steps",
-                                       help="Train low-rank corrections of the factors for N steps on the "
-                                            "calibration windows and merge them back (same size); 0 = off."),
-        heal_rank: int = typer.Option(8, "--heal-rank", help="Rank of each healing correction."),
-        heal_lr: float = typer.Option(5e-4, "--heal-lr", help="Healing learning rate."),
+                                       help="Heal for N steps on the calibration windows (same size, same format): "
+                                            "low-rank factors get LoRA corrections merged back; quantized layers "
+                                            "train their scales and minimums (and lorc factors), codes frozen. "
+                                            "0 = off."),
+        heal_rank: int = typer.Option(8, "--heal-rank", help="Rank of each low-rank factor's healing correction."),
+        heal_lr: Optional[float] = typer.Option(None, "--heal-lr",
+                                                help="Healing learning rate (default: 5e-4 for low-rank factors, "
+                                                     "1e-3 relative to each group's step for quantized layers)."),
         quiet: bool = QuietOpt,
     ) -> None:
         """Replace the linear layers by structures fitted on calibration activations.

@@ -199,6 +199,10 @@ def build_config(structure: str | None = None, ratio: float | None = None, bits_
                               "every layer)")
         if bits_per_weight is not None:
             bits_per_weight = check_bits(bits_per_weight)
+        elif meth.name in ("lorc", "lq") and meth.options.rank is None:
+            raise ConfigError(f"--structure {structure} needs --bits-per-weight B (stored bits per weight, all "
+                              "overhead counted): the rank takes what the codes leave (or fix both --bits and "
+                              "--set rank=K)")
     if allocate is None:  # SVD-LLM v2 is its truncation and its allocation together
         if meth.budget == "bytes":
             allocate = "uniform" if bits_per_weight is None or _single_setting(meth) else "bits-greedy"
@@ -386,6 +390,8 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
         from .validation import check_validation_possible
 
         check_validation_possible(source.in_memory)
+    if alloc.needs == "costs" and cfg.bits_per_weight is not None and hasattr(method, "candidate_specs"):
+        check_feasible(method, cfg, shapes)  # before any measuring: the error names the smallest budget
     measured: dict = {}
     if alloc.needs != "none":
         probe = _DryFitter(method, alloc.needs, cfg.allocate_options)
@@ -433,6 +439,19 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
     return reports, info
 
 
+def check_feasible(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """:class:`ConfigError` naming the smallest feasible budget when even the smallest candidate of every
+    layer exceeds ``--bits-per-weight`` (bytes only, nothing fitted)."""
+    from .allocation.bytes import check_byte_budget
+    from .methods.base import Candidate
+    from .methods.candidates import spec_bytes
+
+    grid = candidate_grid(cfg.allocate_options)
+    tables = {n: [Candidate(s, spec_bytes(shape, s), 0.0) for s in method.candidate_specs(shape, grid)]
+              for n, shape in shapes.items()}
+    check_byte_budget(cfg.bits_per_weight, shapes, tables, cfg.allocate_options.bits, cfg.allocate_options.group_sizes)
+
+
 def _same_plan(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return a.keys() == b.keys() and all((a[n] is None) == (b[n] is None) and (a[n] is None or dict(a[n]) == dict(b[n]))
                                         for n in a)
@@ -458,6 +477,8 @@ def budget_use(bits_per_weight: float, shapes: Mapping[str, tuple[int, int]], re
                     if nxt else ": no larger setting among the candidates")
             if "validation" in info and info["validation"].get("chosen") == "uniform":
                 why += "; the allocated plan lost the held-out validation"
+            elif uni.get("fixed"):
+                why += "; --bits and --group-size are both fixed: drop one to let the allocator mix settings"
             elif "bits_greedy" not in info:
                 why += "; the default allocator (bits-greedy) mixes settings to fill the budget"
         else:
@@ -472,7 +493,8 @@ def _report(cfg: CompressConfig, method: Method, layers: Mapping[str, LayerRepor
             t0: float, model_before: int, model_after: int) -> CompressionReport:
     return CompressionReport(
         structure=method.name, method=str(cfg.options.get("method", method.name)),
-        budget={"ratio": cfg.ratio} if cfg.ratio is not None else {"bits_per_weight": cfg.bits_per_weight},
+        budget=({"ratio": cfg.ratio} if cfg.ratio is not None else {"bits_per_weight": cfg.bits_per_weight}
+                if cfg.bits_per_weight is not None else {"bits": cfg.options.get("bits")}),
         allocate=cfg.allocate, mode=cfg.engine.mode, granularity=cfg.engine.granularity, refit=cfg.engine.refit,
         calibration=source_desc, layers=list(layers.values()), model_params_before=model_before,
         model_params_after=model_after, seconds=time.perf_counter() - t0, allocation=info or None,

@@ -88,6 +88,25 @@ def rank_grid(m: int, n: int) -> list[int]:
     return sorted(out)
 
 
+def candidate_specs(shape: tuple[int, int], opts: QuantOptions, grid: CandidateGrid,
+                    ranks: list[int] | None = None) -> list[dict[str, Any]]:
+    """The specs of the grid for one layer without fitting anything (bytes only: the feasibility check
+    before the measuring pass). ``ranks``: quantized + low-rank specs at the reference group size."""
+    m, n = shape
+    sizes = candidate_group_sizes(opts, grid, n)
+    if ranks is None:
+        return [quant_spec(shape, b, opts, g) for b in candidate_widths(opts, grid) for g in sizes]
+    return [{**quant_spec(shape, b, opts, sizes[-1]), "rank": int(k)} for b in candidate_widths(opts, grid)
+            for k in ranks]
+
+
+def spec_bytes(shape: tuple[int, int], spec: Mapping[str, Any]) -> int:
+    """Exact bytes of a quantized (or quantized + low-rank) layer of this spec."""
+    m, n = shape
+    cls = QuantLinear if spec.get("rank") is None else LowRankQuantLinear
+    return cls.spec_nbytes(n, m, dict(spec))
+
+
 def _problem(W: torch.Tensor, stats: LayerStats, spec: Mapping[str, Any]):
     from .gptq import rotated_problem
 
@@ -189,6 +208,7 @@ def uniform_quant_plan(shapes: Mapping[str, tuple[int, int]], bits_per_weight: f
                           + ("" if opts.group_size is None else " or use a larger --group-size"))
     nbytes, b, _, plan = max(fits, key=lambda o: (o[0], o[1], o[2]))
     info = _describe(plan, shapes, budget)
+    info["fixed"] = opts.bits is not None and opts.group_size is not None
     bigger = sorted((o for o in options if o[0] > budget), key=lambda o: o[0])
     if bigger:
         info["next_larger"] = {"setting": describe_spec(next(iter(bigger[0][3].values()))),
@@ -208,5 +228,6 @@ def _describe(plan, shapes, budget: int | None) -> dict[str, Any]:
     return out
 
 
-__all__ = ["DEFAULT_GROUP_SIZE", "GPTQ_MEASURED_MAX_BITS", "candidate_group_sizes", "candidate_widths",
+__all__ = ["DEFAULT_GROUP_SIZE", "GPTQ_MEASURED_MAX_BITS", "candidate_group_sizes", "candidate_specs", "candidate_widths",
+           "spec_bytes",
            "lowrank_candidates", "quant_candidates", "rank_grid", "relative_error", "uniform_quant_plan"]

@@ -76,6 +76,11 @@ class GPTQ(Method):
 
         return quant_candidates(self, W, stats, grid or CandidateGrid())
 
+    def candidate_specs(self, shape: tuple[int, int], grid: CandidateGrid) -> list[dict[str, Any]]:
+        from .candidates import candidate_specs
+
+        return candidate_specs(shape, self.options, grid)
+
     def uniform_plan(self, shapes, bits_per_weight: float | None, grid: CandidateGrid | None = None):
         from .candidates import uniform_quant_plan
 

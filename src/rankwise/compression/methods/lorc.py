@@ -33,7 +33,7 @@ from ...linalg.whitening import KINDS as WHITENINGS, make_whitener
 from ...structures.lowrank_quant import LowRankQuantLinear
 from ...structures.quant import QuantLinear
 from .base import COV, STRUCTURES, Candidate, CandidateGrid, LayerStats, Method
-from .candidates import candidate_group_sizes, candidate_widths, lowrank_candidates, rank_grid
+from .candidates import candidate_group_sizes, candidate_specs, candidate_widths, lowrank_candidates, rank_grid
 from .gptq import GPTQOptions, rotated_problem, rotation_seed
 from .rtn import bit_candidates, quant_spec, too_small
 
@@ -97,14 +97,16 @@ def lowrank_quant_candidates(W: torch.Tensor, stats: LayerStats, opts: LowRankQu
 def uniform_lowrank_quant_plan(shapes, bits_per_weight: float | None, opts: LowRankQuantOptions):
     """``({layer: spec}, {})``: :func:`plan_lowrank_quant` in every layer (needs ``--bits-per-weight``)."""
     if bits_per_weight is None:
-        raise ConfigError("a quantized + low-rank structure needs --bits-per-weight B (stored bits per weight, "
-                          "all overhead counted): the rank takes what the codes leave")
+        if opts.bits is None or opts.rank is None:
+            raise ConfigError("a quantized + low-rank structure needs --bits-per-weight B (stored bits per weight, "
+                              "all overhead counted): the rank takes what the codes leave")
+        return {name: {**quant_spec(s, opts.bits, opts), "rank": min(opts.rank, *s)} for name, s in shapes.items()}, {}
     plan = {}
     for name, shape in shapes.items():
         try:
             plan[name] = plan_lowrank_quant(shape, bits_per_weight * shape[0] * shape[1] / 8.0, opts)
         except ConfigError as e:
-            raise ConfigError(f"layer {name} ({shape[0]} x {shape[1]}): {e}") from None
+            raise ConfigError(f"{name}: {e}") from None
     return plan, {}
 
 
@@ -140,6 +142,9 @@ class LoRC(Method):
 
     def uniform_plan(self, shapes, bits_per_weight: float | None, grid: CandidateGrid | None = None):
         return uniform_lowrank_quant_plan(shapes, bits_per_weight, self.options)
+
+    def candidate_specs(self, shape: tuple[int, int], grid: CandidateGrid) -> list[dict[str, Any]]:
+        return candidate_specs(shape, self.options, grid, [self.options.rank or 1])
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> LowRankQuantLinear:

@@ -18,6 +18,7 @@ from ...errors import ConfigError
 from ...linalg.lowrank_quant import INITS
 from ...structures.lowrank_quant import LowRankQuantLinear
 from .base import COV, STRUCTURES, Candidate, CandidateGrid, LayerStats, Method
+from .candidates import candidate_specs
 from .lorc import (LowRankQuantOptions, fit_lowrank_quant, lowrank_quant_candidates, plan_lowrank_quant,
                    uniform_lowrank_quant_plan)
 
@@ -58,6 +59,9 @@ class LQ(Method):
 
     def uniform_plan(self, shapes, bits_per_weight: float | None, grid: CandidateGrid | None = None):
         return uniform_lowrank_quant_plan(shapes, bits_per_weight, self.options)
+
+    def candidate_specs(self, shape: tuple[int, int], grid: CandidateGrid) -> list[dict[str, Any]]:
+        return candidate_specs(shape, self.options, grid, [self.options.rank or 1])
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> LowRankQuantLinear:

@@ -22,7 +22,7 @@ import torch
 from ...errors import ConfigError
 from ...structures.base import StructuredLinear
 from .base import COV, STRUCTURES, Candidate, CandidateGrid, LayerStats, Method
-from .candidates import (GPTQ_MEASURED_MAX_BITS, lowrank_candidates, quant_candidates, rank_grid,
+from .candidates import (GPTQ_MEASURED_MAX_BITS, candidate_specs, lowrank_candidates, quant_candidates, rank_grid,
                          uniform_quant_plan)
 from .gptq import GPTQ, rotated_problem
 from .lorc import fit_lowrank_quant
@@ -66,6 +66,9 @@ class Mixed(Method):
     def uniform_plan(self, shapes, bits_per_weight: float | None, grid: CandidateGrid | None = None):
         """Uniform GPTQ (no low-rank part): the baseline the allocation is validated against."""
         return uniform_quant_plan(shapes, bits_per_weight, self.options, grid or CandidateGrid())
+
+    def candidate_specs(self, shape: tuple[int, int], grid: CandidateGrid) -> list[dict[str, Any]]:
+        return candidate_specs(shape, self.options, grid)
 
     def candidates(self, W: torch.Tensor, stats: LayerStats, grid: CandidateGrid | None = None) -> list[Candidate]:
         grid = grid or CandidateGrid()
