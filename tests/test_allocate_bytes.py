@@ -78,7 +78,7 @@ def test_quant_candidates_have_exact_bytes_and_the_fits_whitened_error(tiny_prob
         m, n, b = 64, 128, c.spec["bits"]
         assert c.nbytes == m * -(-n * b // 8) + 2 * 2 * m * 2  # packed codes + float16 scales and minimums
         fitted = meth.fit(W, None, st, c.spec)
-        assert c.cost == pytest.approx(np_rel_error(W, fitted.dense(), st.covariance()), rel=1e-9)
+        assert c.cost == pytest.approx(np_rel_error(W, fitted.dense(), st.covariance()), rel=1e-5)  # float32 products
     assert cands[0].cost > cands[1].cost > cands[2].cost > 0
 
 

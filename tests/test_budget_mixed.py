@@ -63,11 +63,11 @@ def test_gptq_candidates_span_widths_and_group_sizes_with_exact_bytes_and_measur
     for (b, g), c in est.items():
         assert c.nbytes == packed_bytes(64, 128, b, g) == exact[b, g].nbytes
         fitted = meth.fit(W, None, st, c.spec)
-        assert exact[b, g].cost == pytest.approx(np_rel_error(W, fitted.dense(), C), rel=1e-6)
+        assert exact[b, g].cost == pytest.approx(np_rel_error(W, fitted.dense(), C), rel=1e-5)  # float32 products
         if g == 64 and b <= 4:  # the reference group size: GPTQ run, exact
             assert c.exact and c.cost == pytest.approx(exact[b, g].cost, rel=1e-9)
         elif b > 4:  # the round-to-nearest error: an upper bound of GPTQ's
-            assert c.cost == pytest.approx(np_rel_error(W, rtn(W, b, g).dense(), C), rel=1e-6)
+            assert c.cost == pytest.approx(np_rel_error(W, rtn(W, b, g).dense(), C), rel=1e-5)
             assert c.cost >= exact[b, g].cost * (1 - 1e-9)
         else:  # estimated from RTN's ratio between group sizes: same order as the fit
             assert not c.exact and 0.5 < c.cost / exact[b, g].cost < 2.0

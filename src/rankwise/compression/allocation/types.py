@@ -35,7 +35,7 @@ class AllocateOptions:
     sensitivity_windows: int = 2       # calibration windows per measured loss
     sensitivity_seqlen: int = 256      # tokens per window of a measured loss
     sensitivity_points: int = 3        # candidate ranks measured per layer (sensitivity)
-    bits: list[int] | None = None      # bits-greedy: candidate code widths (None: 2..8, or the fixed bits)
+    bits: list[int] | None = None      # bits-greedy: candidate code widths (None: 2, 3, 4, 8, or the fixed bits)
     group_sizes: list[int] | None = None  # bits-greedy: candidate group sizes (None: 32, 64, 128, or the fixed one)
     measure: str = "estimate"          # bits-greedy: GPTQ candidate errors "estimate"d (3 fits a layer) or "exact"
     dense: bool = True                 # bits-greedy: keeping a layer dense is a candidate (not with a fixed --bits)

@@ -74,7 +74,8 @@ class Candidate:
     exact: bool = field(default=True, compare=False)
 
 
-#: Group sizes a byte allocator chooses among when ``--group-size`` is not fixed.
+#: Code widths and group sizes a byte allocator chooses among when ``--bits`` / ``--group-size`` are not fixed.
+DEFAULT_WIDTHS = (2, 3, 4, 8)
 DEFAULT_GROUP_SIZES = (32, 64, 128)
 #: How candidate errors are measured: every candidate fitted, or the cheap estimate of :mod:`.candidates`.
 MEASURES = ("estimate", "exact")
@@ -83,7 +84,7 @@ MEASURES = ("estimate", "exact")
 @dataclass(frozen=True)
 class CandidateGrid:
     """The settings a byte allocator may choose among, beyond what the method's options fix: code
-    ``widths`` (None: 2..8), ``group_sizes`` (None: :data:`DEFAULT_GROUP_SIZES`) and how the errors
+    ``widths`` (None: :data:`DEFAULT_WIDTHS`), ``group_sizes`` (None: :data:`DEFAULT_GROUP_SIZES`) and how the errors
     are measured (``measure`` in :data:`MEASURES`)."""
 
     widths: tuple[int, ...] | None = None
@@ -155,5 +156,5 @@ def get_method(name: str, options: Any = None, **kwargs: Any) -> Method:
     return STRUCTURES.get(name)(options, **kwargs)
 
 
-__all__ = ["ABS_MEAN", "COV", "DEFAULT_GROUP_SIZES", "FISHER", "Candidate", "CandidateGrid", "LayerInput", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
+__all__ = ["ABS_MEAN", "COV", "DEFAULT_GROUP_SIZES", "DEFAULT_WIDTHS", "FISHER", "Candidate", "CandidateGrid", "LayerInput", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
            "make_options"]

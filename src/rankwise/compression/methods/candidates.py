@@ -1,7 +1,7 @@
 """The settings a quantized layer can take under a byte budget, their measured errors, and the uniform plan.
 
 Grid of an (out ``m``, in ``n``) layer: code widths ``b`` (the fixed ``bits``, else the grid's widths,
-default 2..8) x group sizes ``g`` (the fixed ``group_size``, else the grid's, default 32, 64, 128; each
+default 2, 3, 4, 8) x group sizes ``g`` (the fixed ``group_size``, else the grid's, default 32, 64, 128; each
 capped at ``n``, duplicates dropped); for quantized + low-rank candidates also ranks ``k`` in
 :func:`rank_grid`. Bytes are exact (the spec's layer counted: packed codes, float16 scales and
 minimums, rotation signs, float16 factors). The cost is the relative whitened error of the fit,
@@ -20,7 +20,7 @@ measured (not modelled) as follows:
 
   exact at ``g_ref``; for ``b > 4`` ``e(b, g) = e_rtn(b, g)``, an upper bound (GPTQ keeps its codes
   only when its objective is not above RTN's, :func:`rankwise.linalg.gptq.gptq`). That is 3 GPTQ runs
-  per layer on the default grid instead of 21 (BENCHMARKS.md compares the estimate with the exact
+  per layer on the default grid instead of 12 (BENCHMARKS.md compares the estimate with the exact
   errors on SmolLM2's layers);
 * quantized + low rank (LoRC, :mod:`.lorc`), at each width at ``g_ref`` (or the fixed group size):
   with ``Q`` the quantized part and ``S S^T = C``, the rank-``k`` LoRC fit leaves
@@ -40,11 +40,11 @@ import torch
 from ...errors import ConfigError
 from ...linalg.factorization import whitened_svd
 from ...linalg.gptq import quant_objective
-from ...linalg.quant import MAX_BITS, MIN_BITS, check_bits, check_group_size, rtn
+from ...linalg.quant import check_bits, check_group_size, rtn
 from ...linalg.whitening import make_whitener
 from ...structures.lowrank_quant import LowRankQuantLinear
 from ...structures.quant import QuantLinear
-from .base import DEFAULT_GROUP_SIZES, Candidate, CandidateGrid, LayerStats, Method
+from .base import DEFAULT_GROUP_SIZES, DEFAULT_WIDTHS, Candidate, CandidateGrid, LayerStats, Method
 from .rtn import DEFAULT_GROUP_SIZE, QuantOptions, quant_spec
 
 #: Widths up to which GPTQ is run to measure a candidate (wider: the round-to-nearest error, a bound).
@@ -52,10 +52,11 @@ GPTQ_MEASURED_MAX_BITS = 4
 
 
 def candidate_widths(opts: QuantOptions, grid: CandidateGrid) -> list[int]:
-    """Code widths a byte allocator may choose, narrowest first: the fixed ``bits``, or the grid's (default 2..8)."""
+    """Code widths a byte allocator may choose, narrowest first: the fixed ``bits``, or the grid's (default
+    :data:`~.base.DEFAULT_WIDTHS`: 2, 3, 4, 8)."""
     if opts.bits is not None:
         return [opts.bits]
-    widths = sorted({check_bits(b) for b in grid.widths}) if grid.widths else list(range(MIN_BITS, MAX_BITS + 1))
+    widths = sorted({check_bits(b) for b in (grid.widths or DEFAULT_WIDTHS)})
     if not widths:
         raise ConfigError("the list of candidate widths is empty; give at least one of 2..8")
     return widths
@@ -73,9 +74,26 @@ def candidate_group_sizes(opts: QuantOptions, grid: CandidateGrid, n: int) -> li
 
 
 def relative_error(T: torch.Tensor, Wp: torch.Tensor, C: torch.Tensor) -> float:
-    """``tr((T - W') C (T - W')^T) / tr(T C T^T)`` (0 when the denominator is 0)."""
+    """``tr((T - W') C (T - W')^T) / tr(T C T^T)`` (0 when the denominator is 0), float64 throughout."""
     den = quant_objective(T, torch.zeros_like(T), C)
     return 0.0 if den <= 0 else quant_objective(T, Wp, C) / den
+
+
+class ErrorMeter:
+    """``rel(W') = tr((T - W') C (T - W')^T) / tr(T C T^T)`` for many ``W'`` of one layer: the denominator in
+    float64 once, each numerator as ``sum((E C) * E)`` with the ``m n^2`` product in float32 (the sum in
+    float64). Relative accuracy ~1e-6 -- the costs only rank candidates, and a layer's dozen numerators
+    are most of the measuring pass's arithmetic."""
+
+    def __init__(self, T: torch.Tensor, C: torch.Tensor) -> None:
+        self.T, self.C32 = T.to(torch.float64), C.to(torch.float32)
+        self.den = float(((self.T @ C.to(torch.float64)) * self.T).sum())
+
+    def __call__(self, Wp: torch.Tensor) -> float:
+        if self.den <= 0:
+            return 0.0
+        E = (self.T - Wp.to(torch.float64)).to(torch.float32)
+        return float(((E @ self.C32) * E).sum(dtype=torch.float64)) / self.den
 
 
 def rank_grid(m: int, n: int) -> list[int]:
@@ -123,18 +141,19 @@ def quant_candidates(meth: Method, W: torch.Tensor, stats: LayerStats, grid: Can
     widths, sizes = candidate_widths(opts, grid), candidate_group_sizes(opts, grid, n)
     g_ref = sizes[-1]
     T, C, _ = _problem(W, stats, quant_spec((m, n), widths[0], opts, g_ref))  # in the rotated space
+    rel = ErrorMeter(T, C)
     data_aware = meth.name != "rtn"
     fit_all = data_aware and grid.measure == "exact"
     e_rtn, e_fit, kept = {}, {}, {}
     for b in widths:
         for g in sizes:
-            if not fit_all or keep:
-                e_rtn[b, g] = relative_error(T, rtn(T, b, g, bool(opts.symmetric)).dense(torch.float64), C)
+            if not fit_all:
+                e_rtn[b, g] = rel(rtn(T, b, g, bool(opts.symmetric)).dense(torch.float64))
             if data_aware and (fit_all or (g == g_ref and b <= GPTQ_MEASURED_MAX_BITS)):
                 spec = quant_spec((m, n), b, opts, g)
                 layer = meth.fit(W, None, stats, spec)
                 Qd = layer.quantized_weight(torch.float32).double()
-                e_fit[b, g] = relative_error(T, Qd, C)
+                e_fit[b, g] = rel(Qd)
                 if g == g_ref:
                     kept[b] = (spec, Qd)
     out = []
@@ -162,7 +181,7 @@ def lowrank_candidates(T: torch.Tensor, C: torch.Tensor, Qd: torch.Tensor, spec:
     m, n = T.shape
     whitener = whitener or make_whitener(C, whitening)
     err = whitened_svd(T - Qd, whitener=whitener).errors().square()
-    base = relative_error(T, Qd, C)
+    base = ErrorMeter(T, C)(Qd)
     scale = base / float(err[0]) if float(err[0]) > 0 else 0.0  # err[0] = ||(T - Q) S||^2 under the whitener's C
     qbytes = QuantLinear.spec_nbytes(n, m, dict(spec))
     return [Candidate({**spec, "rank": int(k)}, qbytes + LowRankQuantLinear.factor_bytes(n, m, k),

@@ -1,7 +1,7 @@
 """``--structure mixed``: per layer GPTQ, GPTQ plus a low-rank correction, or the dense layer, under one byte budget.
 
 The structure ``--bits-per-weight B`` takes when no ``--structure`` is given. Every layer's candidates
-(:mod:`.candidates`): GPTQ codes at every width x group size of the grid (default widths 2..8, group
+(:mod:`.candidates`): GPTQ codes at every width x group size of the grid (default widths 2, 3, 4, 8, group
 sizes 32, 64, 128), GPTQ + low-rank compensation at each width up to 4 bits (group size: the grid's
 largest) and every rank of :func:`.candidates.rank_grid`, and the dense layer; the byte allocator
 (``bits-greedy``) chooses one per layer by the measured relative whitened errors under the total byte
