@@ -88,8 +88,10 @@ def test_rotation_lowers_the_quantization_error_with_outlier_columns(n):
         W = torch.randn(32, n, dtype=torch.float64, generator=g)
         W[:, torch.randperm(n, generator=g)[:3]] *= 25.0  # outlier input channels
         rot = HadamardRotation.make(n, seed=seed)
-        plain = float((W - rtn(W, 3, 32).dense(torch.float64)).norm())
-        rotated = float((W - rot.unrotate(rtn(rot.rotate(W), 3, 32).dense(torch.float64))).norm())
+        # on the float-minimum grid (the integer zero point alone already represents small weights beside
+        # outliers better, which makes the margin smaller)
+        plain = float((W - rtn(W, 3, 32, zero_point="float").dense(torch.float64)).norm())
+        rotated = float((W - rot.unrotate(rtn(rot.rotate(W), 3, 32, zero_point="float").dense(torch.float64))).norm())
         wins += rotated < 0.7 * plain
     assert wins == 5
 

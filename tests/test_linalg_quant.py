@@ -16,7 +16,7 @@ from rankwise.linalg.quant import (
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: threads only add contention
 
 
-def numpy_rtn(W: np.ndarray, bits: int, g: int, symmetric: bool) -> np.ndarray:
+def numpy_rtn(W: np.ndarray, bits: int, g: int, symmetric: bool, zero_point: str = "float") -> np.ndarray:
     """Independent reference: loop over rows and (ragged) groups, float16 grid, nearest point by search."""
     m, n = W.shape
     out = np.empty_like(W)
@@ -27,21 +27,26 @@ def numpy_rtn(W: np.ndarray, bits: int, g: int, symmetric: bool) -> np.ndarray:
             if symmetric:
                 s = np.float64(np.float16(2 * np.abs(w).max() / maxq))
                 pts = s * (np.arange(maxq + 1) - 2 ** (bits - 1))
-            else:
+            elif zero_point == "float":
                 s = np.float64(np.float16((w.max() - w.min()) / maxq))
                 pts = s * np.arange(maxq + 1) + np.float64(np.float16(w.min()))
+            else:  # an integer zero point: 0 on the grid (GPTQ reference / compressed-tensors)
+                lo, hi = min(w.min(), 0.0), max(w.max(), 0.0)
+                s = np.float64(np.float16((hi - lo) / maxq))
+                z = np.clip(np.round(-lo / s), 0, maxq)
+                pts = s * np.arange(maxq + 1) + np.float64(np.float16(-z * s))
             out[i, a:a + g] = pts[np.abs(w[:, None] - pts[None, :]).argmin(1)]
     return out
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("g", [1, 5, 7, 16, 100])
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_rtn_matches_numpy_reference_with_ragged_groups(bits, g, symmetric):
+@pytest.mark.parametrize("symmetric,zero_point", [(False, "integer"), (False, "float"), (True, "integer")])
+def test_rtn_matches_numpy_reference_with_ragged_groups(bits, g, symmetric, zero_point):
     rng = np.random.default_rng(bits * 100 + g)
     W = rng.standard_normal((6, 16))  # g = 5, 7 leave a ragged last group; g = 100 means one group
-    q = rtn(torch.from_numpy(W), bits, g, symmetric)
-    ref = numpy_rtn(W, bits, min(g, 16), symmetric)
+    q = rtn(torch.from_numpy(W), bits, g, symmetric, zero_point=zero_point)
+    ref = numpy_rtn(W, bits, min(g, 16), symmetric, zero_point)
     got = q.dense(torch.float64).numpy()
     # same grid; only exact ties between two grid points could differ, and none occur here
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
@@ -52,7 +57,7 @@ def test_rtn_matches_numpy_reference_with_ragged_groups(bits, g, symmetric):
 def test_rtn_error_is_at_most_half_a_step(symmetric):
     g = torch.Generator().manual_seed(1)
     W = torch.randn(8, 50, generator=g, dtype=torch.float64) * 3
-    q = rtn(W, 3, 16, symmetric)
+    q = rtn(W, 3, 16, symmetric, zero_point="float")
     scale, _ = q.grid.columns()
     err = (W - q.dense(torch.float64)).abs()
     # float16 rounding of the scale moves the far end of the grid by up to maxq * 2^-11 of a step
@@ -63,7 +68,7 @@ def test_rtn_error_is_at_most_half_a_step(symmetric):
 def test_constant_and_zero_groups_are_exact():
     W = torch.tensor([[0.3, 0.3, 0.3, 0.0, 0.0, 0.0]], dtype=torch.float64)
     for sym in (False, True):
-        q = rtn(W, 4, 3, symmetric=sym)
+        q = rtn(W, 4, 3, symmetric=sym, zero_point="float")
         if not sym:
             assert torch.equal(q.dense(torch.float64), W.to(torch.float16).double())
         assert torch.equal(q.dense(torch.float64)[0, 3:], torch.zeros(3, dtype=torch.float64))
@@ -160,11 +165,11 @@ def test_smollm2_weights_are_q4_1_so_asymmetric_4bit_g32_rtn_reproduces_them(rea
     sd = real_model[0].state_dict()
     for name in TRAP_LAYERS:
         W = sd[name].float()
-        e32 = _rel(W, rtn(W, 4, 32).dense())
-        e128 = _rel(W, rtn(W, 4, 128).dense())
+        e32 = _rel(W, rtn(W, 4, 32, zero_point="float").dense())
+        e128 = _rel(W, rtn(W, 4, 128, zero_point="float").dense())
         assert e32 < 1e-6, (name, e32)
         assert e128 > 0.05, (name, e128)
-        assert _rel(W, rtn(W, 5, 32).dense()) > 0.03
+        assert _rel(W, rtn(W, 5, 32, zero_point="float").dense()) > 0.03
         # the zero-point alternative: w' = (code - z) s with z = -lo / s in float16
         m, n = W.shape
         Wg = W.double().view(m, n // 32, 32)
@@ -173,3 +178,34 @@ def test_smollm2_weights_are_q4_1_so_asymmetric_4bit_g32_rtn_reproduces_them(rea
         z = (-lo / ((hi - lo) / 15)).half().double()
         Wz = ((Wg / s + z).round().clamp(0, 15) - z) * s
         assert 1e-4 < _rel(Wg, Wz) < 1e-3
+
+
+def test_integer_zero_point_puts_zero_on_the_grid_and_stays_within_a_step():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(8, 48, generator=g, dtype=torch.float64) + 0.3
+    q = rtn(W, 3, 16)
+    scale, offset = q.grid.columns()
+    z = -offset / scale  # the zero point: an integer up to the float16 rounding of min
+    assert torch.allclose(z, z.round(), atol=2e-3) and bool(((z.round() >= 0) & (z.round() <= 7)).all())
+    err = (W - q.dense(torch.float64)).abs()
+    assert bool((err <= scale * (1 + 1e-3)).all())
+    small = torch.zeros(1, 16, dtype=torch.float64)
+    small[0, 0], small[0, 1:] = 1.0, -0.01  # a tiny weight beside a large one: stored as 0, not as -1/14
+    assert float(rtn(small, 3, 16).dense(torch.float64)[0, 1]) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_clip_search_never_loses_to_min_max_on_its_weighted_error():
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    W[:, 3] *= 8  # outliers make clipping worth it
+    h = torch.rand(64, generator=g, dtype=torch.float64) + 0.05
+    for sym in (False, True):
+        errs = {}
+        for clip in ("minmax", "mse"):
+            Wq = rtn(W, 3, 32, sym, clip=clip, importance=h).dense(torch.float64)
+            errs[clip] = float((((W - Wq) ** 2) * h).sum())
+        assert errs["mse"] < 0.95 * errs["minmax"]
+    with pytest.raises(ConfigError, match="clip"):
+        rtn(W, 3, 32, clip="l1")
+    with pytest.raises(ConfigError, match="zero_point"):
+        rtn(W, 3, 32, zero_point="half")

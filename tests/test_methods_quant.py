@@ -77,7 +77,7 @@ def test_budget_below_the_smallest_form_names_the_layer_and_the_fix():
 
 def test_rotation_on_a_one_input_layer_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"\(5 x 1\) layer.*turn rotation off"):
-        get_method("rtn", rotate=True).plan_layer((5, 1), 1000)
+        get_method("rtn", rotate="layer").plan_layer((5, 1), 1000)
 
 
 @pytest.mark.parametrize("bad", [{"bits": 9}, {"bits": 1}, {"group_size": 0}, {"percdamp": -1.0},
@@ -89,7 +89,7 @@ def test_bad_options_raise_config_errors(bad):
 
 
 @pytest.mark.parametrize("name", ["rtn", "gptq", "lorc", "lq"])
-@pytest.mark.parametrize("rotate", [False, True])
+@pytest.mark.parametrize("rotate", [None, "layer"])
 def test_fit_meets_the_plan_and_the_budget(name, rotate):
     W, b, stats = layer_problem()
     meth = get_method(name, group_size=32, rotate=rotate)
@@ -118,10 +118,11 @@ def test_rotation_helps_rtn_on_outlier_channels():
     W, b, stats = layer_problem(2)
     target = 3.6 * W.numel() / 8
     err = {}
-    for rotate in (False, True):
-        meth = get_method("rtn", group_size=32, rotate=rotate)
+    for rotate in (None, "layer"):  # on the float-minimum grid; the integer zero point alone already
+        # cuts this 2-bit error from 58.6 to 40.7 (rotation: 37.7 / 39.1)
+        meth = get_method("rtn", group_size=32, rotate=rotate, zero_point="float")
         err[rotate] = float((meth.fit(W, b, None, meth.plan_layer(tuple(W.shape), target)).dense() - W).norm())
-    assert err[True] < 0.8 * err[False]
+    assert err["layer"] < 0.8 * err[None]
 
 
 def test_fits_use_the_refit_target_and_record_the_solver():

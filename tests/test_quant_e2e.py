@@ -90,7 +90,7 @@ CAL = dict(calib_options=dict(windows=8, seqlen=48), progress=False)
 @pytest.mark.parametrize("arch,structure,kw", [
     ("llama", "rtn", dict(options={"group_size": 32})),
     ("llama", "gptq", dict(options={"group_size": 32}, allocate="bits-greedy")),
-    ("gpt2", "gptq", dict(options={"group_size": 32, "rotate": True}, engine=dict(granularity="subgroup"))),
+    ("gpt2", "gptq", dict(options={"group_size": 32, "rotate": "layer"}, engine=dict(granularity="subgroup"))),
     ("llama", "lorc", dict(options={"group_size": 32}, engine=dict(mode="one-shot"))),
     ("llama", "lq", dict(options={"group_size": 32, "iters": 1}, engine=dict(refit=True, refit_ridge=0.01))),
 ])

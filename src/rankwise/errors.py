@@ -36,3 +36,7 @@ class ArtifactError(RankwiseError):
 
 class OutputExistsError(RankwiseError):
     """Refusing to overwrite an existing output directory without --overwrite."""
+
+
+class UnsupportedArchitectureError(ConfigError):
+    """A model-level transform (e.g. rotating the residual stream) that the model's architecture cannot take."""

@@ -29,6 +29,11 @@ def print_report(report, max_layers: int = 12) -> None:
     if len(rows) > max_layers:
         rows = rows[:max_layers] + [[f"... {len(rows) - max_layers} more (see rankwise.json)", "", "", "", "", ""]]
     table("per layer", ["layer", "shape", "structure", "spec", "values", "bytes"], rows)
+    mt = getattr(report, "model_transform", None)
+    if mt:
+        console.print(f"rotated the residual stream ({mt.get('kind')}, seed {mt.get('seed')}); "
+                      + (f"the head was untied from the embeddings: +{mt['untied_params']:,} stored values "
+                         "(in 'model params', not in bits/weight)" if mt.get("untied") else "the head stays tied"))
     for line in allocation_notes(report):
         console.print(line)
     if report.perplexity:
@@ -226,6 +231,10 @@ def register(app: typer.Typer) -> None:
         group_size: Optional[int] = typer.Option(None, "--group-size",
                                                  help="Quantization group size along the input (default: chosen per "
                                                       "layer under --bits-per-weight, else 128)."),
+        rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate",
+                                              help="rtn | gptq | lorc | lq: fold the norms and rotate the residual "
+                                                   "stream by a random Hadamard matrix before quantizing (fused into "
+                                                   "the weights; a tied head is untied)."),
         sets: Optional[List[str]] = typer.Option(None, "--set", help="Structure option KEY=VALUE (repeatable)."),
         targets: Optional[str] = typer.Option(None, "--targets",
                                               help="Comma-separated layer names or regexes (default: every linear "
@@ -308,6 +317,8 @@ def register(app: typer.Typer) -> None:
             quiet = quiet or not main  # one rank reports
             setup(quiet)
             options = parse_sets(sets)
+            if rotate is not None:
+                options["rotate"] = "stream" if rotate else None
             for key, value in (("whitening", whitening), ("group_size", group_size), ("bits", bits)):
                 if value is not None:
                     if key in options and options[key] != value:

@@ -554,6 +554,7 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
     was_training = model.training
     model.eval()
     model_before = count_parameters(model)
+    transform = meth.prepare_model(model)  # e.g. the residual stream's rotation: before any statistics
     fisher: dict = {}
     if FISHER in needs:
         from ..calibration.gradients import accumulate_gradients
@@ -572,6 +573,7 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
     desc = {"source": source_name, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
             "seed": cfg.calib.seed, "fisher_windows": min(cfg.calib.fisher_windows, int(windows.shape[0])) if fisher else 0}
     report = _report(cfg, meth, layers, info, desc, t0, model_before, count_parameters(model))
+    report.model_transform = transform
     _damping_summary(report)
     return model, report
 
@@ -625,6 +627,9 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         if FISHER in _needs(meth):
             raise ConfigError("--low-memory cannot use the fwsvd objective: it needs gradients of the whole model; "
                               "use svd, asvd or svd-llm, or drop --low-memory")
+        if getattr(meth.options, "rotate", None) == "stream":
+            raise ConfigError("--low-memory cannot rotate the residual stream (rotate=stream changes the embeddings, "
+                              "every block and the head of the whole model first); drop --low-memory or --rotate")
         if validates(meth, cfg):
             from .validation import check_validation_possible
 

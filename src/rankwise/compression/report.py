@@ -42,6 +42,7 @@ class CompressionReport:
     allocation: dict[str, Any] | None = None  # allocator decisions: speed caps, dense reasons, tables
     config: dict[str, Any] | None = None      # the full configuration (options of every part)
     healing: dict[str, Any] | None = None     # healing steps after compression (options, losses)
+    model_transform: dict[str, Any] | None = None  # a model-level transform before fitting (stream rotation)
 
     @property
     def ratio(self) -> float | None:

@@ -7,23 +7,36 @@ columns); nothing is padded and nothing is refused. ``g > n`` means one group (`
 ``g < 1`` raises :class:`ConfigError`. Each (row, group) has its own affine grid of ``2^b`` points
 (``b`` in 2..8 bits, codes ``0 .. maxq = 2^b - 1``):
 
-* asymmetric: ``w' = scale * code + min``, ``scale = (hi - lo) / maxq``, ``min = lo``, where
-  ``lo, hi`` are the group's smallest and largest entries. The grid spans exactly ``[lo, hi]``.
-  This is llama.cpp's Q4_1 / Q5_1 form (a scale and a minimum per block), so the zero point is kept
-  in weight units (``min = -zero * scale``) rather than as a float code offset: with float16
-  storage, ``min`` reproduces a Q4_1 model bit for bit, while a float16 zero point ``zero =
-  -lo / scale`` loses up to 2^-8 of a step (a relative error of 5e-4 on SmolLM2, see the tests).
+* asymmetric: ``w' = scale * code + min``; stored as a scale and a minimum per group (llama.cpp's
+  Q4_1 / Q5_1 form) whichever way the grid was chosen. Two ways (``zero_point``):
+
+  - ``"integer"`` (the default; the GPTQ reference, llm-compressor, compressed-tensors): the range
+    is widened to contain 0, ``lo' = min(lo, 0)``, ``hi' = max(hi, 0)``, ``scale = (hi' - lo') /
+    maxq``, an integer zero point ``z = round(-lo' / scale)`` and ``min = -z scale``: 0 is a grid
+    point (up to the float16 rounding of ``min``), so small weights in columns with large
+    activations can be stored as 0. Measured on SmolLM2 (layer 2 ``down_proj``, 3-bit g64): the
+    activation-weighted RTN error is 1.6x larger with the float minimum, all of it in the two
+    "massive activation" input columns, whose weights are ~0.02 against a step of ~0.13.
+  - ``"float"``: ``scale = (hi - lo) / maxq``, ``min = lo``: the grid spans exactly ``[lo, hi]``;
+    with float16 storage this reproduces a Q4_1 model bit for bit (a float16 code offset ``-lo /
+    scale`` would lose up to 2^-8 of a step, 5e-4 relative on SmolLM2, see the tests).
 * symmetric: ``w' = scale * (code - 2^(b-1))``, ``scale = 2 max|w| / maxq`` (GPTQ's symmetric
   grid); no minimum is stored.
 
 Scales and minimums are stored in float16 (2 bytes each). Every code is chosen against the stored
 (float16-rounded) grid, so round-to-nearest really is the nearest stored grid point.
 
-Error guarantee (RTN): every entry inside its group's range is within ``scale / 2`` of its
-reconstruction, up to float16 rounding of ``scale`` and ``min`` (which can move the far end of the
-grid by ``maxq * 2^-11`` of a step): asymmetric ``|w - w'| <= scale/2``
-on ``[lo, hi]``; symmetric the grid covers ``[-max|w| - scale/2, max|w| - scale/2]``, so again
-``|w - w'| <= scale/2``.
+Clipping search (``clip="mse"``, :func:`search_range`): the range ``[r lo, r hi]`` for each ratio
+``r`` in :data:`CLIP_RATIOS` (1.0 down to 0.5), per (row, group) the one minimizing the importance-
+weighted error ``sum_j h_j (w_j - q(w_j))^2`` (``h = diag(C)`` under GPTQ, as llama.cpp's imatrix and
+llm-compressor's ``imatrix_mse`` weight it; ``h = 1`` for data-free RTN). ``r = 1`` is a candidate,
+so the search is never worse than min/max on that weighted error.
+
+Error guarantee (RTN, min/max, ``zero_point="float"``): every entry inside its group's range is within
+``scale / 2`` of its reconstruction, up to float16 rounding of ``scale`` and ``min`` (which can move
+the far end of the grid by ``maxq * 2^-11`` of a step); symmetric: the grid covers ``[-max|w| -
+scale/2, max|w| - scale/2]``, so again ``|w - w'| <= scale/2``. With ``zero_point="integer"`` the
+grid is shifted by at most half a step to put 0 on it, so ``|w - w'| <= scale`` on ``[lo, hi]``.
 
 Packing (:func:`pack_codes`): the codes of a row form a little-endian bitstream: code ``j`` occupies
 bits ``[j b, (j + 1) b)`` of the stream, and stream bit ``t`` is bit ``t mod 8`` (least significant
@@ -84,21 +97,85 @@ def packed_row_bytes(n: int, bits: int) -> int:
 # ---- grids --------------------------------------------------------------------------------------
 
 
-def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool
+ZERO_POINTS = ("integer", "float")
+CLIPS = ("minmax", "mse")
+CLIP_RATIOS = tuple(1.0 - 0.025 * k for k in range(21))  # 1.0, 0.975, ..., 0.5
+
+
+def check_grid_options(zero_point: str, clip: str, auto: bool = False) -> None:
+    """:class:`ConfigError` for an unknown ``zero_point`` / ``clip`` (``auto``: ``clip="auto"`` allowed, GPTQ)."""
+    if zero_point not in ZERO_POINTS:
+        raise ConfigError(f"unknown zero_point {zero_point!r}; valid: {', '.join(ZERO_POINTS)}")
+    if auto and clip == "auto":
+        return
+    if clip not in CLIPS:
+        raise ConfigError(f"unknown clip {clip!r}; valid: {', '.join(CLIPS)} (min/max range, or the "
+                          "importance-weighted search over clipping ratios)")
+
+
+def grid_from_range(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, zero_point: str = "integer"
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float16 ``(scale, min)`` (``min`` None when symmetric) of the grids spanning ``[lo, hi]`` entrywise."""
+    """Float16 ``(scale, min)`` (``min`` None when symmetric) of the grids for the ranges ``[lo, hi]``
+    entrywise (module docstring: ``zero_point`` ``"integer"`` puts 0 on the grid, ``"float"`` spans
+    exactly ``[lo, hi]``)."""
     maxq = 2 ** bits - 1
     lo = lo.to(torch.float64)
     hi = hi.to(torch.float64)
     if symmetric:
         scale, mn = 2.0 * torch.maximum(lo.abs(), hi.abs()) / maxq, None
-    else:
+    elif zero_point == "float":
         scale, mn = (hi - lo) / maxq, lo.to(torch.float16)
+    else:
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scale = ((hi - lo) / maxq).to(torch.float16).to(torch.float64)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        z = torch.round(-lo / safe).clamp(0, maxq)
+        mn = torch.where(scale > 0, -z * scale, lo).to(torch.float16)
     scale = scale.to(torch.float16)
     if not bool(torch.isfinite(scale).all()) or (mn is not None and not bool(torch.isfinite(mn).all())):
         raise NumericalError("a weight group's range exceeds float16 (|w| > 65504 or a range that large); "
                              "rescale the weights before quantizing")
     return scale, mn
+
+
+def _group_range(W: torch.Tensor, idx: torch.Tensor, G: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m = W.shape[0]
+    idx = idx.expand(m, -1)
+    lo = W.new_zeros(m, G).scatter_reduce(1, idx, W, "amin", include_self=False)
+    hi = W.new_zeros(m, G).scatter_reduce(1, idx, W, "amax", include_self=False)
+    return lo, hi
+
+
+def search_range(W: torch.Tensor, groups: torch.Tensor, G: int, bits: int, symmetric: bool,
+                 zero_point: str = "integer", clip: str = "minmax", importance: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float16 ``(scale, min)`` (m, G) for the columns of ``W (m, k)``, column ``j`` in group ``groups[j]``:
+    min/max (``clip="minmax"``) or the clipping ratio of :data:`CLIP_RATIOS` with the smallest
+    ``sum_j importance_j (w_j - q(w_j))^2`` per (row, group) (``clip="mse"``; importance 1 if None)."""
+    W = W.to(torch.float64)
+    lo, hi = _group_range(W, groups[None, :], G)
+    if clip == "minmax":
+        return grid_from_range(lo, hi, bits, symmetric, zero_point)
+    h = (torch.ones(W.shape[1], dtype=torch.float64, device=W.device) if importance is None
+         else importance.to(device=W.device, dtype=torch.float64).clamp(min=0))
+    maxq, zero = 2 ** bits - 1, (2 ** (bits - 1) if symmetric else 0)
+    best = None
+    idx = groups[None, :].expand(W.shape[0], -1)
+    for r in CLIP_RATIOS:
+        scale, mn = grid_from_range(lo * r, hi * r, bits, symmetric, zero_point)
+        s = scale.to(torch.float64)[:, groups]
+        off = -(2 ** (bits - 1)) * s if mn is None else mn.to(torch.float64)[:, groups]
+        q = round_to_grid(W, s, off, maxq, zero).to(torch.float64) * s + off
+        err = W.new_zeros(W.shape[0], G).scatter_add_(1, idx, (W - q) ** 2 * h[None, :])
+        if best is None:
+            best, bs, bm = err, scale.clone(), (None if mn is None else mn.clone())
+            continue
+        better = err < best
+        best = torch.where(better, err, best)
+        bs = torch.where(better, scale, bs)
+        if mn is not None:
+            bm = torch.where(better, mn, bm)
+    return bs, bm
 
 
 @dataclass
@@ -148,17 +225,17 @@ class QuantGrid:
         return sum(t.numel() * t.element_size() for t in (self.scales, self.mins) if t is not None)
 
 
-def fit_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantGrid:
-    """The round-to-nearest grid of ``W (m, n)``: each (row, group) spans the group's ``[lo, hi]``."""
+def fit_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, *, zero_point: str = "integer",
+             clip: str = "minmax", importance: torch.Tensor | None = None) -> QuantGrid:
+    """The round-to-nearest grid of ``W (m, n)`` per (row, group): min/max or the clipping search
+    (:func:`search_range`; ``importance`` weights the input columns)."""
     bits = check_bits(bits)
+    check_grid_options(zero_point, clip)
     W = as_matrix(W, "W")
     m, n = W.shape
     g = check_group_size(group_size, n)
     G = -(-n // g)
-    idx = column_groups(n, g, W.device).expand(m, n)
-    lo = W.new_zeros(m, G).scatter_reduce(1, idx, W, "amin", include_self=False)
-    hi = W.new_zeros(m, G).scatter_reduce(1, idx, W, "amax", include_self=False)
-    scale, mn = grid_from_range(lo, hi, bits, symmetric)
+    scale, mn = search_range(W, column_groups(n, g, W.device), G, bits, symmetric, zero_point, clip, importance)
     return QuantGrid(bits, g, n, scale, mn)
 
 
@@ -210,10 +287,11 @@ class QuantizedMatrix:
         return m * packed_row_bytes(n, self.grid.bits) + self.grid.nbytes()
 
 
-def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False) -> QuantizedMatrix:
-    """Round-to-nearest on the min/max grid of each (row, group) (:func:`fit_grid`); guarantee in the module doc."""
+def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, *, zero_point: str = "integer",
+        clip: str = "minmax", importance: torch.Tensor | None = None) -> QuantizedMatrix:
+    """Round-to-nearest on the grid of each (row, group) (:func:`fit_grid`); guarantee in the module doc."""
     W = as_matrix(W, "W")
-    grid = fit_grid(W, bits, group_size, symmetric)
+    grid = fit_grid(W, bits, group_size, symmetric, zero_point=zero_point, clip=clip, importance=importance)
     return QuantizedMatrix(quantize(W, grid), grid, {"solver": "rtn"})
 
 
@@ -254,7 +332,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 __all__ = [
-    "MAX_BITS", "MIN_BITS", "QuantGrid", "QuantizedMatrix", "check_bits", "check_group_size", "column_groups",
+    "CLIPS", "CLIP_RATIOS", "MAX_BITS", "MIN_BITS", "ZERO_POINTS", "QuantGrid", "check_grid_options", "search_range", "QuantizedMatrix", "check_bits", "check_group_size", "column_groups",
     "dequantize", "fit_grid", "grid_from_range", "num_groups", "pack_codes", "packed_row_bytes",
     "quantize", "round_to_grid", "rtn", "unpack_codes",
 ]

@@ -132,6 +132,16 @@ class Method:
             spec: Mapping[str, Any]) -> StructuredLinear:
         raise NotImplementedError
 
+    def prepare_model(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        """A function-preserving model-level transform applied in place before calibration (e.g. the
+        quantizers' rotation of the residual stream, ``rotate="stream"``); returns what it did for the
+        report, or None."""
+        if getattr(self.options, "rotate", None) != "stream":
+            return None
+        from ...models.stream import fold_and_rotate
+
+        return {"rotation": "stream", **fold_and_rotate(model, seed=int(getattr(self.options, "seed", 0))).to_dict()}
+
     def fit_unit(self, layers: Mapping[str, LayerInput]) -> dict[str, StructuredLinear]:
         """Fit every planned layer of one unit (``blocks_per_unit`` consecutive blocks, in model order).
 

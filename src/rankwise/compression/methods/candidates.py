@@ -145,10 +145,13 @@ def quant_candidates(meth: Method, W: torch.Tensor, stats: LayerStats, grid: Can
     data_aware = meth.name != "rtn"
     fit_all = data_aware and grid.measure == "exact"
     e_rtn, e_fit, kept = {}, {}, {}
+    # round-to-nearest as the rtn structure stores it (its zero point and clipping); for GPTQ's estimate the
+    # min/max grid of GPTQ's zero point (the clipping search is GPTQ's own business)
+    rtn_kw = {"zero_point": opts.zero_point, "clip": opts.clip if not data_aware else "minmax"}
     for b in widths:
         for g in sizes:
             if not fit_all:
-                e_rtn[b, g] = rel(rtn(T, b, g, bool(opts.symmetric)).dense(torch.float64))
+                e_rtn[b, g] = rel(rtn(T, b, g, bool(opts.symmetric), **rtn_kw).dense(torch.float64))
             if data_aware and (fit_all or (g == g_ref and b <= GPTQ_MEASURED_MAX_BITS)):
                 spec = quant_spec((m, n), b, opts, g)
                 layer = meth.fit(W, None, stats, spec)

@@ -1,6 +1,7 @@
 """``--structure rtn``: round-to-nearest group quantization (:class:`~rankwise.structures.quant.QuantLinear`).
 
-``W' = dequant(rtn(W Q)) Q^T`` (``Q`` the optional randomized Hadamard rotation, ``rotate=True``):
+``W' = dequant(rtn(W Q)) Q^T`` (``Q`` the optional per-layer randomized Hadamard rotation, ``rotate="layer"``;
+``rotate="stream"`` instead rotates the whole residual stream before anything is fitted):
 every weight rounded to the nearest point of its (row, group) grid spanning the group's range, so
 ``|w - w'| <= scale / 2`` entrywise (:func:`rankwise.linalg.quant.rtn`). Needs no statistics.
 
@@ -23,22 +24,34 @@ import torch
 
 from ...errors import ConfigError
 from ...linalg.hadamard import HadamardRotation
-from ...linalg.quant import MAX_BITS, MIN_BITS, check_bits, check_group_size, rtn
+from ...linalg.quant import MAX_BITS, MIN_BITS, check_bits, check_grid_options, check_group_size, rtn
 from ...structures.quant import QuantLinear, rotation_spec
 from .base import STRUCTURES, Candidate, CandidateGrid, LayerStats, Method
+
+
+ROTATIONS = ("stream", "layer")
 
 
 @dataclass
 class QuantOptions:
     """``bits``: code width 2..8 (None = chosen under the byte budget); ``group_size``: input columns
     per scale (a ragged last group when it does not divide the input size; None = chosen under the byte
-    budget, :data:`DEFAULT_GROUP_SIZE` without one); ``symmetric``: no minimums; ``rotate``: randomized
-    Hadamard rotation of the inputs, signs drawn from ``seed``."""
+    budget, :data:`DEFAULT_GROUP_SIZE` without one); ``symmetric``: no minimums; ``zero_point``: ``"integer"`` (0 on every grid, the GPTQ / compressed-tensors form) or
+    ``"float"`` (the grid spans exactly [min, max], llama.cpp's Q4_1 form); ``clip``: ``"minmax"`` or
+    ``"mse"`` (each group's range shrunk by the ratio with the smallest importance-weighted error,
+    :func:`rankwise.linalg.quant.search_range`), and for GPTQ ``"auto"`` (both, the lower objective); ``rotate``: ``"stream"`` (``True``) folds the norms and
+    rotates the residual stream by a random Hadamard matrix before quantizing
+    (:mod:`rankwise.models.stream`; fused into the weights, no op at inference, the head untied when
+    the model ties it), ``"layer"`` a randomized Hadamard rotation of each layer's inputs applied at run
+    time (:class:`~rankwise.structures.quant.QuantLinear`'s ``rotation_signs``), None off; signs drawn
+    from ``seed``."""
 
     bits: int | None = None
     group_size: int | None = None
     symmetric: bool = False
-    rotate: bool = False
+    zero_point: str = "integer"
+    clip: str = "minmax"
+    rotate: str | bool | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -48,6 +61,17 @@ class QuantOptions:
             check_group_size(self.group_size, 1)  # type and >= 1; the layer's input size caps it later
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        check_grid_options(self.zero_point, self.clip, auto=type(self) is not QuantOptions)  # auto: GPTQ only
+        if self.rotate is True:
+            self.rotate = "stream"
+        elif self.rotate is False or self.rotate in ("none", ""):
+            self.rotate = None
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise ConfigError(f"unknown rotate {self.rotate!r}; valid: stream (the residual stream, fused into the "
+                              "weights), layer (each layer's inputs, at run time), none")
+
+    def grid_kwargs(self) -> dict[str, Any]:
+        return {"zero_point": self.zero_point, "clip": self.clip}
 
 
 #: The group size of a quantized layer when neither ``--group-size`` nor a byte allocator chooses one.
@@ -59,7 +83,7 @@ def quant_spec(shape: tuple[int, int], bits: int, opts: QuantOptions, group_size
     """The :class:`QuantLinear` spec of an (out, in) layer with ``bits``-bit codes and ``opts`` (groups of
     ``group_size``, default ``opts.group_size`` or :data:`DEFAULT_GROUP_SIZE`; capped at ``in``)."""
     m, n = shape
-    rot = rotation_spec({"kind": "auto", "seed": opts.seed}, n, m) if opts.rotate else None
+    rot = rotation_spec({"kind": "auto", "seed": opts.seed}, n, m) if opts.rotate == "layer" else None
     g = group_size or opts.group_size or DEFAULT_GROUP_SIZE
     return {"bits": bits, "group_size": check_group_size(g, n), "symmetric": bool(opts.symmetric), "rotation": rot}
 
@@ -129,7 +153,8 @@ class RTN(Method):
             spec: Mapping[str, Any]) -> QuantLinear:
         rot = rotation_for(spec, W.shape[1])
         Wr = W if rot is None else rot.rotate(W.double())
-        qm = rtn(Wr, int(spec["bits"]), int(spec["group_size"]), bool(spec["symmetric"]))
+        qm = rtn(Wr, int(spec["bits"]), int(spec["group_size"]), bool(spec["symmetric"]),
+                 zero_point=self.options.zero_point, clip=self.options.clip)
         layer = QuantLinear.from_quantized(qm, bias, rot, seed=int((spec.get("rotation") or {}).get("seed", 0)),
                                            dtype=torch.float32)
         layer.fit_info = dict(qm.info)
