@@ -245,3 +245,39 @@ def test_cli_bits_alone_is_uniform_and_a_fixed_setting_says_why_the_budget_is_un
 def test_cli_settings_that_cannot_be_honoured_are_errors(tiny_dir, text_file, tmp_path, capsys, extra, needle):
     assert run_cli(tiny_dir, text_file, tmp_path, "-q", *extra) == 2
     assert needle in " ".join(capsys.readouterr().err.split())
+
+
+def test_output_gradient_energy_matches_the_gradient_at_a_leaf_output(problem):
+    """tr(G)/m from the hooks against the same gradient taken at the layer's output made a leaf tensor."""
+    from rankwise.calibration.gradients import lm_loss, output_gradient_energy
+
+    model, windows, _, _, _ = problem
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    got = output_gradient_energy(model, windows[:2], names, batch_size=2)
+    for name in names:
+        mod = model.get_submodule(name)
+        leaf = {}
+
+        def hook(module, args, out):
+            leaf["y"] = out.detach().requires_grad_(True)
+            return leaf["y"]
+
+        h = mod.register_forward_hook(hook)
+        try:
+            lm_loss(model, windows[:2]).backward()
+        finally:
+            h.remove()
+        ref = float(leaf["y"].grad.double().square().sum()) / mod.out_features
+        assert got[name] == pytest.approx(ref, rel=1e-6)
+    model.zero_grad(set_to_none=True)
+
+
+def test_loss_objective_weights_each_layers_errors(problem):
+    _, windows, _, _, shapes = problem
+    model, rep = compress(tiny_model("llama"), "gptq", bits_per_weight=3.5, calib=windows,
+                          allocate_options={"objective": "loss", "validate": False, "bits": [2, 3, 4]}, **CAL)
+    info = rep.allocation["bits_greedy"]
+    assert info["objective"] == "loss" and rep.targeted_bytes_after <= byte_budget(3.5, shapes)
+    with pytest.raises(ConfigError, match="objective"):
+        compress(tiny_model("llama"), "gptq", bits_per_weight=3.5, calib=windows,
+                 allocate_options={"objective": "kl"}, **CAL)

@@ -264,6 +264,11 @@ def register(app: typer.Typer) -> None:
                                                     "budgets: bits-greedy (default: widths, group sizes, ranks or "
                                                     "dense per layer) | uniform (one setting for every layer)."),
         min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep."),
+        allocate_objective: str = typer.Option("relative", "--allocate-objective",
+                                               help="Byte budgets: minimize the summed relative whitened errors "
+                                                    "(relative) or the loss increase they predict, each layer's "
+                                                    "error weighted by its output-gradient energy (loss: one "
+                                                    "backward pass of the dense model)."),
         validate: bool = typer.Option(True, "--validate/--no-validate",
                                       help="Byte budgets: keep the allocated plan only if it beats uniform GPTQ on "
                                            "held-out calibration windows end to end (default on; needs the model "
@@ -331,6 +336,7 @@ def register(app: typer.Typer) -> None:
                 model, structure=structure, ratio=ratio, bits_per_weight=bits_per_weight, method=method,
                 options=options, targets=targets, allocate=allocate,
                 allocate_options={"min_rank": min_rank, "speed_aware": speed_aware, "validate": validate,
+                                  "objective": allocate_objective,
                                   "speed_profile": None if speed_profile is None else str(speed_profile)},
                 engine={k: v for k, v in (("mode", mode), ("granularity", granularity), ("refit", refit),
                                           ("refit_ridge", refit_ridge), ("device", device)) if v is not None},

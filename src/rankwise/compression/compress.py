@@ -149,6 +149,10 @@ def check_allocator(allocate: str, structure: str, meth: Method) -> None:
                           f"{structure} offers none: use --allocate uniform")
 
 
+#: Objectives of the byte allocator: summed relative whitened errors, or the predicted loss increase.
+OBJECTIVES = ("relative", "loss")
+
+
 def default_structure(bits_per_weight: float | None, options: Mapping[str, Any]) -> str:
     """The structure when none is named: ``mixed`` under a byte budget (``--bits-per-weight``), ``gptq`` for a
     code width alone (``--bits``), else low rank."""
@@ -219,6 +223,9 @@ def build_config(structure: str | None = None, ratio: float | None = None, bits_
     if cfg.allocate_options.min_rank < 1 or not isinstance(cfg.allocate_options.min_rank, int):
         raise ConfigError(f"--min-rank must be an integer >= 1, got {cfg.allocate_options.min_rank!r}")
     candidate_grid(cfg.allocate_options)  # checks the measurement's name
+    if cfg.allocate_options.objective not in OBJECTIVES:
+        raise ConfigError(f"unknown allocation objective {cfg.allocate_options.objective!r}; valid: "
+                          f"{', '.join(OBJECTIVES)}")
     return cfg, meth
 
 
@@ -258,7 +265,8 @@ def make_plan(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[in
         if cfg.allocate_options.dense and getattr(method.options, "bits", None) is None:
             dense = {n: m * k * dense_elem for n, (m, k) in shapes.items()}
         req = AllocationRequest(None, shapes, {}, cfg.allocate_options, context,
-                                bits_per_weight=cfg.bits_per_weight, costs=measured, dense_bytes=dense)
+                                bits_per_weight=cfg.bits_per_weight, costs=measured, dense_bytes=dense,
+                                weights=context.weights)
         return alloc.fn(req), req.info
     if method.budget == "bytes" and hasattr(method, "uniform_plan"):
         return method.uniform_plan(shapes, cfg.bits_per_weight, candidate_grid(cfg.allocate_options))
@@ -333,10 +341,15 @@ class _DryFitter:
 
     def __init__(self, method: Method, needs: str, options: AllocateOptions) -> None:
         self.method, self.needs, self.options, self.measured = method, needs, options, {}
+        self.energy: dict[str, float] = {}  # tr(W C W^T) of each layer (objective "loss")
 
     def __call__(self, items: Mapping[str, LayerInput]) -> dict:
         for name, x in items.items():
             self.measured[name] = measure_layer(self.method, self.needs, x.W, x.stats, self.options)
+            if self.needs == "costs" and self.options.objective == "loss":
+                C = x.stats.covariance().to(torch.float32)
+                W = x.W.to(torch.float32)
+                self.energy[name] = float(((W @ C) * W).sum(dtype=torch.float64))
         return {}
 
 
@@ -399,6 +412,11 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
         Engine(source, modules, {n: {} for n in modules}, probe, dry, need_cov=need_cov or alloc.needs == "costs",
                fisher=fisher, progress=progress, dry=True, exclude_heldout=validate).run(windows)
         measured = probe.measured
+        if probe.energy:
+            if not context.output_energy:
+                raise ConfigError("the byte allocator's objective 'loss' needs the output gradients of the dense "
+                                  "model, which were not measured (the whole model must be in memory)")
+            context.weights = {n: context.output_energy[n] * probe.energy[n] for n in shapes}
     dtype = source.dtype
     elem = torch.empty((), dtype=dtype).element_size()
     plan, info = make_plan(method, cfg, shapes, measured, context, dense_elem=elem)
@@ -563,6 +581,11 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
                                       squared=True, progress=progress)
     ctx = context or AllocationContext()
     ctx.model, ctx.windows, ctx.progress = model, windows, progress
+    if get_allocator(cfg.allocate).budget == "bytes" and cfg.allocate_options.objective == "loss":
+        from ..calibration.gradients import output_gradient_energy
+
+        ctx.output_energy = output_gradient_energy(model, windows[:cfg.calib.fisher_windows], list(modules),
+                                                   progress=progress)
     filt = _QuietDamping()
     logging.getLogger("rankwise").addFilter(filt)
     try:
@@ -634,6 +657,9 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
             from .validation import check_validation_possible
 
             check_validation_possible(False)
+        if get_allocator(cfg.allocate).budget == "bytes" and cfg.allocate_options.objective == "loss":
+            raise ConfigError("--low-memory cannot weight the byte allocation by the loss (--objective loss needs "
+                              "gradients of the whole model): use --objective relative or drop --low-memory")
         if get_allocator(cfg.allocate).whole_model:
             raise ConfigError(f"--low-memory cannot use --allocate {cfg.allocate}: it measures the loss of the whole "
                               "model with each layer truncated; use uniform, spectrum-band or svd-llm-v2 (they run "

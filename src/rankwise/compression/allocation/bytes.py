@@ -11,9 +11,12 @@ setting,
 
 measured on the dense model's calibration statistics (a dry one-shot pass; 0 for dense). ``bits-greedy`` solves
 
-    minimize  sum_l e_l(c_l)   subject to   sum_l B_l(c_l) <= floor(B m n / 8) summed over the layers
+    minimize  sum_l w_l e_l(c_l)   subject to   sum_l B_l(c_l) <= floor(B m n / 8) summed over the layers
 
-(``B`` = ``--bits-per-weight``) with the multiple-choice knapsack of :mod:`.knapsack` (convex-hull
+(``B`` = ``--bits-per-weight``; ``w_l = 1`` with the default objective ``"relative"``; with ``"loss"``,
+``w_l = tr(G_l)/m_l * tr(W_l C_l W_l^T)``, so that ``w_l e_l = tr(G_l)/m_l ||(W_l - W'_l) X_l||^2`` is the
+loss increase predicted under an isotropic output-gradient moment ``G_l = sum_t g_t g_t^T`` measured by
+one backward pass of the dense model, HAWQ-V2's trace-weighted perturbation) with the multiple-choice knapsack of :mod:`.knapsack` (convex-hull
 greedy then slack filling; guarantee there). The summed relative error is the same objective the
 ``spectrum`` rank allocator uses; the uniform per-layer plan is one feasible point of the same
 problem, so the greedy's plan is at most its cost whenever the greedy is optimal for its byte count.
@@ -115,8 +118,9 @@ def bits_greedy(req: AllocationRequest) -> dict[str, dict[str, Any] | None]:
         raise ConfigError(f"no candidate settings were measured for {missing[:3]}; the structure must offer "
                           "candidates (rtn, gptq, lorc, lq, mixed)")
     check_byte_budget(req.bits_per_weight, req.shapes, req.costs, req.options.bits, req.options.group_sizes)
-    tables = {n: [Option(c.spec.get("rank"), int(c.nbytes), float(c.cost), dict(c.spec)) for c in req.costs[n]]
-              for n in req.shapes}
+    w = req.weights or {}
+    tables = {n: [Option(c.spec.get("rank"), int(c.nbytes), float(c.cost) * w.get(n, 1.0), dict(c.spec))
+                  for c in req.costs[n]] for n in req.shapes}
     if req.dense_bytes:
         for n in req.shapes:
             tables[n].append(Option(None, int(req.dense_bytes[n]), 0.0, None))
@@ -127,7 +131,7 @@ def bits_greedy(req: AllocationRequest) -> dict[str, dict[str, Any] | None]:
     used = sum(chosen[n].params for n in req.shapes)
     estimated = {n for n in req.shapes for c in req.costs[n] if not getattr(c, "exact", True)}
     info = {
-        "budget_bytes": budget, "planned_bytes": used, "planned_bits_per_weight": 8.0 * used / total,
+        "objective": req.options.objective, "budget_bytes": budget, "planned_bytes": used, "planned_bits_per_weight": 8.0 * used / total,
         "summed_cost": sum(chosen[n].cost for n in req.shapes),
         "costs": {n: chosen[n].cost for n in req.shapes},
         "candidates": sum(len(t) for t in tables.values()),

@@ -40,6 +40,8 @@ class AllocateOptions:
     measure: str = "estimate"          # bits-greedy: GPTQ candidate errors "estimate"d (3 fits a layer) or "exact"
     dense: bool = True                 # bits-greedy: keeping a layer dense is a candidate (not with a fixed --bits)
     validate: bool = True              # bits-greedy: keep the plan only if it beats uniform on held-out windows
+    objective: str = "relative"        # bits-greedy: sum of relative whitened errors, or "loss": each layer's
+                                       # absolute error weighted by its output-gradient energy (HAWQ-style)
 
 
 @dataclass
@@ -56,6 +58,8 @@ class AllocationContext:
     layer_loss: Callable[[str, int], float] | None = None
     base_loss: float | None = None
     sensitivity_cache: dict | None = None
+    output_energy: dict[str, float] | None = None  # {layer: tr(G)/m of its output gradients} (objective "loss")
+    weights: dict[str, float] | None = None        # {layer: w_l} the byte allocator weights its errors by
 
 
 @dataclass
@@ -73,6 +77,7 @@ class AllocationRequest:
     bits_per_weight: float | None = None
     costs: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # {name: [Candidate]} (needs="costs")
     dense_bytes: Mapping[str, int] | None = None  # {name: bytes of the layer kept dense}: a candidate when given
+    weights: Mapping[str, float] | None = None    # {name: w_l}: bits-greedy minimizes sum_l w_l e_l (objective "loss")
 
     def spectra(self):
         """``{name: singular values}`` (float64 numpy, descending) of every targeted layer."""
