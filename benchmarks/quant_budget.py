@@ -80,7 +80,7 @@ def loadavg() -> str:
 
 def run(row: str, seed: int) -> list[Path]:
     kind, bpw = parse_row(row)
-    exe = str(ROOT / ".venv" / "bin" / "rankwise")
+    exe = "rankwise"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     before, t0 = loadavg(), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="quant-budget-", dir="/tmp") as d:
@@ -89,7 +89,7 @@ def run(row: str, seed: int) -> list[Path]:
                "--calib-windows", str(WINDOWS), "--calib-seqlen", str(SEQLEN), "--seed", str(seed), "--eval",
                "--eval-file", str(REFTEXT / "wiki_test.txt"), "--eval-windows", str(WINDOWS), "--eval-seqlen",
                str(SEQLEN), "--out", str(out), "-q"]
-        subprocess.run(cmd, check=True, env=env)
+        subprocess.run([sys.executable, "-m", "rankwise", *cmd[1:]], check=True, env=env)  # this interpreter's rankwise
         meta = json.loads((out / "rankwise.json").read_text())
         from safetensors import safe_open
 

@@ -197,7 +197,8 @@ def test_compress_validates_on_the_heldout_windows_and_records_both_losses(probl
     model, rep = compress(tiny_model("llama"), "gptq", bits_per_weight=3.0, allocate_options={"bits": [2, 3, 4]},
                           calib=windows, **CAL)
     val = rep.allocation["validation"]
-    assert set(val["nll"]) == {"bits-greedy", "uniform"} and val["heldout_windows"] == 4
+    assert set(val["nll"]) == {"bits-greedy", "bits-greedy-loss", "uniform"} and val["heldout_windows"] == 4
+    assert val["chosen"] == min(val["nll"], key=val["nll"].get)
     total, count = window_nll(model, windows[4:])
     assert val["nll"][val["chosen"]] == pytest.approx(total / count, rel=1e-9)
     assert rep.targeted_bytes_after <= byte_budget(3.0, shapes)

@@ -264,11 +264,12 @@ def register(app: typer.Typer) -> None:
                                                     "budgets: bits-greedy (default: widths, group sizes, ranks or "
                                                     "dense per layer) | uniform (one setting for every layer)."),
         min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep."),
-        allocate_objective: str = typer.Option("relative", "--allocate-objective",
+        allocate_objective: str = typer.Option("auto", "--allocate-objective",
                                                help="Byte budgets: minimize the summed relative whitened errors "
                                                     "(relative) or the loss increase they predict, each layer's "
                                                     "error weighted by its output-gradient energy (loss: one "
-                                                    "backward pass of the dense model)."),
+                                                    "backward pass of the dense model); auto: both plans, "
+                                                    "validated with uniform on held-out windows."),
         validate: bool = typer.Option(True, "--validate/--no-validate",
                                       help="Byte budgets: keep the allocated plan only if it beats uniform GPTQ on "
                                            "held-out calibration windows end to end (default on; needs the model "

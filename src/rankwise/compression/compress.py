@@ -149,8 +149,11 @@ def check_allocator(allocate: str, structure: str, meth: Method) -> None:
                           f"{structure} offers none: use --allocate uniform")
 
 
-#: Objectives of the byte allocator: summed relative whitened errors, or the predicted loss increase.
-OBJECTIVES = ("relative", "loss")
+#: Objectives of the byte allocator: summed relative whitened errors, the predicted loss increase, or
+#: ("auto") both plans validated on the held-out windows (relative alone when not validating).
+OBJECTIVES = ("auto", "relative", "loss")
+#: The validation's label of the loss-weighted plan under the "auto" objective.
+LOSS_PLAN = "bits-greedy-loss"
 
 
 def default_structure(bits_per_weight: float | None, options: Mapping[str, Any]) -> str:
@@ -346,7 +349,7 @@ class _DryFitter:
     def __call__(self, items: Mapping[str, LayerInput]) -> dict:
         for name, x in items.items():
             self.measured[name] = measure_layer(self.method, self.needs, x.W, x.stats, self.options)
-            if self.needs == "costs" and self.options.objective == "loss":
+            if self.needs == "costs" and self.options.objective in ("loss", "auto"):
                 C = x.stats.covariance().to(torch.float32)
                 W = x.W.to(torch.float32)
                 self.energy[name] = float(((W @ C) * W).sum(dtype=torch.float64))
@@ -412,14 +415,25 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
         Engine(source, modules, {n: {} for n in modules}, probe, dry, need_cov=need_cov or alloc.needs == "costs",
                fisher=fisher, progress=progress, dry=True, exclude_heldout=validate).run(windows)
         measured = probe.measured
-        if probe.energy:
-            if not context.output_energy:
-                raise ConfigError("the byte allocator's objective 'loss' needs the output gradients of the dense "
-                                  "model, which were not measured (the whole model must be in memory)")
-            context.weights = {n: context.output_energy[n] * probe.energy[n] for n in shapes}
+    objective = cfg.allocate_options.objective
+    loss_weights = None
+    if alloc.needs == "costs" and (objective == "loss" or (objective == "auto" and validate)):
+        if not context.output_energy:
+            raise ConfigError("the byte allocator's loss objective needs the output gradients of the dense model, "
+                              "which were not measured (the whole model must be in memory)")
+        loss_weights = {n: context.output_energy[n] * probe.energy[n] for n in shapes}
     dtype = source.dtype
     elem = torch.empty((), dtype=dtype).element_size()
+    context.weights = loss_weights if objective == "loss" else None
     plan, info = make_plan(method, cfg, shapes, measured, context, dense_elem=elem)
+    plans = {cfg.allocate: plan}
+    if objective == "auto" and loss_weights is not None:  # the loss-weighted plan is validated too
+        context.weights = loss_weights
+        plan_loss, info_loss = make_plan(method, cfg, shapes, measured, context, dense_elem=elem)
+        context.weights = None
+        info[LOSS_PLAN.replace("-", "_")] = info_loss.get("bits_greedy")
+        if not _same_plan(plan_loss, plan):
+            plans[LOSS_PLAN] = plan_loss
 
     def run_pass(p: Mapping[str, Any], exclude: bool = False):
         fitter = _Fitter(method, dtype)
@@ -440,7 +454,8 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
         except ConfigError as e:
             base, base_info = None, {"uniform": {"infeasible": str(e)}}
         info.update(base_info)
-        if base is None or _same_plan(plan, base):
+        plans = {k: p for k, p in plans.items() if base is None or not _same_plan(p, base)}
+        if base is None or not plans:
             info["validation"] = {"skipped": "no uniform plan fits the budget" if base is None
                                   else "the allocated plan is the uniform plan"}
             validate = False
@@ -448,7 +463,7 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
         from .validation import validate_plans
 
         chosen, reports, info["validation"] = validate_plans(
-            source.model, modules, {cfg.allocate: plan, "uniform": base}, lambda p: run_pass(p, exclude=True),
+            source.model, modules, {**plans, "uniform": base}, lambda p: run_pass(p, exclude=True),
             windows, cfg.engine.batch_size, progress)
     else:
         reports, _ = run_pass(plan)
@@ -500,7 +515,8 @@ def budget_use(bits_per_weight: float, shapes: Mapping[str, tuple[int, int]], re
             elif "bits_greedy" not in info:
                 why += "; the default allocator (bits-greedy) mixes settings to fill the budget"
         else:
-            why = (info.get("bits_greedy") or {}).get("unused", "the candidates are discrete")
+            key = LOSS_PLAN.replace("-", "_") if chosen == LOSS_PLAN else "bits_greedy"
+            why = (info.get(key) or {}).get("unused", "the candidates are discrete")
         out["reason"] = why
         log.warning("the plan leaves %.1f%% of the byte budget unused (%.3f of %.3f bits per weight): %s",
                     100 * out["unused_fraction"], out["bits_per_weight"], bits_per_weight, why)
@@ -581,7 +597,9 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
                                       squared=True, progress=progress)
     ctx = context or AllocationContext()
     ctx.model, ctx.windows, ctx.progress = model, windows, progress
-    if get_allocator(cfg.allocate).budget == "bytes" and cfg.allocate_options.objective == "loss":
+    objective = cfg.allocate_options.objective
+    if get_allocator(cfg.allocate).needs == "costs" and (objective == "loss" or (objective == "auto"
+                                                                                 and validates(meth, cfg))):
         from ..calibration.gradients import output_gradient_energy
 
         ctx.output_energy = output_gradient_energy(model, windows[:cfg.calib.fisher_windows], list(modules),
@@ -658,8 +676,9 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
 
             check_validation_possible(False)
         if get_allocator(cfg.allocate).budget == "bytes" and cfg.allocate_options.objective == "loss":
-            raise ConfigError("--low-memory cannot weight the byte allocation by the loss (--objective loss needs "
-                              "gradients of the whole model): use --objective relative or drop --low-memory")
+            raise ConfigError("--low-memory cannot weight the byte allocation by the loss (--allocate-objective loss "
+                              "needs gradients of the whole model): use --allocate-objective relative or drop "
+                              "--low-memory")
         if get_allocator(cfg.allocate).whole_model:
             raise ConfigError(f"--low-memory cannot use --allocate {cfg.allocate}: it measures the loss of the whole "
                               "model with each layer truncated; use uniform, spectrum-band or svd-llm-v2 (they run "

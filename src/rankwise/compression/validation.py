@@ -1,6 +1,7 @@
 """Validated allocations: an allocated plan is kept only if it beats the uniform plan end to end on held-out windows.
 
-Each candidate plan (the allocator's, and the method's uniform plan at the same budget) is run through
+Each candidate plan (the allocator's -- with the default objective two of them, the relative errors' and
+the loss-weighted errors' -- and the method's uniform plan at the same budget) is run through
 the one engine (:class:`~.engine.Engine`) with its held-out calibration windows -- the last
 ``ceil(holdout / batch_size)`` batches, the ones the refit's ridge choice scores on -- kept out of every
 statistic (``exclude_heldout``). After each sequential pass the compressed model's mean next-token NLL

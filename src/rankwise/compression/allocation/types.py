@@ -40,8 +40,9 @@ class AllocateOptions:
     measure: str = "estimate"          # bits-greedy: GPTQ candidate errors "estimate"d (3 fits a layer) or "exact"
     dense: bool = True                 # bits-greedy: keeping a layer dense is a candidate (not with a fixed --bits)
     validate: bool = True              # bits-greedy: keep the plan only if it beats uniform on held-out windows
-    objective: str = "relative"        # bits-greedy: sum of relative whitened errors, or "loss": each layer's
-                                       # absolute error weighted by its output-gradient energy (HAWQ-style)
+    objective: str = "auto"            # bits-greedy: "relative" (summed relative whitened errors), "loss" (each
+                                       # layer's error weighted by its output-gradient energy, HAWQ-style), or
+                                       # "auto": both plans validated against uniform (relative without validation)
 
 
 @dataclass
