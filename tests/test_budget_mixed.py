@@ -282,3 +282,14 @@ def test_loss_objective_weights_each_layers_errors(problem):
     with pytest.raises(ConfigError, match="objective"):
         compress(tiny_model("llama"), "gptq", bits_per_weight=3.5, calib=windows,
                  allocate_options={"objective": "kl"}, **CAL)
+
+
+def test_uniform_says_why_it_leaves_the_budget_unused(problem, caplog):
+    _, windows, _, _, _ = problem
+    with caplog.at_level("WARNING", logger="rankwise"):
+        _, rep = compress(tiny_model("llama"), "gptq", bits_per_weight=3.0, options={"group_size": 128},
+                          allocate="uniform", calib=windows, **CAL)
+    use = rep.allocation["budget"]
+    assert use["unused_fraction"] > 0.05 and use["plan"] == "uniform"
+    assert "the next larger, 3-bit codes" in use["reason"] and "bits-greedy" in use["reason"]
+    assert any("byte budget unused" in r.getMessage() for r in caplog.records)
