@@ -12,7 +12,7 @@ from rankwise.calibration.stats import collect_input_stats
 from rankwise.compression.allocation import AllocateOptions, AllocationContext, get_allocator
 from rankwise.compression.allocation.bytes import byte_budget
 from rankwise.compression.compress import build_config, compress, make_plan, measure_layer
-from rankwise.compression.methods.base import LayerStats, get_method
+from rankwise.compression.methods.base import CandidateGrid, LayerStats, get_method
 from rankwise.errors import ConfigError
 from rankwise.models.surgery import find_linears, linear_shape
 from rankwise.models.tiny import tiny_model
@@ -60,6 +60,7 @@ def tables_and_plans(tiny_problem, structure, bpw, options, bits=None):
 def plan_cost(tables, plan) -> tuple[float, int]:
     cost = nbytes = 0
     for n, spec in plan.items():
+        assert spec is not None  # no layer kept dense at these budgets
         c = next(c for c in tables[n] if dict(c.spec) == dict(spec))
         cost += c.cost
         nbytes += c.nbytes
@@ -71,13 +72,13 @@ def test_quant_candidates_have_exact_bytes_and_the_fits_whitened_error(tiny_prob
     name = "model.layers.0.mlp.down_proj"  # 64 x 128: two groups of 64 per row
     W, st = weights[name], stats[name]
     meth = get_method("gptq", group_size=64)
-    cands = meth.candidates(W, st, [2, 3, 8])
+    cands = meth.candidates(W, st, CandidateGrid(widths=(2, 3, 8), measure="exact"))
     assert [c.spec["bits"] for c in cands] == [2, 3, 8]
     for c in cands:
         m, n, b = 64, 128, c.spec["bits"]
         assert c.nbytes == m * -(-n * b // 8) + 2 * 2 * m * 2  # packed codes + float16 scales and minimums
         fitted = meth.fit(W, None, st, c.spec)
-        assert c.cost == pytest.approx(np_rel_error(W, fitted.dense(), st.covariance()), rel=1e-9)
+        assert c.cost == pytest.approx(np_rel_error(W, fitted.dense(), st.covariance()), rel=1e-5)  # float32 products
     assert cands[0].cost > cands[1].cost > cands[2].cost > 0
 
 
@@ -87,7 +88,7 @@ def test_lowrank_quant_candidates_match_lorc_fits_and_bound_lq(tiny_problem):
     W, st = weights[name], stats[name]
     C = st.covariance()
     lorc = get_method("lorc", group_size=32)
-    cands = {(c.spec["bits"], c.spec["rank"]): c for c in lorc.candidates(W, st, [2, 3])}
+    cands = {(c.spec["bits"], c.spec["rank"]): c for c in lorc.candidates(W, st, CandidateGrid(widths=(2, 3)))}
     assert {k for _, k in cands} == {1, 2, 3, 4, 6, 8, 12, 16, 24, 32}  # rank grid up to min(m, n) / 2
     for key in ((2, 4), (3, 16)):
         c = cands[key]
@@ -122,7 +123,7 @@ def test_greedy_is_close_to_the_brute_force_optimum(tiny_problem):
     names = [n for n in shapes if n.startswith("model.layers.0.self_attn")]
     sub = {n: shapes[n] for n in names}
     meth = get_method("gptq", group_size=32)
-    tables = {n: measure_layer(meth, "costs", weights[n], stats[n], AllocateOptions(bits=[2, 3, 4, 5]))
+    tables = {n: measure_layer(meth, "costs", weights[n], stats[n], AllocateOptions(bits=[2, 3, 4, 5], measure="exact"))
               for n in names}
     for bpw in (3.3, 3.7, 4.2):
         budget = byte_budget(bpw, sub)
@@ -142,7 +143,7 @@ def test_greedy_is_close_to_the_brute_force_optimum(tiny_problem):
 def test_compress_with_bits_greedy_records_the_allocation(tiny_problem):
     _, windows, _, _, shapes = tiny_problem
     model, rep = compress(tiny_model("llama"), "gptq", bits_per_weight=3.5, options={"group_size": 32},
-                          allocate="bits-greedy", calib=windows, **CAL)
+                          allocate="bits-greedy", allocate_options={"validate": False}, calib=windows, **CAL)
     assert rep.allocate == "bits-greedy" and rep.bits_per_weight <= 3.5
     assert rep.targeted_bytes_after <= byte_budget(3.5, shapes)
     assert len({lr.spec["bits"] for lr in rep.layers}) > 1

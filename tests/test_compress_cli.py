@@ -45,7 +45,7 @@ def test_compress_then_eval(tiny_dir, text_file, tmp_path, capsys):
 @pytest.mark.parametrize("extra,needle", [
     (["--method", "nope"], "unknown low-rank objective"),
     (["--structure", "nope"], "unknown structure"),
-    (["--bits-per-weight", "3"], "--ratio"),
+    (["--structure", "lowrank", "--bits-per-weight", "3"], "--ratio"),
     (["--mode", "both"], "unknown mode"),
     (["--mode", "one-shot", "--refit"], "sequential"),
     (["--set", "rank"], "KEY=VALUE"),

@@ -72,11 +72,21 @@ def _restore(model: nn.Module, snap: dict) -> None:
 
 
 def train(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, eval_ids: torch.Tensor | None = None,
-          progress: bool = True, loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
-          ) -> TrainResult:
+          progress: bool = True, params: list | None = None,
+          loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
     """Train ``model``'s adapters on token ``windows`` (n, L); returns the loss curve and evaluations.
-    ``loss_fn(model, ids)``: the training loss of a batch (default: next-token cross-entropy)."""
-    params = trainable_parameters(model)
+
+    ``params``: the tensors to train instead of the adapters' (a list of tensors, or of AdamW parameter
+    groups ``{"params": [...], "lr_scale": c}`` whose learning rate is ``c * cfg.lr``); a non-finite loss
+    then restores them. ``loss_fn(model, ids)``: the training loss of a batch (default: next-token
+    cross-entropy)."""
+    groups = None
+    if params is not None:
+        groups = [g if isinstance(g, dict) else {"params": [g]} for g in params]
+        groups = [{"params": list(g["params"]), "lr": cfg.lr * float(g.get("lr_scale", 1.0))} for g in groups]
+        params = [p for g in groups for p in g["params"]]
+    else:
+        params = trainable_parameters(model)
     if not params:
         raise ConfigError("the model has no trainable adapter parameters; call rankwise.adapt(model, ...) first")
     if windows.ndim != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
@@ -86,7 +96,8 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, eval_ids: t
     if not cfg.lr > 0:
         raise ConfigError(f"learning rate must be positive, got {cfg.lr}")
     device = params[0].device
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups or params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    snapshot = (lambda: [p.detach().clone() for p in params]) if groups is not None else (lambda: _snapshot(model))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, cfg.steps, cfg.warmup))
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(windows.shape[0], generator=g)
@@ -132,11 +143,16 @@ def train(model: nn.Module, windows: torch.Tensor, cfg: TrainConfig, eval_ids: t
             if not finite:
                 res.stopped_on_nan, res.nan_step = True, step
                 if last_good is not None:
-                    _restore(model, last_good)
+                    if groups is not None:
+                        with torch.no_grad():
+                            for p, v in zip(params, last_good):
+                                p.copy_(v)
+                    else:
+                        _restore(model, last_good)
                 bar.write(f"non-finite loss at step {step}: training stopped, adapters restored to the last "
                           "state with a finite loss (step {}); lower --lr or use float32".format(max(step - 1, 0)))
                 break
-            last_good = _snapshot(model)
+            last_good = snapshot()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()

@@ -134,3 +134,46 @@ def output_fisher(model: nn.Module, windows: torch.Tensor, names: Sequence[str],
             p.requires_grad_(flags[id(p)])
         model.train(was_training)
     return {n: v / max(tokens, 1) for n, v in acc.items()}
+def output_gradient_energy(model: nn.Module, windows: torch.Tensor, names: Sequence[str], batch_size: int = 1,
+                           progress: bool = False) -> dict[str, float]:
+    """``{name: sum_b sum_t ||d loss_b / d y_t||^2 / m}``: the squared gradient of the LM loss at each named
+    layer's output ``y`` (``m`` outputs), summed over the calibration tokens and averaged over the outputs,
+    float64. It is ``tr(G) / m`` of the output-gradient second moment ``G = sum_t g_t g_t^T``: under an
+    isotropic ``G`` the loss increase of an output error ``Delta y_t = Delta W x_t`` is
+    ``~ tr(G)/m * ||Delta W X||_F^2`` (HAWQ-V2's trace-weighted perturbation). Parameters and the
+    model's mode are left as they were."""
+    _check_windows(windows, batch_size)
+    modules = get_modules(model, names)
+    params = [_weight_param(m) for m in modules.values()]
+    acc = {n: 0.0 for n in modules}
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    device = params[0].device if params else next(model.parameters()).device
+    was_training = model.training
+
+    def capture(name: str, m: int):
+        def fwd(module, args, out):
+            def bwd(g):
+                acc[name] += float(g.detach().double().square().sum()) / m
+            out.register_hook(bwd)
+        return fwd
+
+    handles = [mod.register_forward_hook(capture(n, int(linear_weight(mod).shape[0]))) for n, mod in modules.items()]
+    model.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        for i in tqdm(range(0, windows.shape[0], batch_size), desc="gradients", disable=not progress, leave=False):
+            loss = lm_loss(model, windows[i: i + batch_size].to(device))
+            if not bool(torch.isfinite(loss)):
+                raise NumericalError(f"non-finite LM loss on calibration batch {i // batch_size}; "
+                                     "check the model weights or run in float32")
+            torch.autograd.grad(loss, params)
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        model.train(was_training)
+    return acc

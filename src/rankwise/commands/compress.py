@@ -14,7 +14,8 @@ DEFAULT_CALIB_WINDOWS, DEFAULT_EVAL_WINDOWS, DEFAULT_SEQLEN, DEFAULT_SEED = 64, 
 def print_report(report, max_layers: int = 12) -> None:
     """Rich tables: the summary and the per-layer structures."""
     budget = (f"ratio {report.budget['ratio']:g}" if "ratio" in report.budget
-              else f"{report.budget['bits_per_weight']:g} bits/weight")
+              else f"{report.budget['bits_per_weight']:g} bits/weight" if "bits_per_weight" in report.budget
+              else f"{report.budget.get('bits')}-bit codes")
     table("compression", ["structure", "method", "budget", "allocate", "mode", "refit", "removed", "bits/weight",
                           "targeted values", "model params", "seconds"],
           [[report.structure, report.method, budget, report.allocate, f"{report.mode}, {report.granularity}",
@@ -37,10 +38,34 @@ def print_report(report, max_layers: int = 12) -> None:
         from ..compression.pruning import pruning_summary
 
         console.print(f"pruned: {pruning_summary(report.pruning)} (rankwise.json 'pruning' says what and why)")
+    for line in allocation_notes(report):
+        console.print(line)
     if report.perplexity:
         p = report.perplexity
-        table("perplexity", ["dense", "compressed", "windows x seqlen", "text"],
-              [[p.get("dense", "-"), p["compressed"], f"{p['windows']} x {p['seqlen']}", p.get("corpus", "")]])
+        healed = "before_healing" in p
+        table("perplexity", ["dense", *(["before healing", "healed"] if healed else ["compressed"]),
+                             "windows x seqlen", "text"],
+              [[p.get("dense", "-"), *([p["before_healing"]] if healed else []), p["compressed"],
+                f"{p['windows']} x {p['seqlen']}", p.get("corpus", "")]])
+
+
+def allocation_notes(report) -> list[str]:
+    """One line each: how a byte allocation was validated, and why a plan leaves > 5 % of the budget unused."""
+    info = report.allocation or {}
+    out = []
+    val = info.get("validation")
+    if val and "nll" in val:
+        nll = ", ".join(f"{k} {v:.4f}" for k, v in val["nll"].items())
+        out.append(f"validated on {val['heldout_windows']} held-out calibration windows (mean NLL {nll}): "
+                   f"kept the {val['chosen']} plan" + (f" -- {val['note']}" if val.get("note") else ""))
+    elif val and val.get("skipped"):
+        out.append(f"validation skipped: {val['skipped']}")
+    use = info.get("budget")
+    if use and use.get("reason"):
+        out.append(f"[yellow]warning:[/yellow] the plan leaves {100 * use['unused_fraction']:.1f}% of the byte "
+                   f"budget unused ({use['bits_per_weight']:.3f} of {report.budget['bits_per_weight']:g} bits per "
+                   f"weight): {use['reason']}")
+    return out
 
 
 def parse_sets(pairs: list[str] | None) -> dict:
@@ -105,7 +130,7 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
     and exports; bad input fails on every rank with the same message. ``export_to``: ``(format, dir)`` also
     writes the compressed model in that export format (``rankwise export``), from ``out`` when the model
     was written block by block (``low_memory``), else from memory."""
-    from ..api import compress
+    from ..api import _rewrites_architecture, compress
     from ..compression.compress import build_config, calibration_windows, compress_low_memory
     from ..compression.engine.device import parse_dtype
     from ..compression.engine.distributed import Comm
@@ -142,6 +167,23 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
         return healing, want, texts(text_file, calib_file, eval_file)
 
     heal, want, (calib, eval_text, eval_label) = comm.agreed(preflight)
+    def heal_and_measure(model, tok, report, teacher=None):
+        """Heal in memory on the calibration windows (the perplexity before and after with --eval); a pruned
+        model is distilled from ``teacher``, the dense model."""
+        co = dict(calib_options or {})
+        windows, _ = calibration_windows(model, calib, tok, co.get("windows", DEFAULT_CALIB_WINDOWS),
+                                         co.get("seqlen", DEFAULT_SEQLEN), co.get("seed", DEFAULT_SEED))
+        before = measure(model, tok) if do_eval else None
+        report.healing = heal_model(model, windows, heal, progress=not quiet, teacher=teacher)
+        return before
+
+    def measure(model, tok):
+        from ..calibration.corpus import load_corpus
+
+        return perplexity(model, tok, text=eval_text if eval_text is not None else load_corpus("test"),
+                          seqlen=eval_seqlen, windows=eval_windows, progress=not quiet)
+
+    before = None
     if low_memory:  # writes --out block by block; the compressed model is loaded back only if needed
         from ..compression.engine.memory import mmap_large_allocations
 
@@ -153,23 +195,27 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
         model, tok, path = (load_model(out) if (do_eval or export_dense_dir is not None or heal.steps)
                             else (None, None, Path(out)))
         if heal.steps:  # the compressed model (smaller than the original) is healed in memory, then rewritten
-            co = dict(calib_options or {})
-            windows, _ = calibration_windows(model, calib, tok, co.get("windows", DEFAULT_CALIB_WINDOWS),
-                                             co.get("seqlen", DEFAULT_SEQLEN), co.get("seed", DEFAULT_SEED))
-            report.healing = heal_model(model, windows, heal, progress=not quiet)
+            before = heal_and_measure(model, tok, report)
     else:
         model, tok, path = comm.agreed(lambda: load_model(model_arg, dtype=want or checkpoint_dtype(model_arg)))
+        teacher = None  # pruned models heal by distillation from the dense model
+        if heal.steps and comm.is_main and _rewrites_architecture(structure):
+            import copy
+
+            teacher = copy.deepcopy(model)
         model, report = compress(model, structure, ratio, bits_per_weight=bits_per_weight, calib=calib, tokenizer=tok,
-                                 progress=not quiet, inplace=True, heal=heal, **kw)
+                                 progress=not quiet, inplace=True, **kw)
         if not comm.is_main:
             return model, tok, path, report
+        if heal.steps:
+            before = heal_and_measure(model, tok, report, teacher)
+            teacher = None
     if do_eval:
-        from ..calibration.corpus import load_corpus
-
-        res = perplexity(model, tok, text=eval_text if eval_text is not None else load_corpus("test"),
-                         seqlen=eval_seqlen, windows=eval_windows, progress=not quiet)
+        res = measure(model, tok)
         report.perplexity = {"compressed": res.ppl, "windows": res.windows, "seqlen": res.seqlen,
                              "corpus": eval_label}
+        if before is not None:
+            report.perplexity["before_healing"] = before.ppl
     if out is not None and (not low_memory or heal.steps):  # low-memory wrote --out already, unhealed
         save_compressed(model, tok, out, report, overwrite=overwrite or low_memory,
                         extra={"source_model": str(model_arg if low_memory else path)})
@@ -187,10 +233,12 @@ def register(app: typer.Typer) -> None:
     @app.command("compress")
     def compress_cmd(
         model: Optional[str] = ModelArg,
-        structure: str = typer.Option("lowrank", "--structure", "-s",
-                                      help="lowrank | rtn | gptq | lorc | lq | lowrank-sparse | prune | monarch | "
-                                           "blockdiag-lowrank | kronecker | shared-basis (rankwise.compression.methods); "
-                                           "structured pruning to a smaller plain model: depth | width | slice."),
+        structure: Optional[str] = typer.Option(None, "--structure", "-s",
+                                                help="lowrank | rtn | gptq | lorc | lq | mixed | lowrank-sparse | "
+                                                     "prune | monarch | blockdiag-lowrank | kronecker | shared-basis "
+                                                     "(rankwise.compression.methods); structured pruning to a smaller "
+                                                     "plain model: depth | width | slice. Default: lowrank; mixed "
+                                                     "with --bits-per-weight; gptq with --bits alone."),
         method: Optional[str] = typer.Option(None, "--method", "-m",
                                              help="Low-rank objective: svd | asvd | fwsvd | svd-llm (default) | "
                                                   "svd-llm-v2."),
@@ -201,8 +249,15 @@ def register(app: typer.Typer) -> None:
                                                    "(parameter-budget structures; default 0.4)."),
         bits_per_weight: Optional[float] = typer.Option(None, "--bits-per-weight", "-b",
                                                         help="Stored bits per targeted weight, all overhead counted "
-                                                             "(byte-budget structures: rtn, gptq, lorc, lq)."),
-        group_size: Optional[int] = typer.Option(None, "--group-size", help="Quantization group size along the input."),
+                                                             "(byte-budget structures: mixed, rtn, gptq, lorc, lq): "
+                                                             "widths, group sizes (ranks, dense) chosen per layer."),
+        bits: Optional[int] = typer.Option(None, "--bits",
+                                           help="Code width of every quantized layer, 2..8 (as in other tools; "
+                                                "scales and minimums come on top). With --bits-per-weight: the "
+                                                "width is fixed and the group sizes are chosen."),
+        group_size: Optional[int] = typer.Option(None, "--group-size",
+                                                 help="Quantization group size along the input (default: chosen per "
+                                                      "layer under --bits-per-weight, else 128)."),
         rotate: Optional[bool] = typer.Option(None, "--rotate/--no-rotate",
                                               help="rtn | gptq | lorc | lq: fold the norms and rotate the residual "
                                                    "stream by a random Hadamard matrix before quantizing (fused into "
@@ -233,8 +288,19 @@ def register(app: typer.Typer) -> None:
                                                help="Rank allocator: uniform | spectrum | spectrum-typed | "
                                                     "spectrum-band | svd-llm-v2 | sensitivity | sensitivity-band "
                                                     "(default: uniform; svd-llm-v2 with --method svd-llm-v2); byte "
-                                                    "budgets: uniform | bits-greedy (widths and ranks per layer)."),
+                                                    "budgets: bits-greedy (default: widths, group sizes, ranks or "
+                                                    "dense per layer) | uniform (one setting for every layer)."),
         min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep."),
+        allocate_objective: str = typer.Option("auto", "--allocate-objective",
+                                               help="Byte budgets: minimize the summed relative whitened errors "
+                                                    "(relative) or the loss increase they predict, each layer's "
+                                                    "error weighted by its output-gradient energy (loss: one "
+                                                    "backward pass of the dense model); auto: both plans, "
+                                                    "validated with uniform on held-out windows."),
+        validate: bool = typer.Option(True, "--validate/--no-validate",
+                                      help="Byte budgets: keep the allocated plan only if it beats uniform GPTQ on "
+                                           "held-out calibration windows end to end (default on; needs the model "
+                                           "in memory)."),
         speed_aware: bool = typer.Option(False, "--speed-aware/--no-speed-aware",
                                          help="Keep layers dense whose factorized form is not faster (measured, "
                                               "cached per machine); the allocator moves their budget."),
@@ -264,12 +330,15 @@ def register(app: typer.Typer) -> None:
         eval_windows: int = typer.Option(DEFAULT_EVAL_WINDOWS, help="Windows for --eval."),
         eval_seqlen: int = typer.Option(DEFAULT_SEQLEN, help="Tokens per window for --eval."),
         heal_steps: int = typer.Option(0, "--heal-steps",
-                                       help="Train low-rank corrections of the factors for N steps on the "
-                                            "calibration windows and merge them back (same size); pruned models "
-                                            "(depth, width, slice) are distilled from the dense model (KL on the "
-                                            "logits, corrections of every linear layer); 0 = off."),
-        heal_rank: int = typer.Option(8, "--heal-rank", help="Rank of each healing correction."),
-        heal_lr: float = typer.Option(5e-4, "--heal-lr", help="Healing learning rate."),
+                                       help="Heal for N steps on the calibration windows (same size, same format): "
+                                            "low-rank factors get LoRA corrections merged back; quantized layers "
+                                            "train their scales and minimums (and lorc factors), codes frozen; "
+                                            "pruned models (depth, width, slice) are distilled from the dense model "
+                                            "(KL on the logits, LoRA corrections of every block linear). 0 = off."),
+        heal_rank: int = typer.Option(8, "--heal-rank", help="Rank of each LoRA healing correction."),
+        heal_lr: Optional[float] = typer.Option(None, "--heal-lr",
+                                                help="Healing learning rate (default: 5e-4 for LoRA corrections, "
+                                                     "1e-3 relative to each group's step for quantized layers)."),
         quiet: bool = QuietOpt,
     ) -> None:
         """Replace the linear layers by structures fitted on calibration activations.
@@ -287,13 +356,19 @@ def register(app: typer.Typer) -> None:
             options = parse_sets(sets)
             if rotate is not None:
                 options["rotate"] = "stream" if rotate else None
-            for key, value in (("whitening", whitening), ("group_size", group_size)):
+            for key, value in (("whitening", whitening), ("group_size", group_size), ("bits", bits)):
                 if value is not None:
+                    if key in options and options[key] != value:
+                        from ..errors import ConfigError
+
+                        raise ConfigError(f"{key} given twice: --{key.replace('_', '-')} {value} and --set "
+                                          f"{key}={options[key]}; keep one")
                     options[key] = value
             _, _, _, report = run_compress(
                 model, structure=structure, ratio=ratio, bits_per_weight=bits_per_weight, method=method,
                 options=options, targets=targets, allocate=allocate,
-                allocate_options={"min_rank": min_rank, "speed_aware": speed_aware,
+                allocate_options={"min_rank": min_rank, "speed_aware": speed_aware, "validate": validate,
+                                  "objective": allocate_objective,
                                   "speed_profile": None if speed_profile is None else str(speed_profile)},
                 engine={k: v for k, v in (("mode", mode), ("granularity", granularity), ("refit", refit),
                                           ("refit_ridge", refit_ridge), ("device", device)) if v is not None},

@@ -43,7 +43,7 @@ from .engine.device import compute_device
 from .engine.memory import trim
 from .engine.distributed import Comm, module_fingerprint, sigterm_as_exit
 from ..options import make_options
-from .methods.base import LayerInput, Method, get_method
+from .methods.base import CandidateGrid, LayerInput, Method, get_method
 from .pruning import is_pruning, prune_model
 from .report import CompressionReport, LayerReport
 
@@ -150,14 +150,45 @@ def check_allocator(allocate: str, structure: str, meth: Method) -> None:
                           f"{structure} offers none: use --allocate uniform")
 
 
+#: Objectives of the byte allocator: summed relative whitened errors, the predicted loss increase, or
+#: ("auto") both plans validated on the held-out windows (relative alone when not validating).
+OBJECTIVES = ("auto", "relative", "loss")
+#: The validation's label of the loss-weighted plan under the "auto" objective.
+LOSS_PLAN = "bits-greedy-loss"
+
+
+def default_structure(bits_per_weight: float | None, options: Mapping[str, Any]) -> str:
+    """The structure when none is named: ``mixed`` under a byte budget (``--bits-per-weight``), ``gptq`` for a
+    code width alone (``--bits``), else low rank."""
+    if bits_per_weight is not None:
+        return "mixed"
+    if options.get("bits") is not None:
+        return "gptq"
+    return DEFAULT_STRUCTURE
+
+
+def _single_setting(meth: Method) -> bool:
+    """The byte method has one setting per layer (fixed width and group size, no rank to choose)."""
+    o = meth.options
+    return getattr(o, "bits", None) is not None and getattr(o, "group_size", None) is not None \
+        and not hasattr(o, "rank")
+
+
+def validates(meth: Method, cfg: "CompressConfig") -> bool:
+    """Whether the run validates its byte allocation against the uniform plan (:mod:`.validation`)."""
+    alloc = get_allocator(cfg.allocate)
+    return (cfg.bits_per_weight is not None and alloc.budget == "bytes" and alloc.needs == "costs"
+            and cfg.allocate_options.validate and hasattr(meth, "uniform_plan"))
+
+
 def build_config(structure: str | None = None, ratio: float | None = None, bits_per_weight: float | None = None, *,
                  method: str | None = None, options: Mapping[str, Any] | None = None, targets=None,
                  allocate: str | None = None, allocate_options: AllocateOptions | Mapping[str, Any] | None = None,
                  engine: EngineOptions | Mapping[str, Any] | None = None,
                  calib_options: CalibOptions | Mapping[str, Any] | None = None) -> tuple[CompressConfig, Method]:
     """A validated :class:`CompressConfig` and its method instance (fails before any model work)."""
-    structure = structure or DEFAULT_STRUCTURE
     opts = dict(options or {})
+    structure = structure or default_structure(bits_per_weight, opts)
     if method is not None:
         if "method" in opts and opts["method"] != method:
             raise ConfigError(f"method given twice: {method!r} and options['method']={opts['method']!r}")
@@ -170,20 +201,42 @@ def build_config(structure: str | None = None, ratio: float | None = None, bits_
     else:
         if ratio is not None:
             raise ConfigError(f"--structure {structure} takes a byte budget (--bits-per-weight), not --ratio")
-        if bits_per_weight is None:
-            raise ConfigError(f"--structure {structure} needs --bits-per-weight B (stored bits per weight, "
-                              "all overhead counted)")
-        bits_per_weight = check_bits(bits_per_weight)
+        if bits_per_weight is None and getattr(meth.options, "bits", None) is None:
+            raise ConfigError(f"--structure {structure} needs --bits-per-weight B (stored bits per weight, all overhead "
+                              "counted; widths and group sizes chosen per layer) or --bits B (the code width of "
+                              "every layer)")
+        if bits_per_weight is not None:
+            bits_per_weight = check_bits(bits_per_weight)
+        elif meth.name in ("lorc", "lq") and meth.options.rank is None:
+            raise ConfigError(f"--structure {structure} needs --bits-per-weight B (stored bits per weight, all "
+                              "overhead counted): the rank takes what the codes leave (or fix both --bits and "
+                              "--set rank=K)")
     if allocate is None:  # SVD-LLM v2 is its truncation and its allocation together
-        allocate = "svd-llm-v2" if opts.get("method") == "svd-llm-v2" else "uniform"
+        if meth.budget == "bytes":
+            allocate = "uniform" if bits_per_weight is None or _single_setting(meth) else "bits-greedy"
+        else:
+            allocate = "svd-llm-v2" if opts.get("method") == "svd-llm-v2" else "uniform"
     check_allocator(allocate, structure, meth)
+    if meth.budget == "bytes" and bits_per_weight is None and allocate != "uniform":
+        raise ConfigError(f"--allocate {allocate} shares a byte budget among the layers: pass --bits-per-weight B "
+                          "(with --bits B alone every layer takes B-bit codes: --allocate uniform)")
     cfg = CompressConfig(structure, dataclasses.asdict(meth.options), ratio, bits_per_weight, targets, allocate,
                          make_options(AllocateOptions, allocate_options, {}, "allocator"),
                          make_options(EngineOptions, engine, {}, "engine").resolved(meth.engine_defaults()).validate(),
                          make_options(CalibOptions, calib_options, {}, "calibration").validate())
     if cfg.allocate_options.min_rank < 1 or not isinstance(cfg.allocate_options.min_rank, int):
         raise ConfigError(f"--min-rank must be an integer >= 1, got {cfg.allocate_options.min_rank!r}")
+    candidate_grid(cfg.allocate_options)  # checks the measurement's name
+    if cfg.allocate_options.objective not in OBJECTIVES:
+        raise ConfigError(f"unknown allocation objective {cfg.allocate_options.objective!r}; valid: "
+                          f"{', '.join(OBJECTIVES)}")
     return cfg, meth
+
+
+def candidate_grid(options: AllocateOptions) -> CandidateGrid:
+    """The byte allocators' candidate grid from the allocator options."""
+    return CandidateGrid(tuple(options.bits) if options.bits else None,
+                         tuple(options.group_sizes) if options.group_sizes else None, options.measure)
 
 
 # -- plan ------------------------------------------------------------------------------------------
@@ -195,13 +248,15 @@ def _targets(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[int
 
 
 def make_plan(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[int, int]],
-              measured: Mapping[str, Any], context: AllocationContext) -> tuple[dict, dict]:
+              measured: Mapping[str, Any], context: AllocationContext, dense_elem: int = 4) -> tuple[dict, dict]:
     """``({name: spec or None}, allocation info)``.
 
     ``measured`` is what the allocator's dry pass measured per layer (:func:`measure_layer`):
     factorizations (``needs="spectra"`` / ``"factors"``) or candidate tables (``needs="costs"``). A params method with a
     factorization gets its ranks from the allocator; a bytes method gets its specs from a bytes
-    allocator, or with ``--allocate uniform`` each layer its own ``plan_layer`` at the uniform budget.
+    allocator (keeping a layer dense, ``dense_elem`` bytes a value, is one more candidate unless
+    ``--bits`` is fixed), or with ``--allocate uniform`` the method's uniform plan (one setting for
+    every layer within the budget).
     """
     alloc = get_allocator(cfg.allocate)
     if hasattr(method, "factorize") and method.budget == "params":
@@ -210,9 +265,15 @@ def make_plan(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[in
         check_plan(shapes, ranks)
         return {n: (None if ranks.get(n) is None else {"rank": int(ranks[n])}) for n in shapes}, req.info
     if method.budget == "bytes" and alloc.budget == "bytes":
+        dense = None
+        if cfg.allocate_options.dense and getattr(method.options, "bits", None) is None:
+            dense = {n: m * k * dense_elem for n, (m, k) in shapes.items()}
         req = AllocationRequest(None, shapes, {}, cfg.allocate_options, context,
-                                bits_per_weight=cfg.bits_per_weight, costs=measured)
+                                bits_per_weight=cfg.bits_per_weight, costs=measured, dense_bytes=dense,
+                                weights=context.weights)
         return alloc.fn(req), req.info
+    if method.budget == "bytes" and hasattr(method, "uniform_plan"):
+        return method.uniform_plan(shapes, cfg.bits_per_weight, candidate_grid(cfg.allocate_options))
     plan = {}
     for n, target in _targets(method, cfg, shapes).items():
         try:
@@ -233,7 +294,7 @@ def measure_layer(method: Method, needs: str, W: torch.Tensor, stats, options: A
             fac.U, fac.Vh = fac.U[:, :0], fac.Vh[:0]
         return fac
     if needs == "costs":
-        return method.candidates(W, stats, (options or AllocateOptions()).bits)
+        return method.candidates(W, stats, candidate_grid(options or AllocateOptions()))
     raise ConfigError(f"unknown allocator measurement {needs!r}")
 
 
@@ -284,10 +345,15 @@ class _DryFitter:
 
     def __init__(self, method: Method, needs: str, options: AllocateOptions) -> None:
         self.method, self.needs, self.options, self.measured = method, needs, options, {}
+        self.energy: dict[str, float] = {}  # tr(W C W^T) of each layer (objective "loss")
 
     def __call__(self, items: Mapping[str, LayerInput]) -> dict:
         for name, x in items.items():
             self.measured[name] = measure_layer(self.method, self.needs, x.W, x.stats, self.options)
+            if self.needs == "costs" and self.options.objective in ("loss", "auto"):
+                C = x.stats.covariance().to(torch.float32)
+                W = x.W.to(torch.float32)
+                self.energy[name] = float(((W @ C) * W).sum(dtype=torch.float64))
         return {}
 
 
@@ -329,38 +395,141 @@ def _agreement(cfg: CompressConfig, model_id: Mapping[str, Any], windows: torch.
 def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method, cfg: CompressConfig,
          windows: torch.Tensor, fisher: Mapping[str, torch.Tensor], progress: bool,
          context: AllocationContext) -> tuple[dict[str, LayerReport], dict]:
-    """The plan (after a dry one-shot pass on the dense model when the allocator measures layers) and
-    the engine pass."""
+    """The plan (after a dry one-shot pass on the dense model when the allocator measures layers), the
+    engine pass, and for a validated byte allocation the uniform plan's pass to compare with
+    (:mod:`.validation`)."""
     shapes = {n: linear_shape(m) for n, m in modules.items()}
     needs = _needs(method)
     need_cov = COV in needs
     alloc = get_allocator(cfg.allocate)
+    validate = validates(method, cfg)
+    if validate:
+        from .validation import check_validation_possible
+
+        check_validation_possible(source.in_memory)
+    if alloc.needs == "costs" and cfg.bits_per_weight is not None and hasattr(method, "candidate_specs"):
+        check_feasible(method, cfg, shapes)  # before any measuring: the error names the smallest budget
     measured: dict = {}
     if alloc.needs != "none":
         probe = _DryFitter(method, alloc.needs, cfg.allocate_options)
         dry = dataclasses.replace(cfg.engine, mode="one-shot", granularity="block", refit=False)
         Engine(source, modules, {n: {} for n in modules}, probe, dry, need_cov=need_cov or alloc.needs == "costs",
-               fisher=fisher, progress=progress, dry=True).run(windows)
+               fisher=fisher, progress=progress, dry=True, exclude_heldout=validate).run(windows)
         measured = probe.measured
-    plan, info = make_plan(method, cfg, shapes, measured, context)
+    objective = cfg.allocate_options.objective
+    loss_weights = None
+    if alloc.needs == "costs" and (objective == "loss" or (objective == "auto" and validate)):
+        if not context.output_energy:
+            raise ConfigError("the byte allocator's loss objective needs the output gradients of the dense model, "
+                              "which were not measured (the whole model must be in memory)")
+        loss_weights = {n: context.output_energy[n] * probe.energy[n] for n in shapes}
     dtype = source.dtype
     elem = torch.empty((), dtype=dtype).element_size()
-    fitter = _Fitter(method, dtype)
-    engine = Engine(source, modules, plan, fitter, cfg.engine, blocks_per_unit=method.blocks_per_unit,
-                    need_cov=need_cov, fisher=fisher, progress=progress, joint=_joint(method),
-                    on_replace=lambda n, layer, ridge: fitter.replaced(n, layer, shapes[n], elem, ridge))
-    engine.run(windows)
-    reports = {n: fitter.layers.get(n) or _dense_report(n, shapes[n], elem) for n in modules}
-    if any(fitter.layers.get(n) is None for n in plan if plan[n] is not None):
-        raise NumericalError("some planned layers were never replaced; the engine did not reach them")
+    context.weights = loss_weights if objective == "loss" else None
+    plan, info = make_plan(method, cfg, shapes, measured, context, dense_elem=elem)
+    plans = {cfg.allocate: plan}
+    if objective == "auto" and loss_weights is not None:  # the loss-weighted plan is validated too
+        context.weights = loss_weights
+        plan_loss, info_loss = make_plan(method, cfg, shapes, measured, context, dense_elem=elem)
+        context.weights = None
+        info[LOSS_PLAN.replace("-", "_")] = info_loss.get("bits_greedy")
+        if not _same_plan(plan_loss, plan):
+            plans[LOSS_PLAN] = plan_loss
+
+    def run_pass(p: Mapping[str, Any], exclude: bool = False):
+        fitter = _Fitter(method, dtype)
+        engine = Engine(source, modules, p, fitter, cfg.engine, blocks_per_unit=method.blocks_per_unit,
+                        need_cov=need_cov, fisher=fisher, progress=progress, joint=_joint(method),
+                        on_replace=lambda n, layer, ridge: fitter.replaced(n, layer, shapes[n], elem, ridge),
+                        exclude_heldout=exclude)
+        engine.run(windows)
+        reports = {n: fitter.layers.get(n) or _dense_report(n, shapes[n], elem) for n in modules}
+        if any(fitter.layers.get(n) is None for n in p if p[n] is not None):
+            raise NumericalError("some planned layers were never replaced; the engine did not reach them")
+        return reports, engine
+
+    chosen = cfg.allocate
+    if validate:
+        try:
+            base, base_info = method.uniform_plan(shapes, cfg.bits_per_weight, candidate_grid(cfg.allocate_options))
+        except ConfigError as e:
+            base, base_info = None, {"uniform": {"infeasible": str(e)}}
+        info.update(base_info)
+        plans = {k: p for k, p in plans.items() if base is None or not _same_plan(p, base)}
+        if base is None or not plans:
+            info["validation"] = {"skipped": "no uniform plan fits the budget" if base is None
+                                  else "the allocated plan is the uniform plan"}
+            validate = False
+    if validate:
+        from .validation import validate_plans
+
+        chosen, reports, info["validation"] = validate_plans(
+            source.model, modules, {**plans, "uniform": base}, lambda p: run_pass(p, exclude=True),
+            windows, cfg.engine.batch_size, progress)
+    else:
+        reports, _ = run_pass(plan)
+    if method.budget == "bytes" and cfg.bits_per_weight is not None:
+        info["budget"] = budget_use(cfg.bits_per_weight, shapes, reports, info, chosen)
     return reports, info
+
+
+def check_feasible(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[int, int]]) -> None:
+    """:class:`ConfigError` naming the smallest feasible budget when even the smallest candidate of every
+    layer exceeds ``--bits-per-weight`` (bytes only, nothing fitted)."""
+    from .allocation.bytes import check_byte_budget
+    from .methods.base import Candidate
+    from .methods.candidates import spec_bytes
+
+    grid = candidate_grid(cfg.allocate_options)
+    tables = {n: [Candidate(s, spec_bytes(shape, s), 0.0) for s in method.candidate_specs(shape, grid)]
+              for n, shape in shapes.items()}
+    check_byte_budget(cfg.bits_per_weight, shapes, tables, cfg.allocate_options.bits, cfg.allocate_options.group_sizes)
+
+
+def _same_plan(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    return a.keys() == b.keys() and all((a[n] is None) == (b[n] is None) and (a[n] is None or dict(a[n]) == dict(b[n]))
+                                        for n in a)
+
+
+def budget_use(bits_per_weight: float, shapes: Mapping[str, tuple[int, int]], reports: Mapping[str, LayerReport],
+               info: Mapping[str, Any], chosen: str) -> dict[str, Any]:
+    """The byte budget against the stored bytes; ``reason`` when more than
+    :data:`~.allocation.bytes.UNUSED_WARN` of it is unused."""
+    from .allocation.bytes import UNUSED_WARN, byte_budget
+
+    budget = byte_budget(bits_per_weight, shapes)
+    used = sum(lr.bytes_after for lr in reports.values())
+    total = sum(m * n for m, n in shapes.values())
+    out = {"budget_bytes": budget, "used_bytes": used, "bits_per_weight": 8.0 * used / total,
+           "unused_fraction": 1.0 - used / budget if budget else 0.0, "plan": chosen}
+    if out["unused_fraction"] > UNUSED_WARN:
+        if chosen == "uniform":
+            uni = info.get("uniform", {})
+            why = f"one setting for every layer ({uni.get('setting', 'uniform')})"
+            nxt = uni.get("next_larger")
+            why += (f": the next larger, {nxt['setting']}, needs {nxt['bits_per_weight']:.3f} bits per weight"
+                    if nxt else ": no larger setting among the candidates")
+            if "validation" in info and info["validation"].get("chosen") == "uniform":
+                why += "; the allocated plan lost the held-out validation"
+            elif uni.get("fixed"):
+                why += "; --bits and --group-size are both fixed: drop one to let the allocator mix settings"
+            elif "bits_greedy" not in info:
+                why += "; the default allocator (bits-greedy) mixes settings to fill the budget"
+        else:
+            key = LOSS_PLAN.replace("-", "_") if chosen == LOSS_PLAN else "bits_greedy"
+            why = (info.get(key) or {}).get("unused", "the candidates are discrete")
+        out["reason"] = why
+        log.warning("the plan leaves %.1f%% of the byte budget unused (%.3f of %.3f bits per weight): %s",
+                    100 * out["unused_fraction"], out["bits_per_weight"], bits_per_weight, why)
+    return out
 
 
 def _report(cfg: CompressConfig, method: Method, layers: Mapping[str, LayerReport], info: dict, source_desc: dict,
             t0: float, model_before: int, model_after: int) -> CompressionReport:
     return CompressionReport(
         structure=method.name, method=str(cfg.options.get("method", method.name)),
-        budget={"ratio": cfg.ratio} if cfg.ratio is not None else {"bits_per_weight": cfg.bits_per_weight},
+        budget=({"ratio": cfg.ratio} if cfg.ratio is not None else {"bits_per_weight": cfg.bits_per_weight}
+                if cfg.bits_per_weight is not None else {"bits": cfg.options.get("bits")}),
         allocate=cfg.allocate, mode=cfg.engine.mode, granularity=cfg.engine.granularity, refit=cfg.engine.refit,
         calibration=source_desc, layers=list(layers.values()), model_params_before=model_before,
         model_params_after=model_after, seconds=time.perf_counter() - t0, allocation=info or None,
@@ -435,6 +604,13 @@ def compress(model: nn.Module, structure: str | None = None, ratio: float | None
                                       squared=True, progress=progress)
     ctx = context or AllocationContext()
     ctx.model, ctx.windows, ctx.progress = model, windows, progress
+    objective = cfg.allocate_options.objective
+    if get_allocator(cfg.allocate).needs == "costs" and (objective == "loss" or (objective == "auto"
+                                                                                 and validates(meth, cfg))):
+        from ..calibration.gradients import output_gradient_energy
+
+        ctx.output_energy = output_gradient_energy(model, windows[:cfg.calib.fisher_windows], list(modules),
+                                                   progress=progress)
     filt = _QuietDamping()
     logging.getLogger("rankwise").addFilter(filt)
     try:
@@ -506,6 +682,14 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
         if getattr(meth.options, "rotate", None) == "stream":
             raise ConfigError("--low-memory cannot rotate the residual stream (rotate=stream changes the embeddings, "
                               "every block and the head of the whole model first); drop --low-memory or --rotate")
+        if validates(meth, cfg):
+            from .validation import check_validation_possible
+
+            check_validation_possible(False)
+        if get_allocator(cfg.allocate).budget == "bytes" and cfg.allocate_options.objective == "loss":
+            raise ConfigError("--low-memory cannot weight the byte allocation by the loss (--allocate-objective loss "
+                              "needs gradients of the whole model): use --allocate-objective relative or drop "
+                              "--low-memory")
         if get_allocator(cfg.allocate).whole_model:
             raise ConfigError(f"--low-memory cannot use --allocate {cfg.allocate}: it measures the loss of the whole "
                               "model with each layer truncated; use uniform, spectrum-band or svd-llm-v2 (they run "

@@ -35,7 +35,14 @@ class AllocateOptions:
     sensitivity_windows: int = 2       # calibration windows per measured loss
     sensitivity_seqlen: int = 256      # tokens per window of a measured loss
     sensitivity_points: int = 3        # candidate ranks measured per layer (sensitivity)
-    bits: list[int] | None = None      # bits-greedy: candidate code widths (None: 2..8, or the fixed bits)
+    bits: list[int] | None = None      # bits-greedy: candidate code widths (None: 2, 3, 4, 8, or the fixed bits)
+    group_sizes: list[int] | None = None  # bits-greedy: candidate group sizes (None: 32, 64, 128, or the fixed one)
+    measure: str = "estimate"          # bits-greedy: GPTQ candidate errors "estimate"d (3 fits a layer) or "exact"
+    dense: bool = True                 # bits-greedy: keeping a layer dense is a candidate (not with a fixed --bits)
+    validate: bool = True              # bits-greedy: keep the plan only if it beats uniform on held-out windows
+    objective: str = "auto"            # bits-greedy: "relative" (summed relative whitened errors), "loss" (each
+                                       # layer's error weighted by its output-gradient energy, HAWQ-style), or
+                                       # "auto": both plans validated against uniform (relative without validation)
 
 
 @dataclass
@@ -52,6 +59,8 @@ class AllocationContext:
     layer_loss: Callable[[str, int], float] | None = None
     base_loss: float | None = None
     sensitivity_cache: dict | None = None
+    output_energy: dict[str, float] | None = None  # {layer: tr(G)/m of its output gradients} (objective "loss")
+    weights: dict[str, float] | None = None        # {layer: w_l} the byte allocator weights its errors by
 
 
 @dataclass
@@ -68,6 +77,8 @@ class AllocationRequest:
     info: dict[str, Any] = field(default_factory=dict)
     bits_per_weight: float | None = None
     costs: Mapping[str, Sequence[Any]] = field(default_factory=dict)  # {name: [Candidate]} (needs="costs")
+    dense_bytes: Mapping[str, int] | None = None  # {name: bytes of the layer kept dense}: a candidate when given
+    weights: Mapping[str, float] | None = None    # {name: w_l}: bits-greedy minimizes sum_l w_l e_l (objective "loss")
 
     def spectra(self):
         """``{name: singular values}`` (float64 numpy, descending) of every targeted layer."""

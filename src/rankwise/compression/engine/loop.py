@@ -18,6 +18,11 @@ are cached too and each group is fitted to the dense outputs from the compressed
 ``min ||W X - W' X'||`` (cross moments, :mod:`rankwise.calibration.paired`), with a ridge toward ``W``
 chosen per group on held-out calibration windows (:func:`choose_ridge`) unless fixed.
 
+Held-out windows: the last ``ceil(holdout / batch_size)`` calibration batches (:meth:`Engine.heldout`).
+The ridge choice scores on them and then adds their sums to the fit's; with ``exclude_heldout`` they
+never enter any statistic (they only choose the ridge), so a whole pass can be scored on them end to
+end (the validated byte allocation, :mod:`rankwise.compression.validation`).
+
 Device and precision: see :mod:`.device` (blocks visit the compute device one unit at a time,
 statistics in float64 there, layers stored in the model's dtype at the model's home). Inside a
 ``torch.distributed`` process group the calibration batches are sharded across ranks and the layers
@@ -188,8 +193,10 @@ class Engine:
                  fit: FitFn, options: EngineOptions, *, blocks_per_unit: int = 1, need_cov: bool = True,
                  fisher: Mapping[str, torch.Tensor] | None = None, progress: bool = False,
                  on_replace: Callable[[str, StructuredLinear, float | None], None] | None = None,
-                 dry: bool = False, joint: bool = False, comm: Comm | None = None) -> None:
+                 dry: bool = False, joint: bool = False, comm: Comm | None = None,
+                 exclude_heldout: bool = False) -> None:
         self.source, self.plan, self.fit, self.opts = source, plan, fit, options.validate()
+        self.exclude_heldout = exclude_heldout
         self.names = [n for n in modules if plan.get(n) is not None]
         self.bpu, self.need_cov, self.fisher = max(1, int(blocks_per_unit)), need_cov, dict(fisher or {})
         self.device = source.device
@@ -209,12 +216,26 @@ class Engine:
 
     def _held_from(self, nb: int) -> int:
         """Global index of the first held-out batch (the last ``holdout`` windows), ``nb`` if none."""
-        if self.opts.refit_ridge is not None:
+        if self.opts.refit_ridge is not None and not self.exclude_heldout:
             return nb
         if nb < 2:
-            raise ConfigError("choosing the refit ridge needs at least two calibration windows (one is held out): "
-                              "raise --calib-windows, pass --refit-ridge, or --no-refit")
+            why = ("validating a byte allocation" if self.exclude_heldout else "choosing the refit ridge")
+            raise ConfigError(f"{why} needs at least two calibration windows (one is held out): raise "
+                              "--calib-windows" + ("" if self.exclude_heldout else ", pass --refit-ridge, or --no-refit"))
         return nb - max(1, min(nb - 1, math.ceil(self.opts.holdout / self.opts.batch_size)))
+
+    def heldout(self, windows: torch.Tensor) -> torch.Tensor:
+        """The held-out calibration windows of a pass over ``windows`` (the last batches, see the module doc)."""
+        n = int(windows.shape[0])
+        bs = self._batch_size(n)
+        return windows[self._held_from(-(-n // bs)) * bs:]
+
+    def _batch_size(self, n: int) -> int:
+        """The batch size a pass over ``n`` windows uses: a short calibration set whose windows must be held
+        out is split into two batches."""
+        if (self.opts.refit and self.opts.refit_ridge is None or self.exclude_heldout) and 2 <= n <= self.opts.batch_size:
+            return -(-n // 2)
+        return self.opts.batch_size
 
     def _collect(self, names, chain, acts, dense) -> tuple[dict[str, LayerStats], dict]:
         """``(stats, split)``: per layer statistics over all windows; or, for a refit whose ridge is
@@ -224,10 +245,13 @@ class Engine:
         mods = self._modules(names)
         comm = self.comm
         if dense is None:
+            held_from = self._held_from(self.nb) if self.exclude_heldout else self.nb
+
             def local():
                 with StatsAccumulator(mods, cov=self.need_cov, device=self.device, share=True) as acc:
                     for b in range(len(acts.hidden)):
-                        _run_until(chain, acts, b, mods, self.device)
+                        if acts.ids[b] < held_from:
+                            _run_until(chain, acts, b, mods, self.device)
                 return acc.stats
             found = comm.agreed(local)
             _sum_input_stats(comm, [found[n] for n in names])
@@ -240,7 +264,7 @@ class Engine:
             dmods[n] = dense_blocks[int(i)].get_submodule(rest)
         choose = self.opts.refit_ridge is None
         held_from = self._held_from(self.nb)
-        held = [b for b, gb in enumerate(acts.ids) if choose and gb >= held_from]
+        held = [b for b, gb in enumerate(acts.ids) if gb >= held_from]
 
         def local():
             with PairedAccumulator(dmods, mods, cov=True, device=self.device) as acc:
@@ -325,7 +349,9 @@ class Engine:
                 errors[j] += heldout_error(weights[name], layers[name].dense().detach(), x, xp, self.device)
 
         sums = {n: [fit[n].inputs, fit[n].cross] for n in names}
-        if comm.active and comm.rank != 0:  # rank 0 keeps the (reduced) fit sums; the others add theirs
+        if self.exclude_heldout:
+            sums = {}  # scored only: their sums go to a throw-away accumulator
+        elif comm.active and comm.rank != 0:  # rank 0 keeps the (reduced) fit sums; the others add theirs
             for st, M in sums.values():
                 for t in (st.cov, st.abs_sum, st.sq_sum, M):
                     t.zero_()
@@ -338,7 +364,8 @@ class Engine:
                     _run_until(held.dense_chain, held.dense_acts, b, held.dense_mods, self.device)
                     _run_until(held.chain, held.acts, b, held.mods, self.device)
         comm.agreed(local)
-        self._sum_pairs(names, held.mods, sums)
+        if not self.exclude_heldout:
+            self._sum_pairs(names, held.mods, sums)
         comm.sum_([errors])
         best, best_val = None, math.inf
         for lam, val in zip(RIDGE_CANDIDATES, errors.tolist()):
@@ -389,9 +416,9 @@ class Engine:
     @torch.no_grad()
     def run(self, windows: torch.Tensor) -> None:
         n = int(windows.shape[0])
-        if self.opts.refit and self.opts.refit_ridge is None and 2 <= n <= self.opts.batch_size:
-            # the ridge is chosen on held-out batches: split a short calibration set into two batches
-            self.opts = dataclasses.replace(self.opts, batch_size=-(-n // 2))
+        if self._batch_size(n) != self.opts.batch_size:
+            # windows are held out (the ridge's choice, a validation): a short calibration set in two batches
+            self.opts = dataclasses.replace(self.opts, batch_size=self._batch_size(n))
         src, opts = self.source, self.opts
         prefix = src.prefix
         by_block: dict[int, list[str]] = {}
@@ -407,7 +434,8 @@ class Engine:
             self._blocks(windows, by_block)
         if rest:  # targeted layers outside the decoder blocks: one pass on the partly compressed model
             self._check_weights(rest)
-            st = self.comm.agreed(collect_input_stats, src.model, windows, rest, opts.batch_size, cov=self.need_cov)
+            fit_windows = windows[:len(windows) - len(self.heldout(windows))] if self.exclude_heldout else windows
+            st = self.comm.agreed(collect_input_stats, src.model, fit_windows, rest, opts.batch_size, cov=self.need_cov)
             # fitted to W (no refit: the pass has no dense twin of the compressed prefix to pair with)
             self._fit_group(rest, {n: LayerStats(st[n], self.fisher.get(n)) for n in rest}, {}, refit=False)
         self._bar.close()

@@ -17,9 +17,10 @@ Adding a method is one file in this package::
         def fit(self, W, bias, stats, spec): return MyLayer(...)     # the fitted layer
 
 and one test. Optional: ``factorize(W, stats)`` (a full factorization: the rank allocators read its
-spectrum) and ``candidates(W, stats, bits)`` (every setting the layer could take, each a
-:class:`Candidate` with its spec, exact bytes and whitened error: the byte allocators choose among
-them). The budget of a layer (``target``) is a number of stored weight values (``budget =
+spectrum), ``candidates(W, stats, grid)`` (every setting of a :class:`CandidateGrid` the layer could
+take, each a :class:`Candidate` with its spec, exact bytes and whitened error: the byte allocators
+choose among them) and ``uniform_plan(shapes, bits_per_weight, grid)`` (one setting for every layer
+within the byte budget: ``--allocate uniform`` and the baseline a byte allocation is validated against). The budget of a layer (``target``) is a number of stored weight values (``budget =
 "params"``: ``(1 - ratio) * out * in`` under the uniform allocator) or of bytes (``budget =
 "bytes"``: ``bits_per_weight * out * in / 8``). ``plan_layer`` returns the layer's hyperparameters
 (its ``spec``, JSON-able) or ``None`` to keep the layer dense; it raises :class:`ConfigError` naming
@@ -64,11 +65,35 @@ class LayerInput:
 class Candidate:
     """One setting a layer could take under a byte budget: its ``spec``, the bytes the layer would
     store (``nbytes``, all overhead counted) and its ``cost``, the relative whitened error
-    ``tr((W - W') C (W - W')^T) / tr(W C W^T)`` of the fit with that spec (``C`` the input covariance)."""
+    ``tr((W - W') C (W - W')^T) / tr(W C W^T)`` of the fit with that spec (``C`` the input covariance);
+    ``exact``: the cost is that of the very fit (else an estimate, see :mod:`.candidates`)."""
 
     spec: Mapping[str, Any] = field(compare=False)
     nbytes: int
     cost: float
+    exact: bool = field(default=True, compare=False)
+
+
+#: Code widths and group sizes a byte allocator chooses among when ``--bits`` / ``--group-size`` are not fixed.
+DEFAULT_WIDTHS = (2, 3, 4, 8)
+DEFAULT_GROUP_SIZES = (32, 64, 128)
+#: How candidate errors are measured: every candidate fitted, or the cheap estimate of :mod:`.candidates`.
+MEASURES = ("estimate", "exact")
+
+
+@dataclass(frozen=True)
+class CandidateGrid:
+    """The settings a byte allocator may choose among, beyond what the method's options fix: code
+    ``widths`` (None: :data:`DEFAULT_WIDTHS`), ``group_sizes`` (None: :data:`DEFAULT_GROUP_SIZES`) and how the errors
+    are measured (``measure`` in :data:`MEASURES`)."""
+
+    widths: tuple[int, ...] | None = None
+    group_sizes: tuple[int, ...] | None = None
+    measure: str = "estimate"
+
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURES:
+            raise ConfigError(f"unknown candidate measurement {self.measure!r}; valid: {', '.join(MEASURES)}")
 
 
 @dataclass
@@ -141,5 +166,5 @@ def get_method(name: str, options: Any = None, **kwargs: Any) -> Method:
     return STRUCTURES.get(name)(options, **kwargs)
 
 
-__all__ = ["ABS_MEAN", "COV", "FISHER", "Candidate", "LayerInput", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
+__all__ = ["ABS_MEAN", "COV", "DEFAULT_GROUP_SIZES", "DEFAULT_WIDTHS", "FISHER", "Candidate", "CandidateGrid", "LayerInput", "LayerStats", "Method", "NoOptions", "STRUCTURES", "get_method",
            "make_options"]

@@ -3,8 +3,8 @@
 ``W' = dequant(gptq(T Q, Q^T C Q)) Q^T`` with ``T = stats.target(W)`` (``W``, or the sequential
 refit's corrected target) and ``C = stats.covariance()``: the codes minimize ``||(T - W') X||_F``
 greedily with OBS error feedback, and are never worse than round-to-nearest on that objective
-(:func:`rankwise.linalg.gptq.gptq`; ``layer.fit_info["solver"]`` says which was kept). Budget and
-bit choice as in :mod:`.rtn`.
+(:func:`rankwise.linalg.gptq.gptq`; ``layer.fit_info["solver"]`` says which was kept). Budget as in
+:mod:`.rtn`; candidates for the byte allocators and the uniform plan in :mod:`.candidates`.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import torch
 from ...errors import ConfigError
 from ...linalg.gptq import gptq
 from ...structures.quant import QuantLinear
-from .base import COV, STRUCTURES, Candidate, LayerStats, Method
-from .rtn import QuantOptions, plan_quant, quant_candidates, rotation_for
+from .base import COV, STRUCTURES, Candidate, CandidateGrid, LayerStats, Method
+from .rtn import QuantOptions, plan_quant, rotation_for
 
 
 @dataclass
@@ -75,8 +75,20 @@ class GPTQ(Method):
     def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any]:
         return plan_quant(shape, target, self.options)
 
-    def candidates(self, W: torch.Tensor, stats: LayerStats, bits: list[int] | None = None) -> list[Candidate]:
-        return quant_candidates(self, W, stats, bits)
+    def candidates(self, W: torch.Tensor, stats: LayerStats, grid: CandidateGrid | None = None) -> list[Candidate]:
+        from .candidates import quant_candidates
+
+        return quant_candidates(self, W, stats, grid or CandidateGrid())
+
+    def candidate_specs(self, shape: tuple[int, int], grid: CandidateGrid) -> list[dict[str, Any]]:
+        from .candidates import candidate_specs
+
+        return candidate_specs(shape, self.options, grid)
+
+    def uniform_plan(self, shapes, bits_per_weight: float | None, grid: CandidateGrid | None = None):
+        from .candidates import uniform_quant_plan
+
+        return uniform_quant_plan(shapes, bits_per_weight, self.options, grid or CandidateGrid())
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> QuantLinear:

@@ -13,10 +13,12 @@ width that fits with it; both fixed must fit. Otherwise :class:`ConfigError` nam
 the smallest size.
 
 Candidates for the byte allocators (:func:`lowrank_quant_candidates`, shared with ``lq``): for each
-code width ``b``, ``Q = quant(T)`` once and the whitened SVD of ``(T - Q) S`` (``S S^T = C``); the
-rank-k LoRC fit then has the error ``sum_{i>k} s_i^2`` exactly (before the float16 rounding of the
-factors), so every rank of :func:`rank_grid` costs nothing more. For ``lq`` this is an upper bound of
-its fit's error: the alternation starts from LoRC's fit and keeps only rounds that lower it.
+code width ``b`` (at the fixed group size, else the grid's largest), ``Q = quant(T)`` once and the
+whitened SVD of ``(T - Q) S`` (``S S^T = C``); the rank-k LoRC fit then has the error
+``sum_{i>k} s_i^2`` exactly (before the float16 rounding of the factors), so every rank of
+:func:`.candidates.rank_grid` costs nothing more. For ``lq`` this is an upper bound of its fit's error:
+the alternation starts from LoRC's fit and keeps only rounds that lower it. ``--allocate uniform``:
+the rule above in every layer (group size: the fixed one or 128).
 """
 from __future__ import annotations
 
@@ -26,14 +28,14 @@ from typing import Any, Mapping
 import torch
 
 from ...errors import ConfigError
-from ...linalg.factorization import whitened_svd
 from ...linalg.lowrank_quant import QUANTIZERS, lq, quantize_target
 from ...linalg.whitening import KINDS as WHITENINGS, make_whitener
 from ...structures.lowrank_quant import LowRankQuantLinear
 from ...structures.quant import QuantLinear
-from .base import COV, STRUCTURES, Candidate, LayerStats, Method
+from .base import COV, STRUCTURES, Candidate, CandidateGrid, LayerStats, Method
+from .candidates import candidate_group_sizes, candidate_specs, candidate_widths, lowrank_candidates, rank_grid
 from .gptq import GPTQOptions, rotated_problem, rotation_seed
-from .rtn import bit_candidates, candidate_widths, quant_spec, relative_error, too_small
+from .rtn import bit_candidates, quant_spec, too_small
 
 
 @dataclass
@@ -74,38 +76,38 @@ def plan_lowrank_quant(shape: tuple[int, int], target: float, opts: LowRankQuant
                     f"{spec['group_size']} + rank-{k} float16 factors")
 
 
-def rank_grid(m: int, n: int) -> list[int]:
-    """Candidate ranks of an (m, n) layer: 1, 2, 3, 4, 6, 8, 12, ... (powers of two and their 1.5 multiples)
-    up to ``min(m, n) / 2`` (beyond it the factors cost about as much as the dense matrix)."""
-    top, out, p = max(1, min(m, n) // 2), set(), 1
-    while p <= top:
-        out.update(k for k in (p, p + p // 2) if 1 <= k <= top)
-        p *= 2
-    return sorted(out)
-
-
 def lowrank_quant_candidates(W: torch.Tensor, stats: LayerStats, opts: LowRankQuantOptions,
-                             bits: list[int] | None = None) -> list[Candidate]:
+                             grid: CandidateGrid | None = None) -> list[Candidate]:
     """Candidates ``(bits, rank)`` with exact bytes and the LoRC fit's relative whitened error (module doc)."""
+    grid = grid or CandidateGrid()
     m, n = W.shape
     ranks = [opts.rank] if opts.rank is not None else rank_grid(m, n)
-    spec0 = quant_spec((m, n), candidate_widths(opts, bits)[0], opts)
-    T, C, _ = rotated_problem(W, stats, spec0)  # the rotation does not depend on the width
+    widths, g = candidate_widths(opts, grid), candidate_group_sizes(opts, grid, n)[-1]
+    T, C, _ = rotated_problem(W, stats, quant_spec((m, n), widths[0], opts, g))  # the rotation does not depend on b
     whitener = make_whitener(C, opts.whitening)
     kw = opts.solver_kwargs() if opts.quantizer == "gptq" else opts.grid_kwargs()
     out = []
-    for b in candidate_widths(opts, bits):
-        spec = quant_spec((m, n), b, opts)
+    for b in widths:
+        spec = quant_spec((m, n), b, opts, g)
         Q = quantize_target(T, C, b, int(spec["group_size"]), bool(spec["symmetric"]), opts.quantizer, **kw)
-        Qd = Q.dense(torch.float64)
-        err = whitened_svd(T - Qd, whitener=whitener).errors().square()
-        base = relative_error(T, Qd, C)
-        scale = base / float(err[0]) if float(err[0]) > 0 else 0.0  # err[0] = ||(T - Q) S||^2 under C_eff
-        qbytes = QuantLinear.spec_nbytes(n, m, spec)
-        for k in ranks:
-            out.append(Candidate({**spec, "rank": int(k)}, qbytes + LowRankQuantLinear.factor_bytes(n, m, k),
-                                 float(err[k]) * scale))
+        out += lowrank_candidates(T, C, Q.dense(torch.float64), spec, ranks, whitener=whitener)
     return out
+
+
+def uniform_lowrank_quant_plan(shapes, bits_per_weight: float | None, opts: LowRankQuantOptions):
+    """``({layer: spec}, {})``: :func:`plan_lowrank_quant` in every layer (needs ``--bits-per-weight``)."""
+    if bits_per_weight is None:
+        if opts.bits is None or opts.rank is None:
+            raise ConfigError("a quantized + low-rank structure needs --bits-per-weight B (stored bits per weight, "
+                              "all overhead counted): the rank takes what the codes leave")
+        return {name: {**quant_spec(s, opts.bits, opts), "rank": min(opts.rank, *s)} for name, s in shapes.items()}, {}
+    plan = {}
+    for name, shape in shapes.items():
+        try:
+            plan[name] = plan_lowrank_quant(shape, bits_per_weight * shape[0] * shape[1] / 8.0, opts)
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+    return plan, {}
 
 
 def fit_lowrank_quant(W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats, spec: Mapping[str, Any],
@@ -135,8 +137,14 @@ class LoRC(Method):
     def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any]:
         return plan_lowrank_quant(shape, target, self.options)
 
-    def candidates(self, W: torch.Tensor, stats: LayerStats, bits: list[int] | None = None) -> list[Candidate]:
-        return lowrank_quant_candidates(W, stats, self.options, bits)
+    def candidates(self, W: torch.Tensor, stats: LayerStats, grid: CandidateGrid | None = None) -> list[Candidate]:
+        return lowrank_quant_candidates(W, stats, self.options, grid)
+
+    def uniform_plan(self, shapes, bits_per_weight: float | None, grid: CandidateGrid | None = None):
+        return uniform_lowrank_quant_plan(shapes, bits_per_weight, self.options)
+
+    def candidate_specs(self, shape: tuple[int, int], grid: CandidateGrid) -> list[dict[str, Any]]:
+        return candidate_specs(shape, self.options, grid, [self.options.rank or 1])
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> LowRankQuantLinear:

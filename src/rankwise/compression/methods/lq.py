@@ -17,8 +17,10 @@ import torch
 from ...errors import ConfigError
 from ...linalg.lowrank_quant import INITS
 from ...structures.lowrank_quant import LowRankQuantLinear
-from .base import COV, STRUCTURES, Candidate, LayerStats, Method
-from .lorc import LowRankQuantOptions, fit_lowrank_quant, lowrank_quant_candidates, plan_lowrank_quant
+from .base import COV, STRUCTURES, Candidate, CandidateGrid, LayerStats, Method
+from .candidates import candidate_specs
+from .lorc import (LowRankQuantOptions, fit_lowrank_quant, lowrank_quant_candidates, plan_lowrank_quant,
+                   uniform_lowrank_quant_plan)
 
 
 @dataclass
@@ -51,9 +53,15 @@ class LQ(Method):
     def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any]:
         return plan_lowrank_quant(shape, target, self.options)
 
-    def candidates(self, W: torch.Tensor, stats: LayerStats, bits: list[int] | None = None) -> list[Candidate]:
+    def candidates(self, W: torch.Tensor, stats: LayerStats, grid: CandidateGrid | None = None) -> list[Candidate]:
         """LoRC's candidates: their errors bound this method's from above (see :mod:`.lorc`)."""
-        return lowrank_quant_candidates(W, stats, self.options, bits)
+        return lowrank_quant_candidates(W, stats, self.options, grid)
+
+    def uniform_plan(self, shapes, bits_per_weight: float | None, grid: CandidateGrid | None = None):
+        return uniform_lowrank_quant_plan(shapes, bits_per_weight, self.options)
+
+    def candidate_specs(self, shape: tuple[int, int], grid: CandidateGrid) -> list[dict[str, Any]]:
+        return candidate_specs(shape, self.options, grid, [self.options.rank or 1])
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any]) -> LowRankQuantLinear:

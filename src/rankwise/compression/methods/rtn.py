@@ -7,14 +7,13 @@ every weight rounded to the nearest point of its (row, group) grid spanning the 
 
 Budget (``budget = "bytes"``): a layer's ``target`` is the bytes allowed for its weights, all
 overhead counted (packed codes, float16 scales and minimums, rotation signs; the bias is not
-counted, a dense layer keeps it too). ``bits=None`` takes the largest width in 8..2 whose layer
-fits; a fixed ``bits`` must fit. When nothing fits, :class:`ConfigError` names the layer, the bytes
-of the smallest form and the options to change. The options (shared by ``gptq``, ``lorc``, ``lq``)
-are validated when the method is built.
-
-Candidates for the byte allocators (:func:`quant_candidates`, shared with ``gptq``): one per code
-width, the layer fitted at that width; its cost is the relative whitened error
-``tr((T - W') C (T - W')^T) / tr(T C T^T)`` of that very fit (exact, not estimated).
+counted, a dense layer keeps it too). Without a budget (``--bits B`` alone) every layer takes ``B``-bit
+codes in groups of ``group_size`` (default 128). Under ``--bits-per-weight`` the byte allocators choose
+per layer among the candidates of :mod:`.candidates` (widths and group sizes, the fixed ones only
+when ``bits`` / ``group_size`` are given); ``--allocate uniform`` takes one setting for every layer
+(:func:`.candidates.uniform_quant_plan`). When nothing fits, :class:`ConfigError` names the smallest
+feasible budget and the options to change. The options (shared by ``gptq``, ``lorc``, ``lq``,
+``mixed``) are validated when the method is built.
 """
 from __future__ import annotations
 
@@ -25,10 +24,9 @@ import torch
 
 from ...errors import ConfigError
 from ...linalg.hadamard import HadamardRotation
-from ...linalg.gptq import quant_objective
 from ...linalg.quant import MAX_BITS, MIN_BITS, check_bits, check_grid_options, check_group_size, rtn
 from ...structures.quant import QuantLinear, rotation_spec
-from .base import STRUCTURES, Candidate, LayerStats, Method
+from .base import STRUCTURES, Candidate, CandidateGrid, LayerStats, Method
 
 
 ROTATIONS = ("stream", "layer")
@@ -36,12 +34,13 @@ ROTATIONS = ("stream", "layer")
 
 @dataclass
 class QuantOptions:
-    """``bits``: code width 2..8 (None = the largest that fits the budget); ``group_size``: input columns
-    per scale (a ragged last group when it does not divide the input size); ``symmetric``: no
-    minimums; ``zero_point``: ``"integer"`` (0 on every grid, the GPTQ / compressed-tensors form; the
-    default), ``"exact"`` (the same with the scale rounded so that compressed-tensors / GPTQ checkpoints
-    hold it exactly) or ``"float"`` (the grid spans exactly [min, max], llama.cpp's Q4_1 form; the default
-    under ``grid="gguf"``); ``grid``: ``"minmax"`` or ``"gguf"`` (llama.cpp's Q4_0 / Q8_0 / Q4_1 grids, for
+    """``bits``: code width 2..8 (None = chosen under the byte budget); ``group_size``: input columns
+    per scale (a ragged last group when it does not divide the input size; None = chosen under the byte
+    budget, :data:`DEFAULT_GROUP_SIZE` without one); ``symmetric``: no minimums; ``zero_point``:
+    ``"integer"`` (0 on every grid, the GPTQ / compressed-tensors form; the default), ``"exact"`` (the
+    same with the scale rounded so that compressed-tensors / GPTQ checkpoints hold it exactly) or
+    ``"float"`` (the grid spans exactly [min, max], llama.cpp's Q4_1 form; the default under
+    ``grid="gguf"``); ``grid``: ``"minmax"`` or ``"gguf"`` (llama.cpp's Q4_0 / Q8_0 / Q4_1 grids, for
     ``rankwise export --format gguf``); see :mod:`rankwise.linalg.quant`; ``clip``: ``"minmax"`` or
     ``"mse"`` (each group's range shrunk by the ratio with the smallest importance-weighted error,
     :func:`rankwise.linalg.quant.search_range`), and for GPTQ ``"auto"`` (both, the lower objective); ``rotate``: ``"stream"`` (``True``) folds the norms and
@@ -52,7 +51,7 @@ class QuantOptions:
     from ``seed``."""
 
     bits: int | None = None
-    group_size: int = 128
+    group_size: int | None = None
     symmetric: bool = False
     zero_point: str | None = None
     clip: str = "minmax"
@@ -63,7 +62,8 @@ class QuantOptions:
     def __post_init__(self) -> None:
         if self.bits is not None:
             self.bits = check_bits(self.bits)
-        check_group_size(self.group_size, 1)  # type and >= 1; the layer's input size caps it later
+        if self.group_size is not None:
+            check_group_size(self.group_size, 1)  # type and >= 1; the layer's input size caps it later
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if self.zero_point is None:  # llama.cpp's asymmetric grid (Q4_1) has a float minimum
@@ -82,46 +82,23 @@ class QuantOptions:
         return {"zero_point": self.zero_point, "clip": self.clip, "grid": self.grid}
 
 
-def quant_spec(shape: tuple[int, int], bits: int, opts: QuantOptions) -> dict[str, Any]:
-    """The :class:`QuantLinear` spec of an (out, in) layer with ``bits``-bit codes and ``opts``."""
+#: The group size of a quantized layer when neither ``--group-size`` nor a byte allocator chooses one.
+DEFAULT_GROUP_SIZE = 128
+
+
+def quant_spec(shape: tuple[int, int], bits: int, opts: QuantOptions, group_size: int | None = None
+               ) -> dict[str, Any]:
+    """The :class:`QuantLinear` spec of an (out, in) layer with ``bits``-bit codes and ``opts`` (groups of
+    ``group_size``, default ``opts.group_size`` or :data:`DEFAULT_GROUP_SIZE`; capped at ``in``)."""
     m, n = shape
     rot = rotation_spec({"kind": "auto", "seed": opts.seed}, n, m) if opts.rotate == "layer" else None
-    return {"bits": bits, "group_size": check_group_size(opts.group_size, n), "symmetric": bool(opts.symmetric),
-            "rotation": rot}
+    g = group_size or opts.group_size or DEFAULT_GROUP_SIZE
+    return {"bits": bits, "group_size": check_group_size(g, n), "symmetric": bool(opts.symmetric), "rotation": rot}
 
 
 def bit_candidates(opts: QuantOptions) -> list[int]:
     """Widths to try, widest first: the fixed ``bits``, or 8..2."""
     return [opts.bits] if opts.bits is not None else list(range(MAX_BITS, MIN_BITS - 1, -1))
-
-
-def candidate_widths(opts: QuantOptions, bits: list[int] | None = None) -> list[int]:
-    """Code widths a byte allocator may choose, narrowest first: ``bits`` (default 2..8), or the fixed width."""
-    if opts.bits is not None:
-        return [opts.bits]
-    widths = sorted({check_bits(b) for b in bits}) if bits else list(range(MIN_BITS, MAX_BITS + 1))
-    if not widths:
-        raise ConfigError("the list of candidate widths is empty; give at least one of 2..8")
-    return widths
-
-
-def relative_error(T: torch.Tensor, Wp: torch.Tensor, C: torch.Tensor) -> float:
-    """``tr((T - W') C (T - W')^T) / tr(T C T^T)`` (0 when the denominator is 0)."""
-    den = quant_objective(T, torch.zeros_like(T), C)
-    return 0.0 if den <= 0 else quant_objective(T, Wp, C) / den
-
-
-def quant_candidates(meth: Method, W: torch.Tensor, stats: LayerStats, bits: list[int] | None = None
-                     ) -> list[Candidate]:
-    """One :class:`Candidate` per width of :func:`candidate_widths`: ``meth.fit`` at that width, its
-    bytes and its relative whitened error under ``stats.covariance()`` (see the module docstring)."""
-    T, C = stats.target(W).double(), stats.covariance()
-    out = []
-    for b in candidate_widths(meth.options, bits):
-        spec = quant_spec(tuple(W.shape), b, meth.options)
-        layer = meth.fit(W, None, stats, spec)
-        out.append(Candidate(spec, layer.nbytes(), relative_error(T, layer.dense().double(), C)))
-    return out
 
 
 def too_small(shape: tuple[int, int], target: float, need: int, what: str) -> ConfigError:
@@ -165,8 +142,20 @@ class RTN(Method):
     def plan_layer(self, shape: tuple[int, int], target: float) -> dict[str, Any]:
         return plan_quant(shape, target, self.options)
 
-    def candidates(self, W: torch.Tensor, stats: LayerStats, bits: list[int] | None = None) -> list[Candidate]:
-        return quant_candidates(self, W, stats, bits)
+    def candidates(self, W: torch.Tensor, stats: LayerStats, grid: CandidateGrid | None = None) -> list[Candidate]:
+        from .candidates import quant_candidates
+
+        return quant_candidates(self, W, stats, grid or CandidateGrid())
+
+    def candidate_specs(self, shape: tuple[int, int], grid: CandidateGrid) -> list[dict[str, Any]]:
+        from .candidates import candidate_specs
+
+        return candidate_specs(shape, self.options, grid)
+
+    def uniform_plan(self, shapes, bits_per_weight: float | None, grid: CandidateGrid | None = None):
+        from .candidates import uniform_quant_plan
+
+        return uniform_quant_plan(shapes, bits_per_weight, self.options, grid or CandidateGrid())
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats | None,
             spec: Mapping[str, Any]) -> QuantLinear:
