@@ -9,6 +9,7 @@ import torch
 import rankwise
 from rankwise.cli import main
 from rankwise.models.tiny import TINY_TEXT
+from rankwise.structures.kernels import exact
 
 
 def test_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
@@ -33,7 +34,7 @@ def test_demo_runs_every_step_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     assert type(again).__name__ == "LlamaForCausalLM"
     gguf, _, path = rankwise.load(out / "gguf")  # what `rankwise generate demo-out/gguf` runs
     ids = torch.arange(3, 40)[None]
-    with torch.no_grad():  # the Q4_0 layers are bit-exact; the embeddings and norms are stored as float16
+    with torch.no_grad(), exact():  # the Q4_0 layers are bit-exact; the embeddings and norms are stored as float16
         torch.testing.assert_close(gguf(input_ids=ids).logits, again(input_ids=ids).logits, rtol=1e-3, atol=2e-3)
     assert path == out / "gguf" / "model.gguf"
 

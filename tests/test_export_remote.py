@@ -26,6 +26,7 @@ from rankwise.linalg.sparse import pack_2bit
 from rankwise.models.surgery import set_module
 from rankwise.models.tiny import tiny_model
 from rankwise.structures.base import LAYERS
+from rankwise.structures.kernels import exact
 
 IDS = torch.randint(0, 320, (2, 40), generator=torch.Generator().manual_seed(1))
 SHORT = IDS[:1, :5]  # decode-sized: the sparse layers take their CSR path
@@ -119,7 +120,8 @@ HAVE_CT = importlib.util.find_spec("compressed_tensors") is not None and importl
 
 
 def _logits(model, ids):
-    with torch.no_grad():
+    """rankwise's float32 reference (its runtime kernels compute in bfloat16, see structures/kernels.py)."""
+    with torch.no_grad(), exact():
         return model(input_ids=ids).logits
 
 

@@ -14,7 +14,9 @@ from rankwise.errors import ConfigError
 from rankwise.evaluation.perplexity import window_nll
 from rankwise.healing import HealOptions, QuantTrainer, heal, quant_layers
 from rankwise.linalg.quant import rtn
+from rankwise.models.surgery import set_module
 from rankwise.models.tiny import TINY_TEXT, tiny_model
+from rankwise.structures.base import LAYERS
 from rankwise.structures.quant import QuantLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,9 +75,12 @@ def test_healing_trains_scales_minimums_and_factors_with_the_codes_frozen(struct
     assert all(not h for m in quant_layers(model).values() for h in (m._forward_pre_hooks,))
 
 
-def test_healing_a_model_without_trainable_structure_is_an_error():
-    with pytest.raises(ConfigError, match="neither.*--structure"):
-        heal(tiny_model("llama"), WINDOWS, HealOptions(steps=2))
+def test_healing_a_model_with_only_untrainable_structure_is_an_error():
+    model = tiny_model("llama")
+    set_module(model, "model.layers.0.mlp.up_proj",
+               LAYERS.get("monarch").from_spec(96, 64, False, {"in_blocks": 4, "out_blocks": 4}, device="cpu"))
+    with pytest.raises(ConfigError, match="other structured layers.*--structure"):
+        heal(model, WINDOWS, HealOptions(steps=2))
 
 
 def test_cli_heal_reports_the_perplexity_before_and_after(tiny_dir, tmp_path, capsys):

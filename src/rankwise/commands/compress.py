@@ -130,8 +130,10 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
     and exports; bad input fails on every rank with the same message. ``export_to``: ``(format, dir)`` also
     writes the compressed model in that export format (``rankwise export``), from ``out`` when the model
     was written block by block (``low_memory``), else from memory."""
-    from ..api import _rewrites_architecture, compress
-    from ..compression.compress import build_config, calibration_windows, compress_low_memory
+    from ..api import compress
+    from ..compression.compress import DEFAULT_STRUCTURE, build_config, calibration_windows, compress_low_memory
+    from ..compression.methods.base import STRUCTURES
+    from ..compression.pruning import is_pruning
     from ..compression.engine.device import parse_dtype
     from ..compression.engine.distributed import Comm
     from ..healing import HealOptions, heal as heal_model
@@ -199,7 +201,7 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
     else:
         model, tok, path = comm.agreed(lambda: load_model(model_arg, dtype=want or checkpoint_dtype(model_arg)))
         teacher = None  # pruned models heal by distillation from the dense model
-        if heal.steps and comm.is_main and _rewrites_architecture(structure):
+        if heal.steps and comm.is_main and is_pruning(STRUCTURES.get(structure or DEFAULT_STRUCTURE)):
             import copy
 
             teacher = copy.deepcopy(model)
