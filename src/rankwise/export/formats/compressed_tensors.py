@@ -242,29 +242,40 @@ class CompressedTensors(Format):
         return reasons
 
     def write(self, source, ctx: ExportContext) -> None:
-        dtype = source.dtype
-        keys = source.keys()
-        copies = alias_copies(source)
-        entries = [source.entry(k) for k in keys]
-        entries += [TensorEntry(k, source.entry(v).dtype, source.entry(v).shape) for k, v in copies.items()]
+        write_quantized_base(source, ctx, self.options.round_zero_points)
+
+
+def write_quantized_base(source, ctx: ExportContext, round_zero_points: bool = False, on_layer=None) -> None:
+    """Write ``source`` in pack-quantized compressed-tensors form into ``ctx.dir`` (tensors, config with its
+    ``quantization_config``, side files); ``on_layer(name, desc, layer)`` sees every quantized layer once,
+    while it is loaded (the ``compressed-tensors-lora`` format takes the low-rank factors there)."""
+    dtype = source.dtype
+    keys = source.keys()
+    copies = alias_copies(source)
+    entries = [source.entry(k) for k in keys]
+    entries += [TensorEntry(k, source.entry(v).dtype, source.entry(v).shape) for k, v in copies.items()]
+    for name, desc in source.layers.items():
+        entries += layer_entries(name, desc, dtype)
+    with ctx.safetensors(entries) as w:
+        for k in keys:
+            w.write(k, source.tensor(k))
+        for k, v in copies.items():
+            w.write(k, source.tensor(v))
         for name, desc in source.layers.items():
-            entries += layer_entries(name, desc, dtype)
-        with ctx.safetensors(entries) as w:
-            for k in keys:
-                w.write(k, source.tensor(k))
-            for k, v in copies.items():
-                w.write(k, source.tensor(v))
-            for name in source.layers:
-                tensors, notes = layer_tensors(name, source.layer(name), dtype, self.options.round_zero_points)
-                for k, t in tensors.items():
-                    w.write(k, t)
-                for n in notes:
-                    ctx.note(n)
-        config = export_config(source)
-        config.quantization_config = quantization_config(
-            {n: layer_scheme(d) for n, d in source.layers.items()}, dense_linears(source))
-        write_side_files(source, ctx.dir, config)
+            layer = source.layer(name)
+            tensors, notes = layer_tensors(name, layer, dtype, round_zero_points)
+            for k, t in tensors.items():
+                w.write(k, t)
+            for n in notes:
+                ctx.note(n)
+            if on_layer is not None:
+                on_layer(name, desc, layer)
+            del layer
+    config = export_config(source)
+    config.quantization_config = quantization_config(
+        {n: layer_scheme(d) for n, d in source.layers.items()}, dense_linears(source))
+    write_side_files(source, ctx.dir, config)
 
 
 __all__ = ["CTOptions", "CompressedTensors", "dense_linears", "layer_entries", "layer_problem", "layer_scheme",
-           "layer_tensors", "pack_int32", "quantization_config", "storage_bits"]
+           "layer_tensors", "pack_int32", "quantization_config", "storage_bits", "write_quantized_base"]

@@ -23,12 +23,8 @@ vLLM serves the same pair (``--enable-lora``, the adapter's ranks within ``--max
 from __future__ import annotations
 
 from ..base import FORMATS, ExportContext, Format
-from ..hf import alias_copies, export_config, write_side_files
 from ..peft import lora_state, unit_alpha, write_lora
-from ..shards import TensorEntry
-from .compressed_tensors import (
-    CTOptions, dense_linears, layer_entries, layer_problem, layer_scheme, layer_tensors, quantization_config,
-)
+from .compressed_tensors import CTOptions, layer_problem, write_quantized_base
 
 ADAPTER_DIR = "adapter"
 LOWRANK_KIND = "lowrank-quant"
@@ -41,7 +37,7 @@ class CompressedTensorsLora(Format):
     summary = ("low-rank + quantized (lorc, lq): the quantized base in compressed-tensors plus the low-rank part as "
                "a PEFT LoRA adapter in adapter/ (transformers + peft, vLLM with --enable-lora)")
     holds = ("low-rank + quantized layers (lorc, lq: 2-8 bits, group size dividing the inputs, no rotation; "
-             "asymmetric ones fitted with --set grid=zero-point) and plain quantized layers")
+             "asymmetric ones on an integer zero point) and plain quantized layers")
     runtimes = "transformers (compressed-tensors installed) + peft, vLLM (--enable-lora)"
     Options = CTOptions
 
@@ -63,34 +59,15 @@ class CompressedTensorsLora(Format):
         return reasons
 
     def write(self, source, ctx: ExportContext) -> None:
-        dtype = source.dtype
-        keys = source.keys()
-        copies = alias_copies(source)
-        entries = [source.entry(k) for k in keys]
-        entries += [TensorEntry(k, source.entry(v).dtype, source.entry(v).shape) for k, v in copies.items()]
-        for name, desc in source.layers.items():
-            entries += layer_entries(name, desc, dtype)
         factors, alphas = {}, {}
-        with ctx.safetensors(entries) as w:
-            for k in keys:
-                w.write(k, source.tensor(k))
-            for k, v in copies.items():
-                w.write(k, source.tensor(v))
-            for name, desc in source.layers.items():
-                layer = source.layer(name)
-                tensors, notes = layer_tensors(name, layer, dtype, self.options.round_zero_points)
-                for k, t in tensors.items():
-                    w.write(k, t)
-                for n in notes:
-                    ctx.note(n)
-                if desc["kind"] == LOWRANK_KIND:
-                    factors[name] = (layer.right.clone(), layer.left.clone())  # lora_A = R, lora_B = L
-                    alphas[name] = unit_alpha(layer.rank)
-                del layer
-        config = export_config(source)
-        config.quantization_config = quantization_config(
-            {n: layer_scheme(d) for n, d in source.layers.items()}, dense_linears(source))
-        write_side_files(source, ctx.dir, config)
+
+        def take_factors(name, desc, layer):
+            if desc["kind"] == LOWRANK_KIND:
+                factors[name] = (layer.right.clone(), layer.left.clone())  # lora_A = R, lora_B = L
+                alphas[name] = unit_alpha(layer.rank)
+
+        write_quantized_base(source, ctx, self.options.round_zero_points, on_layer=take_factors)
+        dtype = source.dtype
         task = "CAUSAL_LM" if getattr(source.config, "is_encoder_decoder", False) is False else "SEQ_2_SEQ_LM"
         # base_model_name_or_path stays empty: the base is this directory, wherever it is moved
         tensors, adapter_config = lora_state(factors, alphas, dtype=dtype, task_type=task)
