@@ -209,3 +209,41 @@ def test_clip_search_never_loses_to_min_max_on_its_weighted_error():
         rtn(W, 3, 32, clip="l1")
     with pytest.raises(ConfigError, match="zero_point"):
         rtn(W, 3, 32, zero_point="half")
+
+
+def test_gguf_symmetric_search_is_llama_cpps_imatrix_rule_by_brute_force():
+    """Each (row, group): llama.cpp's make_qx_quants with an importance matrix, written out in numpy per
+    group (starts m / -(8 + 0.1 k), weighted least-squares scale for the codes, float16), against the
+    vectorized search; and never worse than the plain Q4_0 scale."""
+    from rankwise.linalg.quant import search_range
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((6, 96))
+    W[0, :32] = 0.0  # a constant group
+    h = rng.uniform(0.1, 5.0, 96)
+    got, mins = search_range(torch.tensor(W), torch.arange(96) // 32, 3, 4, True, clip="mse",
+                             importance=torch.tensor(h), grid="gguf")
+    assert mins is None
+
+    def err(w, hh, d):
+        d = float(np.float16(d))
+        c = np.clip(np.round(w / d), -8, 7) if d != 0 else np.zeros_like(w)
+        return float((hh * (w - d * c) ** 2).sum())
+
+    for r in range(6):
+        for g in range(3):
+            w, hh = W[r, 32 * g: 32 * g + 32], h[32 * g: 32 * g + 32]
+            m = w[np.argmax(np.abs(w))] if np.abs(w).max() > 0 else 0.0
+            if abs(w.min()) >= abs(w.max()):
+                m = w.min()
+            cands = [m / -8.0]
+            for k in range(-9, 10):
+                d0 = m / -(8 + 0.1 * k)
+                if d0 == 0:
+                    continue
+                c = np.clip(np.round(w / d0), -8, 7)
+                den = (hh * c * c).sum()
+                cands.append((hh * w * c).sum() / den if den > 0 else d0)
+            best = min(err(w, hh, d) for d in cands)
+            assert err(w, hh, float(got[r, g])) == pytest.approx(best, rel=1e-9, abs=1e-12)
+            assert err(w, hh, float(got[r, g])) <= err(w, hh, m / -8.0) + 1e-12

@@ -43,7 +43,10 @@ Clipping search (``clip="mse"``, :func:`search_range`): the range ``[r lo, r hi]
 ``r`` in :data:`CLIP_RATIOS` (1.0 down to 0.5), per (row, group) the one minimizing the importance-
 weighted error ``sum_j h_j (w_j - q(w_j))^2`` (``h = diag(C)`` under GPTQ, as llama.cpp's imatrix and
 llm-compressor's ``imatrix_mse`` weight it; ``h = 1`` for data-free RTN). ``r = 1`` is a candidate,
-so the search is never worse than min/max on that weighted error.
+so the search is never worse than min/max on that weighted error. On the symmetric ``gguf`` grid
+(Q4_0 form) the search is llama.cpp's own imatrix rule instead (:func:`_gguf_scale_search`): scale
+starts around ``m / -2^(b-1)``, each refitted by weighted least squares for its codes, the plain Q4_0
+scale among the candidates.
 
 Error guarantee (RTN, min/max, ``zero_point="float"``): every entry inside its group's range is within
 ``scale / 2`` of its reconstruction, up to float16 rounding of ``scale`` and ``min`` (which can move
@@ -198,6 +201,8 @@ def search_range(W: torch.Tensor, groups: torch.Tensor, G: int, bits: int, symme
     h = (torch.ones(W.shape[1], dtype=torch.float64, device=W.device) if importance is None
          else importance.to(device=W.device, dtype=torch.float64).clamp(min=0))
     maxq, zero = 2 ** bits - 1, (2 ** (bits - 1) if symmetric else 0)
+    if grid == "gguf" and symmetric and bits < 8:
+        return _gguf_scale_search(W, groups, G, bits, h, lo, hi)
     best = None
     idx = groups[None, :].expand(W.shape[0], -1)
     for r in CLIP_RATIOS:
@@ -215,6 +220,46 @@ def search_range(W: torch.Tensor, groups: torch.Tensor, G: int, bits: int, symme
         if mn is not None:
             bm = torch.where(better, mn, bm)
     return bs, bm
+
+
+#: llama.cpp's Q4_0 scale candidates under an importance matrix: ``d = m / -(2^(b-1) + 0.1 k)``.
+GGUF_SCALE_STEPS = tuple(0.1 * k for k in range(-9, 10))
+
+
+def _gguf_scale_search(W: torch.Tensor, groups: torch.Tensor, G: int, bits: int, h: torch.Tensor,
+                       lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """Float16 scales (m, G) of a symmetric ``grid="gguf"`` (Q4_0-form) search, llama.cpp's imatrix rule:
+    for each start ``d_k = m / -(2^(b-1) + 0.1 k)``, ``k = -9..9`` (``m`` the group's entry of largest
+    magnitude, sign kept), codes ``c = clamp(round(w / d_k), -2^(b-1), 2^(b-1) - 1)``, then the weighted
+    least-squares scale for those codes ``d = sum_j h_j w_j c_j / sum_j h_j c_j^2``; per (row, group) the
+    candidate (the plain Q4_0 scale among them) with the smallest ``sum_j h_j (w_j - q(w_j))^2`` on the
+    stored float16 grid."""
+    maxq, zero = 2 ** bits - 1, 2 ** (bits - 1)
+    idx = groups[None, :].expand(W.shape[0], -1)
+    m = torch.where(lo.abs() >= hi.abs(), lo, hi)
+    hw = W * h[None, :]
+
+    def error(scale: torch.Tensor) -> torch.Tensor:
+        s = scale.to(torch.float64)[:, groups]
+        q = round_to_grid(W, s, -zero * s, maxq, zero).to(torch.float64) * s - zero * s
+        return W.new_zeros(W.shape[0], G).scatter_add_(1, idx, (W - q) ** 2 * h[None, :])
+
+    best_s, _ = grid_from_range(lo, hi, bits, True, grid="gguf")  # the plain rule is a candidate
+    best = error(best_s)
+    for k in GGUF_SCALE_STEPS:
+        d0 = m / -(zero + k)
+        safe = torch.where(d0 != 0, d0, 1.0)[:, groups]
+        c = torch.round(W / safe).clamp_(-zero, zero - 1)
+        num = W.new_zeros(W.shape[0], G).scatter_add_(1, idx, hw * c)
+        den = W.new_zeros(W.shape[0], G).scatter_add_(1, idx, h[None, :] * c * c)
+        d = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), d0).to(torch.float16)
+        if not bool(torch.isfinite(d).all()):
+            continue
+        err = error(d)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s = torch.where(better, d, best_s)
+    return best_s, None
 
 
 @dataclass
