@@ -197,6 +197,7 @@ def test_healing_distils_the_pruned_model_from_the_dense_one():
                                      heal={"steps": 12, "lr": 3e-3, "rank": 4})
     h = rep2.healing
     assert h["loss"] == "kl-to-dense" and h["loss_last"] < h["loss_first"]
+    assert h["layers"] == 7 * len(small.model.layers)  # q/k/v/o/gate/up/down of every kept block
 
     def kl(model):
         t = _logits(dense, WINDOWS).log_softmax(-1)

@@ -164,9 +164,13 @@ def heal(model: nn.Module, windows: torch.Tensor, options: HealOptions, progress
         for p in teacher.parameters():
             p.requires_grad_(False)
     groups: list = []
+    plain_layers = 0
     if factors or plain:
+        from .adaptation.layers import AdapterLayer
+
         targets = [re.escape(n) + "$" for n in factors] if factors else None  # None: every block linear
         adapt(model, init="lora", rank=options.rank, targets=targets, seed=options.seed)
+        plain_layers = sum(isinstance(m, AdapterLayer) for m in model.modules()) if plain else 0
         scale = 1.0 if options.lr is not None or not quant else DEFAULT_LR["lowrank"] / lr
         groups.append({"params": trainable_parameters(model), "lr_scale": scale})
     trainers = [QuantTrainer(layer) for layer in quant.values()]
@@ -191,6 +195,7 @@ def heal(model: nn.Module, windows: torch.Tensor, options: HealOptions, progress
                            ("quantization scales and minimums (codes frozen)", quant),
                            ("block linear layers (LoRA, merged)", plain)) if v]
     return {"options": {**asdict(options), "lr": lr}, "trained": what,
-            "loss": "kl-to-dense" if teacher is not None else "cross-entropy", "layers": len(quant) + len(factors) // 2,
+            "loss": "kl-to-dense" if teacher is not None else "cross-entropy",
+            "layers": len(quant) + len(factors) // 2 + plain_layers,
             "trainable_params": res.trainable_params, "loss_first": res.losses[0], "loss_last": res.losses[-1],
             "seconds_per_step": res.seconds_per_step}
