@@ -310,8 +310,9 @@ def set_config(cfg, **values) -> None:
         object.__setattr__(cfg, amap.get(key, key), value)
 
 
-class _Skip(nn.Module):
-    """Stands in for a skipped block: returns its hidden states unchanged."""
+class Passthrough(nn.Module):
+    """Stands in for a block (a skipped one, or one whose arguments a hook records): returns the hidden
+    states unchanged and keeps the attributes the model's loop reads (attention type, layer index)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
@@ -335,7 +336,7 @@ class skipping:
     def __enter__(self) -> "skipping":
         for i in self.indices:
             self.saved[i] = self.blocks[i]
-            self.blocks[i] = _Skip(self.blocks[i])
+            self.blocks[i] = Passthrough(self.blocks[i])
         return self
 
     def __exit__(self, *exc) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ...calibration.stats import run_model
+from ...models.pruning import Passthrough
 from .spill import SpilledBatches
 
 
@@ -31,19 +32,6 @@ def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]
         return args[0], tuple(args[1:]), dict(kwargs)
     kwargs = dict(kwargs)
     return kwargs.pop("hidden_states"), (), kwargs
-
-
-class Passthrough(nn.Module):
-    """Stands in for a block while recording its arguments: returns the hidden states unchanged."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        for attr in ("attention_type", "layer_idx", "is_sliding"):
-            if hasattr(block, attr):
-                setattr(self, attr, getattr(block, attr))
-
-    def forward(self, hidden_states=None, *args, **kwargs):
-        return hidden_states
 
 
 @dataclass

@@ -226,16 +226,7 @@ class CompressedTensors(Format):
     Options = CTOptions
 
     def unsupported(self, source) -> list[str]:
-        reasons = []
-        for name, desc in source.layers.items():
-            if desc.get("kind") != "quant":
-                reasons.append(f"{name} is a {desc.get('kind')!r} layer (only quantized layers)")
-                continue
-            spec = desc.get("spec") or {}
-            layer = source.layer(name) if not spec.get("symmetric", False) else None
-            why = layer_problem(name, desc, layer, self.options.round_zero_points)
-            if why:
-                reasons.append(why)
+        reasons = layer_reasons(source, ("quant",), "only quantized layers", self.options.round_zero_points)
         if not source.layers:
             reasons.append("the model has no quantized layer (compress it with --structure rtn or gptq first; "
                            "a plain model goes out as --format dense)")
@@ -243,6 +234,22 @@ class CompressedTensors(Format):
 
     def write(self, source, ctx: ExportContext) -> None:
         write_quantized_base(source, ctx, self.options.round_zero_points)
+
+
+def layer_reasons(source, kinds: tuple[str, ...], only: str, round_zero_points: bool = False) -> list[str]:
+    """Why each layer of ``source`` cannot be written: a kind outside ``kinds`` (``only`` says what the
+    format takes), or :func:`layer_problem` (an asymmetric layer is loaded for its zero-point check)."""
+    reasons = []
+    for name, desc in source.layers.items():
+        if desc.get("kind") not in kinds:
+            reasons.append(f"{name} is a {desc.get('kind')!r} layer ({only})")
+            continue
+        spec = desc.get("spec") or {}
+        layer = source.layer(name) if not spec.get("symmetric", False) else None
+        why = layer_problem(name, desc, layer, round_zero_points)
+        if why:
+            reasons.append(why)
+    return reasons
 
 
 def write_quantized_base(source, ctx: ExportContext, round_zero_points: bool = False, on_layer=None) -> None:
@@ -277,5 +284,6 @@ def write_quantized_base(source, ctx: ExportContext, round_zero_points: bool = F
     write_side_files(source, ctx.dir, config)
 
 
-__all__ = ["CTOptions", "CompressedTensors", "dense_linears", "layer_entries", "layer_problem", "layer_scheme",
-           "layer_tensors", "pack_int32", "quantization_config", "storage_bits", "write_quantized_base"]
+__all__ = ["CTOptions", "CompressedTensors", "dense_linears", "layer_entries", "layer_problem", "layer_reasons",
+           "layer_scheme", "layer_tensors", "pack_int32", "quantization_config", "storage_bits",
+           "write_quantized_base"]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from ..base import FORMATS, ExportContext, Format
 from ..peft import lora_state, unit_alpha, write_lora
-from .compressed_tensors import CTOptions, layer_problem, write_quantized_base
+from .compressed_tensors import CTOptions, layer_reasons, write_quantized_base
 
 ADAPTER_DIR = "adapter"
 LOWRANK_KIND = "lowrank-quant"
@@ -42,17 +42,8 @@ class CompressedTensorsLora(Format):
     Options = CTOptions
 
     def unsupported(self, source) -> list[str]:
-        reasons = []
-        for name, desc in source.layers.items():
-            if desc.get("kind") not in QUANT_KINDS:
-                reasons.append(f"{name} is a {desc.get('kind')!r} layer (only quantized and low-rank + quantized "
-                               "layers)")
-                continue
-            spec = desc.get("spec") or {}
-            layer = source.layer(name) if not spec.get("symmetric", False) else None
-            why = layer_problem(name, desc, layer, self.options.round_zero_points)
-            if why:
-                reasons.append(why)
+        reasons = layer_reasons(source, QUANT_KINDS, "only quantized and low-rank + quantized layers",
+                                self.options.round_zero_points)
         if not any(d.get("kind") == LOWRANK_KIND for d in source.layers.values()):
             reasons.append("the model has no low-rank + quantized layer (compress it with --structure lorc or lq; a "
                            "quantized model goes out as --format compressed-tensors)")
