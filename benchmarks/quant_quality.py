@@ -246,7 +246,7 @@ def run_external(r: dict, row: str) -> dict:
 
 def run(row: str, seed: int) -> Path:
     r = parse_row(row)
-    if r["family"] == "llmc" and Path(sys.executable).resolve() != LLMC_PY.resolve():
+    if r["family"] == "llmc" and Path(sys.prefix).resolve() != LLMC_PY.parent.parent.resolve():  # venvs share one interpreter
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
         subprocess.run([str(LLMC_PY), __file__, "--row", row, "--seed", str(seed)], check=True, env=env)
         return RESULTS / f"{row}-seed{seed}.json"
@@ -271,20 +271,27 @@ def run(row: str, seed: int) -> Path:
 
 
 def render() -> str:
+    """Every row (this script's and ``quant_budget.py``'s): mean, sample SD and min..max over the seeds, and
+    the ratio of the mean to llm-compressor's mean at the same code width and group size."""
     rows: dict[str, list[dict]] = {}
     for p in sorted(RESULTS.glob("*.json")):
         d = json.loads(p.read_text())
         rows.setdefault(d["row"], []).append(d)
-    order = lambda k: (rows[k][0].get("bits") or 99, rows[k][0].get("group_size") or 0, k)  # noqa: E731
-    lines = ["| row | bits/weight | model MB | ppl mean | spread (min..max) | seeds | command (first seed) |",
-             "|---|---:|---:|---:|---|---|---|"]
+    mean = {k: statistics.mean(d["ppl"] for d in ds) for k, ds in rows.items()}
+    order = lambda k: (-(rows[k][0].get("bits") or 99), rows[k][0].get("group_size") or 0, k)  # noqa: E731
+    lines = ["| row | bits/weight | model MB | ppl mean | sd | min..max | seeds | vs llm-compressor | command (first seed) |",
+             "|---|---:|---:|---:|---:|---|---|---:|---|"]
     for k in sorted(rows, key=order):
         ds = rows[k]
         ppl = [d["ppl"] for d in ds]
         seeds = ",".join(str(d["seed"]) for d in ds) if ds[0]["seed"] is not None else "data-free"
+        sd = f"{statistics.stdev(ppl):.2f}" if len(ppl) > 1 else "-"
         spread = f"{min(ppl):.2f}..{max(ppl):.2f}" if len(ppl) > 1 else "-"
-        lines.append(f"| {k} | {ds[0]['bits_per_weight']:.3f} | {ds[0]['model_bytes'] / 1e6:.2f} | "
-                     f"{statistics.mean(ppl):.2f} | {spread} | {seeds} | `{ds[0]['command']}` |")
+        peer = f"llmc-b{ds[0]['bits']}-g{ds[0]['group_size']}"
+        vs = f"{mean[k] / mean[peer]:.3f}x" if peer in mean and peer != k and ds[0]["family"] != "llmc" else ""
+        lines.append(f"| {k} | {statistics.mean(d['bits_per_weight'] for d in ds):.3f} | "
+                     f"{ds[0]['model_bytes'] / 1e6:.2f} | {mean[k]:,.2f} | {sd} | {spread} | {seeds} | {vs} | "
+                     f"`{ds[0]['command']}` |")
     return "\n".join(lines)
 
 
