@@ -299,3 +299,16 @@ def test_engine_defaults_are_the_measured_best_per_method():
     assert eng("rtn", None, 3.0, options={"bits": 3}) == ("block", False)
     with pytest.raises(ConfigError, match="one-shot"):
         build_config(None, 0.4, engine={"mode": "one-shot", "refit": True})
+
+
+def test_width_fixes_its_refit_ridge_unless_the_user_sets_one():
+    """Width pruning refits at relative ridge 1.0 by default (the held-out choice was unstable across
+    calibration seeds, BENCHMARKS.md); an explicit --refit-ridge wins; low rank keeps the held-out choice."""
+    from rankwise.compression.compress import build_config
+
+    def ridge(*a, **kw):
+        return build_config(*a, **kw)[0].engine.refit_ridge
+
+    assert ridge("width", 0.2) == 1.0
+    assert ridge("width", 0.2, engine={"refit_ridge": 0.01}) == 0.01
+    assert ridge(None, 0.4) is None

@@ -285,7 +285,8 @@ def register(app: typer.Typer) -> None:
                                                   "(sequential); default: the best measured."),
         refit_ridge: Optional[float] = typer.Option(None, "--refit-ridge",
                                                     help="Relative ridge toward W for --refit (default: chosen per "
-                                                         "group on held-out calibration windows)."),
+                                                         "group on held-out calibration windows; 1.0 for "
+                                                         "--structure width)."),
         allocate: Optional[str] = typer.Option(None, "--allocate",
                                                help="Rank allocator: uniform | spectrum | spectrum-typed | "
                                                     "spectrum-band | svd-llm-v2 | sensitivity | sensitivity-band "

@@ -74,14 +74,17 @@ class EngineOptions:
     device: str = "cpu"
 
     def resolved(self, defaults: Mapping[str, object]) -> "EngineOptions":
-        """A copy with ``granularity`` / ``refit`` left as None filled in: from ``defaults`` (the method's
-        measured best, :meth:`~rankwise.compression.methods.base.Method.engine_defaults`) in sequential
-        mode, else ``block`` / no refit (what one-shot calibration can do)."""
+        """A copy with ``granularity`` / ``refit`` / ``refit_ridge`` left as None filled in: from
+        ``defaults`` (the method's measured best,
+        :meth:`~rankwise.compression.methods.base.Method.engine_defaults`) in sequential mode, else
+        ``block`` / no refit (what one-shot calibration can do); a ridge the method does not fix stays
+        None (chosen on held-out windows)."""
         seq = self.mode == "sequential"
         gran = self.granularity if self.granularity is not None else (
             defaults.get("granularity", "block") if seq else "block")
         refit = self.refit if self.refit is not None else (bool(defaults.get("refit", False)) if seq else False)
-        return dataclasses.replace(self, granularity=gran, refit=refit)
+        ridge = self.refit_ridge if self.refit_ridge is not None else defaults.get("refit_ridge")
+        return dataclasses.replace(self, granularity=gran, refit=refit, refit_ridge=ridge)
 
     def validate(self) -> "EngineOptions":
         if self.mode not in MODES:
