@@ -166,11 +166,11 @@ def heal(model: nn.Module, windows: torch.Tensor, options: HealOptions, progress
     groups: list = []
     plain_layers = 0
     if factors or plain:
-        from .adaptation.layers import AdapterLayer
+        from .adaptation.layers import adapter_layers
 
         targets = [re.escape(n) + "$" for n in factors] if factors else None  # None: every block linear
         adapt(model, init="lora", rank=options.rank, targets=targets, seed=options.seed)
-        plain_layers = sum(isinstance(m, AdapterLayer) for m in model.modules()) if plain else 0
+        plain_layers = len(adapter_layers(model)) if plain else 0
         scale = 1.0 if options.lr is not None or not quant else DEFAULT_LR["lowrank"] / lr
         groups.append({"params": trainable_parameters(model), "lr_scale": scale})
     trainers = [QuantTrainer(layer) for layer in quant.values()]
