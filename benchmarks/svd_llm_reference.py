@@ -50,6 +50,8 @@ ROWS = {
     "svd-llm-v2": ["--method", "svd-llm-v2", "--granularity", "block", "--no-refit"],
     "default+svd-llm-v2-alloc": ["--allocate", "svd-llm-v2"],
     "default+heal": ["--heal-steps", "100"],
+    "default+low-memory": ["--low-memory"],
+    "default+search": ["--allocate", "search"],
 }
 
 
@@ -73,8 +75,14 @@ def run_row(name: str, ratio: float, text_dir: Path, extra: list[str]) -> dict:
             "achieved_ratio": rep["achieved_ratio"], "granularity": rep["granularity"], "refit": rep["refit"],
             "allocate": rep["allocate"], "method": rep["method"], "healing": meta.get("healing"),
             "ridges": sorted({str(lr["ridge"]) for lr in rep["layers"]}),
+            "seed": seed_of(extra), "validation": (rep.get("allocation") or {}).get("validation"),
             "threads": os.environ.get("OMP_NUM_THREADS", "default"),
             "load_avg_1min_at_end": os.getloadavg()[0], "when": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def seed_of(extra: list[str]) -> int:
+    """The calibration seed of a row's command (the CLI's default 3 unless ``--seed`` is in it)."""
+    return int(extra[extra.index("--seed") + 1]) if "--seed" in extra else 3
 
 
 def done() -> list[dict]:
@@ -106,6 +114,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.2,0.4,0.6")
     ap.add_argument("--tag", default=None, help="store the rows as ROW@TAG (a re-measurement of a row already in "
                     "the results, e.g. after an engine change)")
+    ap.add_argument("--seed", type=int, default=None, help="calibration seed (--seed K in every command; the "
+                    "rows are stored as ROW@seedK unless --tag names them)")
     ap.add_argument("--render", action="store_true", help="print the Markdown table of the results so far")
     args = ap.parse_args()
     if args.render:
@@ -117,10 +127,12 @@ def main() -> None:
     have = {(r["row"], r["ratio"]) for r in done()}
     for ratio in [float(x) for x in args.ratios.split(",")]:
         for name in args.rows.split(","):
-            stored = f"{name}@{args.tag}" if args.tag else name
+            tag = args.tag or (f"seed{args.seed}" if args.seed is not None else None)
+            stored = f"{name}@{tag}" if tag else name
             if (stored, ratio) in have:
                 continue
-            res = run_row(stored, ratio, args.text_dir, ROWS[name])
+            extra = ROWS[name] + (["--seed", str(args.seed)] if args.seed is not None else [])
+            res = run_row(stored, ratio, args.text_dir, extra)
             print(json.dumps(res), flush=True)
             with open(OUT, "a") as f:
                 f.write(json.dumps(res) + "\n")

@@ -289,8 +289,10 @@ def register(app: typer.Typer) -> None:
                                                          "--structure width)."),
         allocate: Optional[str] = typer.Option(None, "--allocate",
                                                help="Rank allocator: uniform | spectrum | spectrum-typed | "
-                                                    "spectrum-band | svd-llm-v2 | sensitivity | sensitivity-band "
-                                                    "(default: uniform; svd-llm-v2 with --method svd-llm-v2); byte "
+                                                    "spectrum-band | svd-llm-v2 | sensitivity | sensitivity-band | "
+                                                    "search (uniform and rank profiles, each compressed and scored "
+                                                    "on held-out windows: 4 passes) (default: uniform; svd-llm-v2 "
+                                                    "with --method svd-llm-v2); byte "
                                                     "budgets: bits-greedy (default: widths, group sizes, ranks or "
                                                     "dense per layer) | uniform (one setting for every layer)."),
         min_rank: int = typer.Option(1, "--min-rank", help="Smallest rank a factorized layer may keep."),
@@ -313,7 +315,7 @@ def register(app: typer.Typer) -> None:
                                         help="Compress block by block from the safetensors files (one block "
                                         "resident; the cached calibration activations go to a temporary "
                                         "directory beside --out). Not with --method fwsvd or --allocate "
-                                        "sensitivity / sensitivity-band, which need the whole model."),
+                                        "sensitivity / sensitivity-band / search, which need the whole model."),
         device: str = typer.Option("cpu", "--device",
                                    help="Compute device: cpu | cuda | cuda:N (blocks visit it one at a time; under "
                                         "torchrun, cuda = each rank's GPU)."),

@@ -37,6 +37,7 @@ from ..errors import ConfigError, NumericalError
 from ..models.surgery import count_parameters, find_linears, linear_shape
 from ..structures.base import StructuredLinear
 from .allocation import AllocateOptions, AllocationContext, AllocationRequest, get_allocator
+from .allocation.allocators import CANDIDATES
 from .allocation.budget import check_plan, check_ratio
 from .engine import Engine, EngineOptions, ModelSource, StreamedSource, WeightSource
 from .engine.device import compute_device
@@ -403,7 +404,7 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
     need_cov = COV in needs
     alloc = get_allocator(cfg.allocate)
     validate = validates(method, cfg)
-    if validate:
+    if validate or alloc.name == "search":
         from .validation import check_validation_possible
 
         check_validation_possible(source.in_memory)
@@ -428,6 +429,9 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
     context.weights = loss_weights if objective == "loss" else None
     plan, info = make_plan(method, cfg, shapes, measured, context, dense_elem=elem)
     plans = {cfg.allocate: plan}
+    profiles = info.pop(CANDIDATES, None)  # --allocate search: the uniform plan against the rank profiles
+    if profiles is not None:
+        profiles = {k: {n: None if r is None else {"rank": int(r)} for n, r in p.items()} for k, p in profiles.items()}
     if objective == "auto" and loss_weights is not None:  # the loss-weighted plan is validated too
         context.weights = loss_weights
         plan_loss, info_loss = make_plan(method, cfg, shapes, measured, context, dense_elem=elem)
@@ -460,6 +464,11 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
             info["validation"] = {"skipped": "no uniform plan fits the budget" if base is None
                                   else "the allocated plan is the uniform plan"}
             validate = False
+    if profiles is not None:
+        plans = {k: p for k, p in profiles.items() if not _same_plan(p, plan)}
+        base, validate = plan, bool(plans)
+        if not plans:
+            info["validation"] = {"skipped": "every rank profile is the uniform plan on these layers"}
     if validate:
         from .validation import validate_plans
 

@@ -13,16 +13,21 @@ Allocators (see :mod:`.solvers` for the math):
 * ``sensitivity``  measured LM-loss increase per layer at a few ranks, then the same budgeted choice;
 * ``svd-llm-v2``   SVD-LLM v2's per-type ratios from each matrix's theoretical truncation loss;
 * ``sensitivity-band`` ``spectrum-band`` with each layer's error weighted by its measured loss increase
-  at the uniform rank (one loss evaluation per layer; best measured at 40%, see BENCHMARKS.md).
+  at the uniform rank (one loss evaluation per layer; best measured at 40%, see BENCHMARKS.md);
+* ``search``       the uniform plan and the rank profiles of :mod:`.profiles` (per-type tilts, protected end
+  blocks), each run through the sequential engine and scored on held-out calibration windows; the
+  lowest held-out loss is kept (:mod:`..validation`; one engine pass per candidate).
 
 Options: :class:`.types.AllocateOptions`. What an allocator decided beyond the ranks (speed caps,
 dense reasons, measured tables, seconds) goes into ``request.info``.
 """
 from __future__ import annotations
 
+from ...errors import ConfigError
 from .budget import uniform_rank
 from .measure import (allocate_sensitivity_band_request, allocate_sensitivity_request, record_dense,
                       speed_caps_for)
+from .profiles import profile_plans
 from .solvers import (allocate_spectrum, allocate_spectrum_banded, allocate_spectrum_by_type,
                       allocate_svd_llm_v2, uniform_speed_aware)
 from .types import AllocationRequest, RankPlan, register
@@ -96,3 +101,19 @@ def svd_llm_v2(req: AllocationRequest) -> RankPlan:
     req.info["svd_llm_v2_ratios"] = ratios
     record_dense(req, plan)
     return plan
+
+
+#: Where :func:`search` leaves its candidate plans for the validation (popped by the pipeline).
+CANDIDATES = "candidate_plans"
+
+
+@register("search", description="uniform and rank profiles (per-type tilts, protected end blocks), each compressed "
+          "and scored on held-out calibration windows; the best is kept (one engine pass per candidate)",
+          whole_model=True)
+def search(req: AllocationRequest) -> RankPlan:
+    """The uniform plan; the profiles' plans go to ``req.info[CANDIDATES]`` for the validated passes."""
+    if req.options.speed_aware:
+        raise ConfigError("--allocate search does not combine with --speed-aware: use --allocate uniform "
+                          "--speed-aware")
+    req.info[CANDIDATES] = profile_plans(req.ratio, req.shapes, req.options.min_rank)
+    return {name: uniform_rank(m, n, req.ratio) for name, (m, n) in req.shapes.items()}
