@@ -190,7 +190,7 @@ def test_heldout_errors_match_numpy_and_the_moment_identity():
     from rankwise.compression.engine.loop import heldout_errors
 
     g = torch.Generator().manual_seed(0)
-    d, t = 6, CHUNK_BYTES // (8 * 6) * 2 + 37
+    d, t = 6, CHUNK_BYTES // (4 * 4) + 37  # 4 outputs: more rows than one chunk
     X, Xp = torch.randn(t, d, generator=g), torch.randn(t, d, generator=g)
     W, Wp = torch.randn(4, d, generator=g), torch.randn(4, d, generator=g)
     Wq = Wp + 1e-3 * torch.randn(4, d, generator=g)  # a candidate 0.1 % away: still told apart

@@ -158,14 +158,14 @@ def _product(layer: nn.Module, device) -> Callable[[torch.Tensor], torch.Tensor]
 def heldout_errors(W: torch.Tensor, candidates, x: torch.Tensor, xp: torch.Tensor, device=None) -> list[float]:
     """``[||W X_h - W'_j X'_h||_F^2 for each candidate j]`` over the rows of the held-out inputs ``x``
     (dense model) and ``xp`` (compressed prefix), both (tokens, in); a candidate is a layer or its
-    (out, in) matrix ``W'_j``. Per row chunk of at most ``CHUNK_BYTES / 4`` of output, ``W x`` is
+    (out, in) matrix ``W'_j``. Per row chunk of at most ``CHUNK_BYTES`` of output, ``W x`` is
     computed once and each candidate's ``W'_j x'`` through :func:`_product`, in float32; each chunk's
     squared norm is added in float64. (It only ranks the candidate ridges, whose errors differ far more
     than float32's relative 1e-6; float64 copies of ``W`` and ``W'`` would double the score's memory.)"""
     W32 = W.to(device=device, dtype=torch.float32)
     maps = [_product(c, W32.device) for c in candidates]
     totals = torch.zeros(len(maps), dtype=torch.float64, device=W32.device)
-    step = max(64, CHUNK_BYTES // (16 * max(W32.shape)))
+    step = max(64, CHUNK_BYTES // (4 * W32.shape[0]))
     for s in range(0, x.shape[0], step):
         a = x[s: s + step].to(device=W32.device, dtype=torch.float32)
         c = xp[s: s + step].to(device=W32.device, dtype=torch.float32)
