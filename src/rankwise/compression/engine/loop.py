@@ -517,12 +517,13 @@ class Engine:
                     del stats, split
                 if start + self.bpu <= last:
                     advance(chain, acts, self.device, inplace=True)
-            if dense is not None:
+            recorded = dense is not None
+            if recorded:
                 dense.close()
             del dense
             for i in unit:
                 src.release(i, write=not self.dry)
-            if not src.in_memory:
+            if not src.in_memory or recorded:  # the dense inputs' many small tensors: give the heap back
                 trim()
         for i in range(last + 1, len(src.blocks)):  # blocks after the last target: streamed sources copy them
             if not src.in_memory and not self.dry:
