@@ -180,28 +180,33 @@ def test_ridge_is_chosen_on_held_out_windows(random_ids):
     assert all(lr.ridge in RIDGE_CANDIDATES for lr in rep.layers)
 
 
-def test_heldout_error_matches_numpy_and_the_moment_identity():
-    """The score of a candidate ridge: ``||W X - W' X'||^2`` from the (tokens, in) inputs, in row chunks
+def test_heldout_errors_match_numpy_and_the_moment_identity():
+    """The score of candidate ridges: ``||W X - W' X'||^2`` from the (tokens, in) inputs, in row chunks
     (more tokens than one chunk), equal to numpy's float64 and to the moment form
     ``tr(W' C' W'^T) - 2 tr(W M W'^T) + ||W X||^2`` (``C' = X' X'^T``, ``M = X X'^T``) within float32
-    products' rounding; and it ranks two candidates as float64 does."""
+    products' rounding; it ranks two candidates as float64 does; a low-rank candidate layer (scored
+    through its factors, its bias excluded) scores as its dense matrix."""
     from rankwise.calibration.stats import CHUNK_BYTES
-    from rankwise.compression.engine.loop import heldout_error
+    from rankwise.compression.engine.loop import heldout_errors
 
     g = torch.Generator().manual_seed(0)
-    d, t = 6, CHUNK_BYTES // (8 * 6) * 2 + 37
+    d, t = 6, CHUNK_BYTES // (4 * 4) + 37  # 4 outputs: more rows than one chunk
     X, Xp = torch.randn(t, d, generator=g), torch.randn(t, d, generator=g)
     W, Wp = torch.randn(4, d, generator=g), torch.randn(4, d, generator=g)
-    got = heldout_error(W, Wp, X, Xp)
+    Wq = Wp + 1e-3 * torch.randn(4, d, generator=g)  # a candidate 0.1 % away: still told apart
+    L, R = torch.randn(4, 2, generator=g), torch.randn(2, d, generator=g)
+    low = LowRankLinear.from_factors(L, R, torch.randn(4, generator=g))
+    got, gotq, gotl = heldout_errors(W, [Wp, Wq, low], X, Xp)
     Xn, Xpn, Wn, Wpn = (a.double().numpy() for a in (X, Xp, W, Wp))
     ref = float(np.square(Xn @ Wn.T - Xpn @ Wpn.T).sum())
     assert got == pytest.approx(ref, rel=1e-5)
     C, M = Xpn.T @ Xpn, Xn.T @ Xpn
     moments = np.trace(Wpn @ C @ Wpn.T) - 2 * np.trace(Wn @ M @ Wpn.T) + np.square(Xn @ Wn.T).sum()
     assert got == pytest.approx(float(moments), rel=1e-5)
-    Wq = Wp + 1e-3 * torch.randn(4, d, generator=g)  # a candidate 0.1 % away: still told apart
     refq = float(np.square(Xn @ Wn.T - Xpn @ Wq.double().numpy().T).sum())
-    assert (heldout_error(W, Wq, X, Xp) < got) == (refq < ref)
+    assert (gotq < got) == (refq < ref)
+    refl = float(np.square(Xn @ Wn.T - Xpn @ (L @ R).double().numpy().T).sum())
+    assert gotl == pytest.approx(refl, rel=1e-5)
 
 
 @pytest.mark.parametrize("method", list(OBJECTIVES))

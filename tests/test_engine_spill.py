@@ -86,9 +86,10 @@ def test_low_memory_run_goes_through_the_files_and_leaves_none(tmp_path, random_
     monkeypatch.setattr(SpilledBatches, "__getitem__", get)
     compress_low_memory(tiny_dir, tmp_path / "disk", "lowrank", 0.4, calib=windows, **cal)
     n_blocks = len(load_structured(tmp_path / "disk").model.layers)
-    batches = 2  # 8 windows, batch size 4
-    # captured once, then both caches (compressed and dense) advanced after every block but the last
-    assert writes[0] == batches + 2 * batches * (n_blocks - 1)
+    batches, slots = 2, 4  # 8 windows, batch size 4; the dense inputs of q/k/v, o, gate/up, down
+    # captured once; the compressed cache advanced after every block but the last; the dense one by the
+    # dense forward of every block, which also writes its layers' inputs (engine/dense.py)
+    assert writes[0] == batches + batches * (n_blocks - 1) + (1 + slots) * batches * n_blocks
     assert reads[0] > writes[0]
     before = writes[0]
     compress_low_memory(tiny_dir, tmp_path / "mem", "lowrank", 0.4, calib=windows, cache_on_disk=False, **cal)

@@ -125,3 +125,30 @@ def test_bad_ranks_and_inputs():
         plain_svd(bad)
     with pytest.raises(ConfigError):
         row_weighted_svd(torch.randn(5, 4), torch.ones(4))
+
+
+@pytest.mark.parametrize("m,n", [(12, 9), (9, 12), (9, 9)])
+def test_top_rank_whitened_svd_equals_the_full_one(m, n):
+    """``whitened_svd(..., rank=k)`` (top-k triplets from the smaller Gram matrix's eigendecomposition)
+    gives the full factorization's rank-j truncations for every j <= k, its singular values and
+    errors; a rank-deficient target drops its zero directions with finite (zero) factors."""
+    from rankwise.linalg.factorization import top_svd
+
+    W, X = _data(m, n)
+    C = torch.from_numpy(X @ X.T)
+    full = whitened_svd(torch.from_numpy(W), C, dtype=torch.float64)
+    k = 5
+    top = whitened_svd(torch.from_numpy(W), C, dtype=torch.float64, rank=k)
+    assert top.max_rank == k and top.info == full.info
+    np.testing.assert_allclose(top.spectrum.numpy(), full.spectrum[:k].numpy(), rtol=1e-10)
+    for j in range(k + 1):
+        assert top.error(j) == pytest.approx(full.error(j), rel=1e-8, abs=1e-9 * full.error(0))
+        if j:
+            a, b = top.dense(j, dtype=torch.float64), full.dense(j, dtype=torch.float64)
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-8 * float(b.abs().max()))
+    with pytest.raises(ConfigError):
+        top.factors(k + 1)
+    G = torch.from_numpy(W[:, :3] @ np.random.default_rng(1).standard_normal((3, n)))  # rank 3
+    U, s, Vh, tail = top_svd(G, 5, dtype=torch.float64)
+    assert bool((s[3:] == 0).all()) and bool(torch.isfinite(Vh).all()) and tail == pytest.approx(0, abs=1e-8)
+    np.testing.assert_allclose(((U * s) @ Vh).numpy(), G.numpy(), atol=1e-10 * float(G.abs().max()))

@@ -1,4 +1,4 @@
-"""Per-layer input statistics accumulated with forward pre-hooks, in float64.
+"""Per-layer input statistics accumulated with forward pre-hooks, summed in float64.
 
 For the inputs ``x_t`` (rows of the layer input flattened to (tokens, in); GPT-2 ``Conv1D`` takes
 (..., in) too) a layer sees over the calibration windows:
@@ -7,6 +7,12 @@ For the inputs ``x_t`` (rows of the layer input flattened to (tokens, in); GPT-2
 * ``abs_sum = sum_t |x_t|``       (in,)     -- ASVD's activation scale ``mean |x_j|``
 * ``sq_sum  = sum_t x_t * x_t``   (in,)     -- equals ``diag(cov)``; kept when ``cov`` is skipped
 * ``n``                                      -- number of tokens
+
+Precision: each batch's products and reductions run in float32 (float64 for a float64 model), as
+the official SVD-LLM and GPTQ accumulate their ``X X^T``, and are added to float64 sums, so the
+error is that of one batch's float32 product (relative ~1e-6 of ``|X_b|^2``), not of a float32 sum
+over the whole calibration set. A float32 product is twice as fast as a float64 one on a CPU and
+needs no float64 copy of the activations.
 """
 from __future__ import annotations
 
@@ -27,18 +33,67 @@ BatchSums = tuple  # (cov | None, abs_sum, sq_sum, n) of one batch
 ABS_MEAN, COV, FISHER = "abs_mean", "cov", "fisher"
 
 
-#: Bytes of one float64 row chunk of a batch (bounds the transient copies: the paired sums hold two
-#: chunks at once; at least 256 rows). 2 MB keeps the refit's low-memory peak under 600 MB on SmolLM2.
+#: Bytes of one transient of the statistics: a row chunk of a batch converted to the compute dtype
+#: (only when the activations are not in it already: bfloat16 / float16 models), a row tile of a
+#: product. 2 MB keeps the refit's low-memory peak under 600 MB on SmolLM2.
 CHUNK_BYTES = 2 * 2**20
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the statistics of activations in ``dtype`` are computed in (then summed in float64):
+    float64 for float64 activations, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+#: Most rows one float32 product sums before it is added to the float64 sums (bounds its rounding
+#: error, relative ~ sqrt(rows) * 6e-8, whatever the batch size).
+PRODUCT_ROWS = 4096
+
+
 def row_chunks(x: torch.Tensor, device: torch.device | str | None = None):
-    """The rows of ``x (..., in)`` flattened to (tokens, in), as float64 chunks on ``device``: a batch is
-    never copied to float64 whole (a 4 x 512 x 11008 batch would be 180 MB)."""
+    """The rows of ``x (..., in)`` flattened to (tokens, in), in :func:`compute_dtype` on ``device``, in
+    chunks of at most :data:`PRODUCT_ROWS` rows: views of ``x`` when it is there already (a float32
+    model on the compute device), else copies of at most :data:`CHUNK_BYTES` (a batch is never
+    copied whole)."""
     flat = x.detach().reshape(-1, x.shape[-1])
-    step = max(256, CHUNK_BYTES // (8 * max(1, flat.shape[1])))
+    dev = torch.device(device) if device is not None else flat.device
+    dtype = compute_dtype(flat.dtype)
+    step = PRODUCT_ROWS
+    if flat.dtype != dtype or flat.device != dev:
+        step = min(step, max(256, CHUNK_BYTES // (dtype.itemsize * max(1, flat.shape[1]))))
     for a in range(0, flat.shape[0], step):
-        yield flat[a: a + step].to(device=device or x.device, dtype=torch.float64)
+        yield flat[a: a + step].to(device=dev, dtype=dtype)
+
+
+def add_products_(out: torch.Tensor, a: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """``out += a^T c`` (``out`` (n1, n2) float64, ``a`` (T, n1), ``c`` (T, n2) rows in the compute
+    dtype); ``c=None``: ``out += a^T a``, of which only the upper triangle is kept (the row tiles'
+    products right of their diagonal, about 60 % of the flops) and mirrored, so ``out`` stays exactly
+    symmetric. Each row tile of the product (at most :data:`CHUNK_BYTES`) is one matrix product in
+    ``a``'s dtype, added in float64."""
+    sym = c is None
+    b = a if sym else c
+    n1, n2 = out.shape
+    step = max(64, CHUNK_BYTES // (b.element_size() * max(1, n2)))
+    if sym:
+        step = min(step, max(64, -(-n1 // 4)))
+    for i in range(0, n1, step):
+        j = i if sym else 0
+        out[i: i + step, j:].add_(a[:, i: i + step].T @ b[:, j:])
+    if sym:
+        for i in range(0, n1, step):
+            d = out[i: i + step, i: i + step]
+            d.copy_(d.triu() + d.triu(1).T)
+            out[i + step:, i: i + step] = out[i: i + step, i + step:].T
+    return out
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds no nan or inf: one min/max reduction (nan propagates), no boolean copy."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x.detach())
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 def batch_sums(x: torch.Tensor, in_features: int, cov: bool = True,
@@ -73,13 +128,13 @@ class InputStats:
         return int(self.abs_sum.shape[0])
 
     def add_(self, x: torch.Tensor) -> "InputStats":
-        """Accumulate a batch of inputs ``x`` of shape (..., in) (in place; returns self): float64 row
-        chunks added straight into the sums, no (in, in) temporary."""
+        """Accumulate a batch of inputs ``x`` of shape (..., in) (in place; returns self): products and
+        reductions in the compute dtype (see the module doc) added straight into the float64 sums."""
         if x.shape[-1] != self.in_features:
             raise ConfigError(f"input has {x.shape[-1]} features, statistics expect {self.in_features}")
         for c in row_chunks(x, self.abs_sum.device):
             if self.cov is not None:
-                self.cov.addmm_(c.T, c)
+                add_products_(self.cov, c)
             self.abs_sum.add_(torch.linalg.vector_norm(c, 1, dim=0))  # reductions: no chunk-sized temporary
             self.sq_sum.add_(torch.linalg.vector_norm(c, 2, dim=0).square_())
             self.n += int(c.shape[0])
@@ -177,7 +232,7 @@ class StatsAccumulator:
         st = self.stats.get(name)
         if st is None:
             st = self.stats[name] = InputStats.zeros(x.shape[-1], device=self.device or x.device, cov=self.cov)
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise NumericalError(f"non-finite activations (nan/inf) entering layer {name!r} during calibration; "
                                  "check the model weights or run in float32")
         st.add_(x)
@@ -196,7 +251,7 @@ class StatsAccumulator:
             if last is not None and last[0] is x and last[1] == x._version and last[2] == st.abs_sum.device:
                 sums = last[3]  # q/k/v (gate/up) read the very same tensor: reuse its sums
             else:
-                if not bool(torch.isfinite(x).all()):
+                if not all_finite(x):
                     raise NumericalError(
                         f"non-finite activations (nan/inf) entering layer {name!r} during calibration; "
                         "check the model weights or run in float32"

@@ -44,7 +44,9 @@ from ...calibration.stats import CHUNK_BYTES, InputStats, LayerStats, StatsAccum
 from ...errors import ConfigError, NumericalError
 from ...models.surgery import linear_bias, linear_shape, linear_weight, set_module
 from ...structures.base import StructuredLinear
+from ...structures.lowrank import LowRankLinear
 from ..methods.base import LayerInput
+from .dense import DenseInputs, record_dense_inputs
 from .groups import dataflow_groups
 from .memory import trim
 from .distributed import Comm
@@ -142,34 +144,47 @@ def _run_until(chain: list[tuple[int, nn.Module]], acts: Activations, b: int, st
         raise NumericalError(f"layers never called during calibration: {sorted(left)[:5]}")
 
 
-def heldout_error(W: torch.Tensor, Wp: torch.Tensor, x: torch.Tensor, xp: torch.Tensor, device=None) -> float:
-    """``||W X_h - W' X'_h||_F^2`` over the rows of the held-out inputs ``x`` (dense model) and ``xp``
-    (compressed prefix), both (tokens, in): products in float32 on row chunks of at most
-    ``CHUNK_BYTES / 4`` of output, each chunk's squared norm added in float64. (It only ranks the
-    candidate ridges, whose errors differ far more than float32's relative 1e-6; float64 copies of
-    ``W`` and ``W'`` would double the score's memory.)"""
-    W32, P = W.to(device=device, dtype=torch.float32), Wp.to(device=device, dtype=torch.float32)
-    total = torch.zeros((), dtype=torch.float64, device=W32.device)
-    step = max(64, CHUNK_BYTES // (16 * max(W32.shape)))
+def _product(layer: nn.Module, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> x W'^T`` (bias excluded) in float32 for a candidate layer: through a low-rank layer's two
+    factors (``k (m + n)`` a row instead of ``m n``), else through ``dense()`` computed once."""
+    if isinstance(layer, LowRankLinear):
+        A, B = (w.detach().to(device=device, dtype=torch.float32) for w in (layer.A.weight, layer.B.weight))
+        return lambda x: (x @ A.T) @ B.T
+    D = (layer.dense() if isinstance(layer, StructuredLinear) else layer).detach().to(device=device,
+                                                                                      dtype=torch.float32)
+    return lambda x: x @ D.T
+
+
+def heldout_errors(W: torch.Tensor, candidates, x: torch.Tensor, xp: torch.Tensor, device=None) -> list[float]:
+    """``[||W X_h - W'_j X'_h||_F^2 for each candidate j]`` over the rows of the held-out inputs ``x``
+    (dense model) and ``xp`` (compressed prefix), both (tokens, in); a candidate is a layer or its
+    (out, in) matrix ``W'_j``. Per row chunk of at most ``CHUNK_BYTES`` of output, ``W x`` is
+    computed once and each candidate's ``W'_j x'`` through :func:`_product`, in float32; each chunk's
+    squared norm is added in float64. (It only ranks the candidate ridges, whose errors differ far more
+    than float32's relative 1e-6; float64 copies of ``W`` and ``W'`` would double the score's memory.)"""
+    W32 = W.to(device=device, dtype=torch.float32)
+    maps = [_product(c, W32.device) for c in candidates]
+    totals = torch.zeros(len(maps), dtype=torch.float64, device=W32.device)
+    step = max(64, CHUNK_BYTES // (4 * W32.shape[0]))
     for s in range(0, x.shape[0], step):
         a = x[s: s + step].to(device=W32.device, dtype=torch.float32)
         c = xp[s: s + step].to(device=W32.device, dtype=torch.float32)
         y = a @ W32.T
-        y.addmm_(c, P.T, alpha=-1.0)  # W x - W' x', in place
-        total += torch.linalg.vector_norm(y, dtype=torch.float64).square()
-    return float(total)
+        for j, f in enumerate(maps):
+            r = f(c)
+            r.sub_(y)  # W' x' - W x, in place
+            totals[j] += torch.linalg.vector_norm(r, dtype=torch.float64).square()
+    return totals.tolist()
 
 
 @dataclass
 class HeldOut:
-    """What the held-out pass of :meth:`Engine.choose_ridge` runs: the unit on both caches, the held-out
-    batches (local indices), and the group's modules in the dense copy and in the model."""
+    """What the held-out pass of :meth:`Engine.choose_ridge` runs: the unit on the compressed cache, the
+    held-out batches (local indices), the dense model's inputs, and the group's modules in the model."""
 
     chain: list
     acts: Activations
-    dense_chain: list
-    dense_acts: Activations
-    dense_mods: dict[str, nn.Module]
+    dense: DenseInputs
     mods: dict[str, nn.Module]
     batches: list[int]
 
@@ -259,46 +274,48 @@ class Engine:
             found = comm.agreed(local)
             _sum_input_stats(comm, [found[n] for n in names])
             return {n: LayerStats(found[n], self.fisher.get(n)) for n in names}, {}
-        dense_chain, dense_acts, dense_blocks = dense
-        pre = self.source.prefix + "."
-        dmods = {}
-        for n in names:
-            i, rest = n[len(pre):].split(".", 1)
-            dmods[n] = dense_blocks[int(i)].get_submodule(rest)
         choose = self.opts.refit_ridge is None
         held_from = self._held_from(self.nb)
         held = [b for b, gb in enumerate(acts.ids) if gb >= held_from]
+        share = dense.leaders(names)
 
         def local():
-            with PairedAccumulator(dmods, mods, cov=True, device=self.device) as acc:
+            with PairedAccumulator(None, mods, cov=True, device=self.device, share=share) as acc:
                 for b in range(len(acts.hidden)):
                     if b not in held:
-                        _run_until(dense_chain, dense_acts, b, dmods, self.device)
+                        for n, x in dense.batch(b, names).items():
+                            acc.record(n, x)
                         _run_until(chain, acts, b, mods, self.device)
             return acc.sums
         sums = comm.agreed(local)
-        self._sum_pairs(names, mods, sums)
+        self._sum_pairs(names, mods, sums, share)
         # every layer is in ``sums``: _run_until raises for one that never ran, _sum_pairs fills a rank's gaps
         stats = self._with_fisher({n: LayerStats(sums[n][0], cross=sums[n][1]) for n in names})
         if not choose:
             for st in stats.values():
                 st.ridge = self.opts.refit_ridge
             return stats, {}
-        return {}, {"fit": stats, "held": HeldOut(chain, acts, dense_chain, dense_acts, dmods, mods, held)}
+        return {}, {"fit": stats, "held": HeldOut(chain, acts, dense, mods, held)}
 
-    def _sum_pairs(self, names, mods: Mapping[str, nn.Module], sums: dict[str, list]) -> None:
-        """All-reduce the paired sums ``sums[name] = [InputStats C', M]`` across ranks (zeros for a
-        layer this rank never ran)."""
+    def _sum_pairs(self, names, mods: Mapping[str, nn.Module], sums: dict[str, list],
+                   share: Mapping[str, str]) -> None:
+        """All-reduce the paired sums ``sums[name] = [InputStats C', M]`` across ranks, each shared pair
+        (``share``: layer -> the layer whose sums it uses) once; zeros for a layer this rank never ran."""
         comm = self.comm
         if not comm.active:
             return
         for n in names:
             if n not in sums:
+                lead = share.get(n, n)
+                if lead != n and lead in sums:
+                    sums[n] = sums[lead]
+                    continue
                 k = linear_shape(mods[n])[1]
                 sums[n] = [InputStats.zeros(k, device=self.device),
                            torch.zeros(k, k, dtype=torch.float64, device=self.device)]
-        _sum_input_stats(comm, [sums[n][0] for n in names])
-        comm.sum_([sums[n][1] for n in names])
+        uniq = list({id(sums[n]): sums[n] for n in names}.values())
+        _sum_input_stats(comm, [p[0] for p in uniq])
+        comm.sum_([p[1] for p in uniq])
 
     def _with_fisher(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
         """The dense model's Fisher diagonal (collected once, before the pass) on each layer's stats."""
@@ -331,7 +348,7 @@ class Engine:
 
     def choose_ridge(self, names, split: dict) -> float:
         """The candidate ridge whose fit on the non-held-out windows (``split["fit"]``) has the smallest
-        held-out error ``sum_layers ||W X_h - W' X'_h||^2`` (:func:`heldout_error`), the held-out
+        held-out error ``sum_layers ||W X_h - W' X'_h||^2`` (:func:`heldout_errors`), the held-out
         windows run once for all candidates. While they run, their sums are added to ``split["fit"]``
         in place, which then holds the sums over every window: the held-out windows never have
         statistics of their own (at 7B that saves ``2 f^2`` float64 = 1.9 GB on ``down_proj``)."""
@@ -348,27 +365,30 @@ class Engine:
         errors = torch.zeros(len(RIDGE_CANDIDATES), dtype=torch.float64)
 
         def score(name: str, x: torch.Tensor, xp: torch.Tensor) -> None:
-            for j, layers in enumerate(candidates):
-                errors[j] += heldout_error(weights[name], layers[name].dense().detach(), x, xp, self.device)
+            got = heldout_errors(weights[name], [layers[name] for layers in candidates], x, xp, self.device)
+            errors.add_(torch.tensor(got, dtype=torch.float64))
 
-        sums = {n: [fit[n].inputs, fit[n].cross] for n in names}
+        share = held.dense.leaders(names)
+        pairs = {n: [fit[n].inputs, fit[n].cross] for n in names if share[n] == n}
+        sums = {n: pairs[share[n]] for n in names}  # a layer sharing its leader's sums gets its very list
         if self.exclude_heldout:
             sums = {}  # scored only: their sums go to a throw-away accumulator
         elif comm.active and comm.rank != 0:  # rank 0 keeps the (reduced) fit sums; the others add theirs
-            for st, M in sums.values():
+            for st, M in pairs.values():
                 for t in (st.cov, st.abs_sum, st.sq_sum, M):
                     t.zero_()
                 st.n = 0
 
         def local():
-            with PairedAccumulator(held.dense_mods, held.mods, cov=True, device=self.device, on_pair=score,
-                                   sums=sums):
+            with PairedAccumulator(None, held.mods, cov=True, device=self.device, on_pair=score, sums=sums,
+                                   share=share) as acc:
                 for b in held.batches:
-                    _run_until(held.dense_chain, held.dense_acts, b, held.dense_mods, self.device)
+                    for n, x in held.dense.batch(b, names).items():
+                        acc.record(n, x)
                     _run_until(held.chain, held.acts, b, held.mods, self.device)
         comm.agreed(local)
         if not self.exclude_heldout:
-            self._sum_pairs(names, held.mods, sums)
+            self._sum_pairs(names, held.mods, sums, share)
         comm.sum_([errors])
         best, best_val = None, math.inf
         for lam, val in zip(RIDGE_CANDIDATES, errors.tolist()):
@@ -477,9 +497,14 @@ class Engine:
             names = [n for i in unit for n in by_block.get(i, [])]
             self._check_weights(names)
             dense = None
-            if names and opts.refit:
+            if names and opts.refit:  # the dense unit's inputs of every layer, and its output (the dense advance)
                 dense_blocks = {i: src.dense_copy(i) for i in unit}
-                dense = ([(i, dense_blocks[i]) for i in unit], dense_acts, dense_blocks)
+                pre = src.prefix + "."
+                dmods = {n: dense_blocks[int(n[len(pre):].split(".", 1)[0])].get_submodule(n[len(pre):].split(".", 1)[1])
+                         for n in names}
+                dense = self.comm.agreed(record_dense_inputs, [(i, dense_blocks[i]) for i in unit], dense_acts,
+                                         dmods, self.device, src.spill)
+                del dense_blocks, dmods
             if opts.mode == "one-shot":
                 stats, _ = self._collect(names, chain, acts, None) if names else ({}, {})
                 advance(chain, acts, self.device, inplace=True)
@@ -492,12 +517,13 @@ class Engine:
                     del stats, split
                 if start + self.bpu <= last:
                     advance(chain, acts, self.device, inplace=True)
-                if dense is not None and start + self.bpu <= last:
-                    advance(dense[0], dense_acts, self.device, inplace=True)
+            recorded = dense is not None
+            if recorded:
+                dense.close()
             del dense
             for i in unit:
                 src.release(i, write=not self.dry)
-            if not src.in_memory:
+            if not src.in_memory or recorded:  # the dense inputs' many small tensors: give the heap back
                 trim()
         for i in range(last + 1, len(src.blocks)):  # blocks after the last target: streamed sources copy them
             if not src.in_memory and not self.dry:

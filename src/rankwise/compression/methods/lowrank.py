@@ -41,11 +41,13 @@ from .base import STRUCTURES, Method
 
 @dataclass(frozen=True)
 class Objective:
-    """A named factorization ``fn(W, stats, options) -> Factorization`` and the statistics it reads."""
+    """A named factorization ``fn(W, stats, options, rank=None) -> Factorization`` and the statistics it
+    reads; ``rank``: only that rank will be used (the whitened objectives then compute the top ``rank``
+    triplets only, :func:`rankwise.linalg.factorization.top_svd`)."""
 
     name: str
     needs: frozenset[str]
-    fn: Callable[[torch.Tensor, LayerStats, "LowRankOptions"], Factorization]
+    fn: Callable[..., Factorization]
     description: str = ""
 
 
@@ -61,33 +63,33 @@ def _objective(name: str, needs: set[str], description: str):
 
 
 @_objective("svd", set(), "plain truncated SVD, min ||W - W'||_F")
-def _svd(W, stats, opts):
+def _svd(W, stats, opts, rank=None):
     return plain_svd(W)
 
 
 @_objective("asvd", {ABS_MEAN}, "activation-scaled SVD, W diag(mean|x|^alpha) (ASVD)")
-def _asvd(W, stats, opts):
+def _asvd(W, stats, opts, rank=None):
     if stats.inputs is None:
         raise ConfigError("asvd needs the input abs-mean statistics, which were not collected")
     return scaled_svd(W, asvd_scales(stats.inputs.mean_abs, opts.asvd_alpha))
 
 
 @_objective("fwsvd", {FISHER}, "Fisher-row-weighted SVD (FWSVD)")
-def _fwsvd(W, stats, opts):
+def _fwsvd(W, stats, opts, rank=None):
     if stats.fisher is None:
         raise ConfigError("fwsvd needs the Fisher diagonal, which was not collected")
     return row_weighted_svd(W, fisher_row_weights(stats.fisher))
 
 
 @_objective("svd-llm", {COV}, "whitened SVD, min ||(W - W')X||_F (SVD-LLM)")
-def _svd_llm(W, stats, opts):
-    return whitened_svd(stats.target(W), stats.covariance(), kind=opts.whitening)
+def _svd_llm(W, stats, opts, rank=None):
+    return whitened_svd(stats.target(W), stats.covariance(), kind=opts.whitening, rank=rank)
 
 
 @_objective("svd-llm-v2", {COV}, "SVD-LLM v2's loss-optimized truncation: eigh whitening (its default allocator "
                                   "is svd-llm-v2's per-type ratios)")
-def _svd_llm_v2(W, stats, opts):
-    return whitened_svd(stats.target(W), stats.covariance(), kind="eigh")
+def _svd_llm_v2(W, stats, opts, rank=None):
+    return whitened_svd(stats.target(W), stats.covariance(), kind="eigh", rank=rank)
 
 
 @dataclass
@@ -135,9 +137,10 @@ class LowRank(Method):
             return None
         return {"rank": min(k, m, n)}
 
-    def factorize(self, W: torch.Tensor, stats: LayerStats) -> Factorization:
-        """The full factorization under the objective (truncate with :meth:`truncate`)."""
-        return self.objective.fn(W, stats, self.options)
+    def factorize(self, W: torch.Tensor, stats: LayerStats, rank: int | None = None) -> Factorization:
+        """The full factorization under the objective (truncate with :meth:`truncate`); with ``rank``, one
+        good for that rank and below (the fit's)."""
+        return self.objective.fn(W, stats, self.options, rank=rank)
 
     def truncate(self, W: torch.Tensor, fac: Factorization, k: int, stats: LayerStats
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +152,7 @@ class LowRank(Method):
 
     def fit(self, W: torch.Tensor, bias: torch.Tensor | None, stats: LayerStats,
             spec: Mapping[str, Any], fac: Factorization | None = None) -> LowRankLinear:
-        fac = self.factorize(W, stats) if fac is None else fac
+        fac = self.factorize(W, stats, rank=int(spec["rank"])) if fac is None else fac
         L, R = self.truncate(W, fac, int(spec["rank"]), stats)
         if not (bool(torch.isfinite(L).all()) and bool(torch.isfinite(R).all())):
             raise NumericalError("factorizing produced non-finite factors; the calibration statistics may be degenerate")
