@@ -138,7 +138,7 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
     from ..compression.engine.distributed import Comm
     from ..healing import HealOptions, heal as heal_model
     from ..options import make_options
-    from ..compression.saving import save_compressed
+    from ..compression.saving import record_perplexity, save_compressed
     from ..errors import ConfigError
     from ..evaluation.perplexity import perplexity
     from ..files import check_new_output
@@ -221,6 +221,8 @@ def run_compress(model_arg=None, *, structure=None, ratio=None, bits_per_weight=
     if out is not None and (not low_memory or heal.steps):  # low-memory wrote --out already, unhealed
         save_compressed(model, tok, out, report, overwrite=overwrite or low_memory,
                         extra={"source_model": str(model_arg if low_memory else path)})
+    elif out is not None and do_eval:  # ... before it was evaluated
+        record_perplexity(out, report)
     if export_dense_dir is not None:
         export_dense(model, tok, export_dense_dir, overwrite=overwrite)
     if export_to is not None:

@@ -30,6 +30,21 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, rep
     return save_structured(model, out_dir, tokenizer, overwrite=overwrite, extra=meta, after=after)
 
 
+def record_perplexity(out_dir: str | os.PathLike, report: CompressionReport) -> Path:
+    """Rewrite ``out_dir``'s ``rankwise.json`` with ``report``'s perplexity (and the report holding it),
+    atomically: a low-memory run writes the directory before it evaluates the model it wrote."""
+    import json
+
+    from ..files import write_json
+    from ..models.saved import MANIFEST
+
+    path = Path(out_dir) / MANIFEST
+    meta = json.loads(path.read_text())
+    meta["perplexity"] = report.perplexity
+    meta["report"] = report.to_dict()
+    return write_json(path, meta)
+
+
 def save_model(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, report: CompressionReport | None = None,
                overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
     """:func:`save_compressed` for a model with structured layers, else an atomic ``save_pretrained``."""
