@@ -10,7 +10,8 @@ on those windows,
     L(plan) = sum_{w in H} sum_t -log p(x_{w,t+1} | x_{w,<=t}) / (|H| (L - 1)),
 
 is measured (:func:`rankwise.evaluation.perplexity.window_nll`), and the dense layers are put back
-before the next pass. The plan with the lowest ``L`` is kept (a tie keeps the uniform plan), its
+before the next pass. The plan with the lowest ``L`` is kept (a tie keeps the uniform plan; only the
+best plan so far holds its compressed layers, so at most two plans' layers are in memory), its
 layers are put back into the model, and ``info`` records every ``L``, the windows and the choice. The
 kept model was calibrated on the windows that were not held out.
 
@@ -40,7 +41,8 @@ def validate_plans(model: nn.Module, modules: Mapping[str, nn.Module], plans: Ma
     from ..evaluation.perplexity import window_nll
 
     dense = {n: model.get_submodule(n) for n in modules}
-    results: dict[str, tuple[float, dict, dict]] = {}
+    losses: dict[str, float] = {}
+    best: tuple | None = None  # (key, label, reports, layers): only the best plan so far keeps its layers
     held = None
     for label, plan in plans.items():
         for n, mod in dense.items():
@@ -49,21 +51,22 @@ def validate_plans(model: nn.Module, modules: Mapping[str, nn.Module], plans: Ma
         held = engine.heldout(windows)
         total, count = window_nll(model, held, batch_size=batch_size, progress=progress)
         loss = total / max(count, 1)
-        if not math.isfinite(loss):
-            loss = math.inf
-        results[label] = (loss, reports, {n: model.get_submodule(n) for n in modules})
-    order = sorted(results, key=lambda k: (results[k][0], k != baseline))
-    chosen = order[0]
-    for n, mod in results[chosen][2].items():
+        losses[label] = loss if math.isfinite(loss) else math.inf
+        key = (losses[label], label != baseline)
+        if best is None or key < best[0]:
+            best = (key, label, reports, {n: model.get_submodule(n) for n in modules})
+        del reports
+    _, chosen, chosen_reports, layers = best
+    for n, mod in layers.items():
         set_module(model, n, mod)
     info = {"heldout_windows": int(held.shape[0]), "heldout_tokens": int(held.shape[0] * (held.shape[1] - 1)),
-            "nll": {k: v[0] for k, v in results.items()}, "chosen": chosen, "baseline": baseline}
-    if chosen == baseline and len(results) > 1:
-        others = ", ".join(f"{k} {results[k][0]:.4f}" for k in results if k != baseline)
+            "nll": losses, "chosen": chosen, "baseline": baseline}
+    if chosen == baseline and len(losses) > 1:
+        others = ", ".join(f"{k} {losses[k]:.4f}" for k in losses if k != baseline)
         info["note"] = (f"the allocated plan did not beat the uniform plan on the {info['heldout_windows']} held-out "
-                        f"calibration windows (mean NLL {others} vs uniform {results[baseline][0]:.4f}): the uniform "
+                        f"calibration windows (mean NLL {others} vs uniform {losses[baseline]:.4f}): the uniform "
                         "plan is used")
-    return chosen, results[chosen][1], info
+    return chosen, chosen_reports, info
 
 
 def check_validation_possible(in_memory: bool) -> None:
