@@ -50,7 +50,8 @@ def print_report(report, max_layers: int = 12) -> None:
 
 
 def allocation_notes(report) -> list[str]:
-    """One line each: how a byte allocation was validated, and why a plan leaves > 5 % of the budget unused."""
+    """One line each: how an allocation was validated (byte budgets, ``--allocate search``), and why a plan
+    leaves > 5 % of the budget unused."""
     info = report.allocation or {}
     out = []
     val = info.get("validation")
