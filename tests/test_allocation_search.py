@@ -75,3 +75,10 @@ def test_search_keeps_the_candidate_with_the_lowest_heldout_loss():
     assert {lr.name: lr.rank for lr in rep.layers} == plan
     with pytest.raises(ConfigError, match="--low-memory cannot use --allocate search"):
         compress_low_memory("/nonexistent", "/tmp/never-written", "lowrank", ratio=0.4, allocate="search")
+
+
+def test_search_refuses_speed_aware_with_the_option_that_can():
+    windows = torch.randint(0, 320, (4, 32), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ConfigError, match="--allocate search does not combine with --speed-aware: use --allocate uniform"):
+        compress(tiny_model("llama"), "lowrank", ratio=0.4, allocate="search", allocate_options={"speed_aware": True},
+                 calib=windows, calib_options=dict(windows=4, seqlen=32), progress=False)
