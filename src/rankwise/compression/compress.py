@@ -263,8 +263,9 @@ def make_plan(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[in
     if hasattr(method, "factorize") and method.budget == "params":
         req = AllocationRequest(cfg.ratio, shapes, measured, cfg.allocate_options, context)
         ranks = alloc.fn(req)
-        check_plan(shapes, ranks)
-        return {n: (None if ranks.get(n) is None else {"rank": int(ranks[n])}) for n in shapes}, req.info
+        if CANDIDATES in req.info:  # --allocate search: the rank profiles to validate against ``ranks``
+            req.info[CANDIDATES] = {k: _rank_specs(shapes, p) for k, p in req.info[CANDIDATES].items()}
+        return _rank_specs(shapes, ranks), req.info
     if method.budget == "bytes" and alloc.budget == "bytes":
         dense = None
         if cfg.allocate_options.dense and getattr(method.options, "bits", None) is None:
@@ -282,6 +283,12 @@ def make_plan(method: Method, cfg: CompressConfig, shapes: Mapping[str, tuple[in
         except ConfigError as e:
             raise ConfigError(f"layer {n} ({shapes[n][0]} x {shapes[n][1]}): {e}") from None
     return plan, {}
+
+
+def _rank_specs(shapes: Mapping[str, tuple[int, int]], ranks: Mapping[str, int | None]) -> dict:
+    """A checked rank plan as ``{name: {"rank": k} or None}``."""
+    check_plan(shapes, ranks)
+    return {n: (None if ranks.get(n) is None else {"rank": int(ranks[n])}) for n in shapes}
 
 
 def measure_layer(method: Method, needs: str, W: torch.Tensor, stats, options: AllocateOptions | None = None):
@@ -404,7 +411,7 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
     need_cov = COV in needs
     alloc = get_allocator(cfg.allocate)
     validate = validates(method, cfg)
-    if validate or alloc.name == "search":
+    if validate:
         from .validation import check_validation_possible
 
         check_validation_possible(source.in_memory)
@@ -430,8 +437,6 @@ def _run(source: WeightSource, modules: Mapping[str, nn.Module], method: Method,
     plan, info = make_plan(method, cfg, shapes, measured, context, dense_elem=elem)
     plans = {cfg.allocate: plan}
     profiles = info.pop(CANDIDATES, None)  # --allocate search: the uniform plan against the rank profiles
-    if profiles is not None:
-        profiles = {k: {n: None if r is None else {"rank": int(r)} for n, r in p.items()} for k, p in profiles.items()}
     if objective == "auto" and loss_weights is not None:  # the loss-weighted plan is validated too
         context.weights = loss_weights
         plan_loss, info_loss = make_plan(method, cfg, shapes, measured, context, dense_elem=elem)

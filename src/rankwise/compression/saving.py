@@ -31,17 +31,17 @@ def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, rep
 
 
 def record_perplexity(out_dir: str | os.PathLike, report: CompressionReport) -> Path:
-    """Rewrite ``out_dir``'s ``rankwise.json`` with ``report``'s perplexity (and the report holding it),
+    """Rewrite ``out_dir``'s ``rankwise.json`` with what ``report`` now records (its perplexity),
     atomically: a low-memory run writes the directory before it evaluates the model it wrote."""
     import json
 
     from ..files import write_json
     from ..models.saved import MANIFEST
+    from .compress import _meta_extra
 
     path = Path(out_dir) / MANIFEST
     meta = json.loads(path.read_text())
-    meta["perplexity"] = report.perplexity
-    meta["report"] = report.to_dict()
+    meta.update(_meta_extra(report))
     return write_json(path, meta)
 
 

@@ -116,4 +116,4 @@ def search(req: AllocationRequest) -> RankPlan:
         raise ConfigError("--allocate search does not combine with --speed-aware: use --allocate uniform "
                           "--speed-aware")
     req.info[CANDIDATES] = profile_plans(req.ratio, req.shapes, req.options.min_rank)
-    return {name: uniform_rank(m, n, req.ratio) for name, (m, n) in req.shapes.items()}
+    return uniform(req)

@@ -21,6 +21,7 @@ from typing import Callable, Mapping
 
 from ...errors import ConfigError
 from ...models.surgery import layer_index
+from ...structures.lowrank import lowrank_saves
 from .budget import rank_for_ratio
 
 #: Relative tilt of the per-type profiles: one kind of matrix takes weight ``1 - TILT``, the other ``1``.
@@ -85,7 +86,7 @@ def profile_plan(ratio: float, shapes: Mapping[str, tuple[int, int]], weights: M
     for n, r in profile_ratios(ratio, shapes, weights, min_rank).items():
         m, k = shapes[n]
         rank = max(min_rank, rank_for_ratio(m, k, r))
-        plan[n] = rank if rank * (m + k) < m * k else None
+        plan[n] = rank if lowrank_saves(m, k, rank) else None
     return plan
 
 

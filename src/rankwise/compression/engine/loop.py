@@ -500,8 +500,10 @@ class Engine:
             if names and opts.refit:  # the dense unit's inputs of every layer, and its output (the dense advance)
                 dense_blocks = {i: src.dense_copy(i) for i in unit}
                 pre = src.prefix + "."
-                dmods = {n: dense_blocks[int(n[len(pre):].split(".", 1)[0])].get_submodule(n[len(pre):].split(".", 1)[1])
-                         for n in names}
+                dmods = {}
+                for n in names:
+                    i, rest = n[len(pre):].split(".", 1)
+                    dmods[n] = dense_blocks[int(i)].get_submodule(rest)
                 dense = self.comm.agreed(record_dense_inputs, [(i, dense_blocks[i]) for i in unit], dense_acts,
                                          dmods, self.device, src.spill)
                 del dense_blocks, dmods
