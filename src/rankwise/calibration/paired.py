@@ -61,6 +61,7 @@ class PairedAccumulator:
 
     def record(self, name: str, x: torch.Tensor) -> None:
         """``x``: layer ``name``'s input in the dense model for the next batch."""
+        self._seen.clear()  # the last batch's inputs: not kept alive through this batch's forward
         self._check(name, x)
         self._recorded[name] = (x, _flat(x, self.device or x.device))
 
