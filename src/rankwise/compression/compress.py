@@ -47,6 +47,7 @@ from ..options import make_options
 from .methods.base import CandidateGrid, LayerInput, Method, get_method
 from .pruning import is_pruning, prune_model
 from .report import CompressionReport, LayerReport
+from .saving import manifest_extra
 
 log = logging.getLogger(__name__)
 
@@ -772,7 +773,7 @@ def compress_low_memory(model_arg: str | os.PathLike | None, out_dir: str | os.P
                          for n, lr in layers.items() if lr.kind is not None}
             aliases.update(source.aliases)  # tensors shared across blocks (a shared basis), written once
             meta = manifest(described, aliases, dtype,
-                            {**record(model), **_meta_extra(report), "source_model": str(path), **(extra or {})})
+                            {**record(model), **manifest_extra(report), "source_model": str(path), **(extra or {})})
             if (path / "generation_config.json").is_file():
                 from transformers import GenerationConfig
 
@@ -810,10 +811,3 @@ def _outside_tensors(model: nn.Module, prefix: str, index: Mapping[str, Path], p
     return kept, aliases
 
 
-def _meta_extra(report: CompressionReport) -> dict[str, Any]:
-    """What ``rankwise.json`` records of a compression beyond the layers."""
-    return {"structure": report.structure, "method": report.method, "budget": report.budget,
-            "allocate": report.allocate, "mode": report.mode, "granularity": report.granularity,
-            "refit": report.refit, "calibration": report.calibration, "perplexity": report.perplexity,
-            "healing": report.healing, **({"pruning": report.pruning} if report.pruning else {}),
-            "config": report.config, "report": report.to_dict()}

@@ -16,14 +16,22 @@ from ..models.saved import save_plain, save_structured, structured_layers
 from .report import CompressionReport
 
 
+def manifest_extra(report: CompressionReport) -> dict[str, Any]:
+    """What ``rankwise.json`` records of a compression beyond the layers."""
+    return {"structure": report.structure, "method": report.method, "budget": report.budget,
+            "allocate": report.allocate, "mode": report.mode, "granularity": report.granularity,
+            "refit": report.refit, "calibration": report.calibration, "perplexity": report.perplexity,
+            "healing": report.healing, **({"pruning": report.pruning} if report.pruning else {}),
+            "config": report.config, "report": report.to_dict()}
+
+
 def save_compressed(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: CompressionReport | None = None,
                     overwrite: bool = False, extra: Mapping[str, Any] | None = None) -> Path:
     """Write ``model`` (with its structured layers), the report and the rank table/plot atomically; a
     pruned model (no structured layers, ``report.pruning``) as a plain Hugging Face directory."""
-    from .compress import _meta_extra
     from .rankplot import write_rank_report
 
-    meta = {**(_meta_extra(report) if report is not None else {}), **(extra or {})}
+    meta = {**(manifest_extra(report) if report is not None else {}), **(extra or {})}
     after = (lambda tmp: write_rank_report(report, tmp)) if report is not None else None
     if not structured_layers(model) and report is not None and report.pruning:  # pruned: a plain directory
         return save_plain(model, out_dir, tokenizer, overwrite=overwrite, extra=meta, after=after)
@@ -37,11 +45,10 @@ def record_perplexity(out_dir: str | os.PathLike, report: CompressionReport) -> 
 
     from ..files import write_json
     from ..models.saved import MANIFEST
-    from .compress import _meta_extra
 
     path = Path(out_dir) / MANIFEST
     meta = json.loads(path.read_text())
-    meta.update(_meta_extra(report))
+    meta.update(manifest_extra(report))
     return write_json(path, meta)
 
 
