@@ -81,6 +81,84 @@ def test_plain_transformers_loads_every_pruned_model_with_the_same_logits(pruned
         assert not torch.allclose(_logits(dense).flatten(), want, atol=1e-3)
 
 
+GGUF_LOAD = r"""
+import json, sys
+sys.modules["rankwise"] = None  # any import of rankwise now fails
+import torch, transformers
+out = {}
+for name, path in json.loads(sys.argv[1]):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file="model.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        out[name] = model.eval()(input_ids=torch.tensor(json.loads(sys.argv[2]))).logits.flatten().tolist()
+print(json.dumps(out))
+"""
+
+
+def _as_written(model, dense):
+    """``model`` with every block linear rounded the way the GGUF file stores it, by gguf-py's own reference
+    quantizer (llama.cpp's round-to-nearest): F16, or Q8_0 / Q4_0 where the inputs are a multiple of 32 and
+    F16 otherwise; embeddings and norms stay float32 (``embedding_type=f32``)."""
+    import copy
+
+    from gguf import GGMLQuantizationType as T, quants
+
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in model.model.layers:
+            for lin in (m for m in block.modules() if isinstance(m, torch.nn.Linear)):
+                w = lin.weight.detach().numpy()
+                if dense == "f16" or w.shape[1] % 32:
+                    lin.weight.copy_(torch.from_numpy(w.astype(np.float16).astype(np.float32)))
+                else:
+                    qt = {"q8_0": T.Q8_0, "q4_0": T.Q4_0}[dense]
+                    lin.weight.copy_(torch.from_numpy(quants.dequantize(quants.quantize(w, qt), qt).reshape(w.shape)))
+    return model
+
+
+def test_pruned_llamas_export_to_gguf_that_plain_transformers_reads(pruned, tmp_path):
+    """Depth, width and slice (fewer blocks; fewer heads with ``head_dim`` kept, so ``key_length`` is written;
+    fewer FFN channels; a 48-wide residual stream whose readers cannot be Q4_0 / Q8_0 blocks) written as F16,
+    Q8_0 and Q4_0 GGUF files; transformers' GGUF reader, in a process that cannot import rankwise, gives the
+    logits of the pruned model rounded as the file says."""
+    from gguf import GGMLQuantizationType as T, GGUFReader
+
+    from rankwise.export import export
+
+    tok, jobs, want = tiny_tokenizer(), [], {}
+    heads, _ = rankwise.compress(_model("llama"), "width", 0.4, calib=WINDOWS, progress=False)
+    assert heads.config.num_attention_heads == 2 and heads.config.head_dim == 16  # 64 / 2 != 16: key_length
+    models = {"llama-depth": pruned["llama-depth"][1], "llama-width": heads, "llama-slice": pruned["llama-slice"][1]}
+    assert models["llama-slice"].config.hidden_size == 48
+    for case, small in models.items():
+        for dense in ("f16", "q8_0", "q4_0"):
+            name = f"{case}-{dense}"
+            export(small, "gguf", tmp_path / name, tokenizer=tok, progress=False,
+                   options={"dense_type": dense, "embedding_type": "f32"})
+            reader = GGUFReader(tmp_path / name / "model.gguf")
+            fields = {f.name: f.contents() for f in reader.fields.values()}
+            cfg = small.config
+            assert fields["llama.block_count"] == cfg.num_hidden_layers
+            assert fields["llama.embedding_length"] == cfg.hidden_size
+            assert fields["llama.feed_forward_length"] == cfg.intermediate_size
+            assert fields["llama.attention.head_count"] == cfg.num_attention_heads
+            if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:  # llama.cpp would assume hidden / heads
+                assert fields["llama.attention.key_length"] == fields["llama.attention.value_length"] == cfg.head_dim
+            types = {t.name: t.tensor_type for t in reader.tensors}
+            down_in = small.model.layers[0].mlp.down_proj.in_features
+            assert types["blk.0.ffn_down.weight"] == (T.F16 if dense == "f16" or down_in % 32 else T[dense.upper()])
+            assert types["blk.0.attn_q.weight"] == (T.F16 if dense == "f16" or cfg.hidden_size % 32 else
+                                                    T[dense.upper()])
+            jobs.append([name, str(tmp_path / name)])
+            want[name] = _logits(_as_written(small, dense)).flatten().numpy()
+    res = subprocess.run([sys.executable, "-c", GGUF_LOAD, json.dumps(jobs), json.dumps(IDS.tolist())],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    for name, ref in want.items():
+        rel = np.abs(np.asarray(got[name]) - ref).max() / np.abs(ref).max()
+        assert rel < 1e-4, (name, rel)
+
+
 def test_pruned_models_evaluate_and_record_what_was_removed(pruned):
     tok = tiny_tokenizer()
     for case, (dense, small, report, path) in pruned.items():
