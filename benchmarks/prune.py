@@ -160,7 +160,10 @@ def cmd_speed(args) -> None:
     from rankwise.models.registry import resolve_model
 
     with results() as data:
-        rows = [r for r in data["rows"] if r["ratio"] == args.ratio and r["seed"] == args.seed and not r["healed"]]
+        # the default of each structure (a variant row, e.g. ``width[refit_ridge=held-out]``, may name the directory
+        # the default's later run overwrote)
+        rows = [r for r in data["rows"] if r["ratio"] == args.ratio and r["seed"] == args.seed and not r["healed"]
+                and not r.get("options") and r.get("dir") and Path(r["dir"]).is_dir()]
     models = [("dense", str(resolve_model(None)), "plain")]
     for r in sorted(rows, key=lambda r: r["row"]):
         models.append((r["row"], r["dir"], "rankwise" if r["structure"] == "lowrank" else "plain"))
