@@ -135,7 +135,8 @@ def cmd_run(args) -> None:
         report.healing = heal(model, windows, opts, teacher=teacher)
         hs = time.perf_counter() - t1
         hppl = evaluate(model)
-        hname = row_name(args.structure, options, True)
+        # the protocol heals 200 steps; another length is its own row (``+heal400``)
+        hname = row_name(args.structure, options, True) + ("" if args.heal_steps == 200 else str(args.heal_steps))
         hout = model_dir(hname, args.ratio, args.seed)
         save_compressed(model, tok, hout, report, overwrite=True, extra={"source_model": str(path)})
         rows.append({**base, "row": hname, "healed": True, "ppl": hppl, "compress_seconds": seconds,
