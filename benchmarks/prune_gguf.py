@@ -23,11 +23,11 @@ import argparse
 import json
 import math
 import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from gguf_llamacpp import ppl, sh  # a sibling script: llama.cpp's output parsed one way for both benchmarks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,20 +38,9 @@ MODELS = Path(os.environ.get("RANKWISE_PRUNE_MODELS", "/tmp/rankwise-prune-bench
 TYPES = {"f32": ("f32", "f32"), "q8_0": ("q8_0", "q8_0"), "q4_0": ("q4_0", "q8_0")}  # dense_type, embedding_type
 
 
-def sh(cmd: list) -> str:
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if p.returncode:
-        raise SystemExit(f"failed: {' '.join(map(str, cmd))}\n{(p.stdout + p.stderr)[-3000:]}")
-    return p.stdout + p.stderr
-
-
-def llama_ppl(llama: Path, gguf: Path, text: Path, chunks: int, threads: int) -> float:
-    out = sh([llama / "llama-perplexity", "-m", gguf, "-f", text, "-c", "512", "-b", "512", "--chunks", chunks,
-              "-t", threads])
-    m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
-    if m is None:
-        raise SystemExit(f"no final PPL in llama-perplexity's output for {gguf}")
-    return float(m.group(1))
+def llama_ppl(llama: Path, gguf: Path, text: Path, chunks: int, threads: int, log: Path) -> float:
+    return ppl(sh([llama / "llama-perplexity", "-m", gguf, "-f", text, "-c", "512", "-b", "512", "--chunks", chunks,
+                   "-t", threads], None, log))[0]
 
 
 def transformers_ppl(path: str | None, text: Path, chunks: int, threads: int) -> float:
@@ -99,6 +88,8 @@ def main() -> None:
     args = ap.parse_args()
     test = args.text / "wiki_test.txt"
     rk = [sys.executable, "-m", "rankwise"]
+    args.work.mkdir(parents=True, exist_ok=True)
+    log = args.work / "log.txt"
     sources = {"dense": "smollm2-135m-instruct"}
     for s in args.structures.split(","):
         sources[s] = str(MODELS / f"{s}-r{args.ratio}-s{args.seed}")
@@ -110,12 +101,12 @@ def main() -> None:
             gdir = args.work / f"{name}-r{args.ratio}-s{args.seed}-{t}"
             if not (gdir / "model.gguf").is_file():
                 sh([*rk, "export", src, "--format", "gguf", "--out", gdir, "--set", f"dense_type={dense_type}",
-                    "--set", f"embedding_type={emb_type}", "--overwrite", "-q"])
+                    "--set", f"embedding_type={emb_type}", "--overwrite", "-q"], None, log)
             t0 = time.perf_counter()
             row = {"model": name, "ratio": None if name == "dense" else args.ratio, "seed": args.seed, "type": t,
                    "chunks": args.chunks, "threads": args.threads,
                    "gguf_bytes": (gdir / "model.gguf").stat().st_size,
-                   "llama_cpp_ppl": llama_ppl(args.llama, gdir / "model.gguf", test, args.chunks, args.threads),
+                   "llama_cpp_ppl": llama_ppl(args.llama, gdir / "model.gguf", test, args.chunks, args.threads, log),
                    "shape": None if cfg is None else {k: cfg[k] for k in (
                        "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                        "intermediate_size", "tie_word_embeddings")}}

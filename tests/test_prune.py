@@ -58,40 +58,32 @@ import json, sys
 sys.modules["rankwise"] = None  # any import of rankwise now fails
 import torch, transformers
 out = {}
-for case, path, masked in json.loads(sys.argv[1]):
+for case, path, masked, kwargs in json.loads(sys.argv[1]):
     auto = transformers.AutoModelForMaskedLM if masked else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(path).eval()
+    model = auto.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
     with torch.no_grad():
         out[case] = model(input_ids=torch.tensor(json.loads(sys.argv[2]))).logits.flatten().tolist()
 print(json.dumps(out))
 """
 
 
-def test_plain_transformers_loads_every_pruned_model_with_the_same_logits(pruned):
-    jobs = [[case, str(p), CASES[case][0] == "bert"] for case, (_, _, _, p) in pruned.items()]
+def _plain_logits(jobs: list) -> dict:
+    """``{case: flat float32 logits of IDS}`` for ``jobs`` = ``[case, dir, masked, from_pretrained kwargs]``, each
+    loaded by plain transformers in a process where rankwise cannot be imported."""
     res = subprocess.run([sys.executable, "-c", PLAIN_LOAD, json.dumps(jobs), json.dumps(IDS.tolist())],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_plain_transformers_loads_every_pruned_model_with_the_same_logits(pruned):
+    got = _plain_logits([[case, str(p), CASES[case][0] == "bert", {}] for case, (_, _, _, p) in pruned.items()])
     for case, (dense, small, report, path) in pruned.items():
         want = _logits(small).flatten()
         assert np.allclose(got[case], want.numpy(), atol=1e-4), case
         assert report.model_params_after < report.model_params_before
         # smaller than dense, and not the same function
         assert not torch.allclose(_logits(dense).flatten(), want, atol=1e-3)
-
-
-GGUF_LOAD = r"""
-import json, sys
-sys.modules["rankwise"] = None  # any import of rankwise now fails
-import torch, transformers
-out = {}
-for name, path in json.loads(sys.argv[1]):
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, gguf_file="model.gguf", dtype=torch.float32)
-    with torch.no_grad():
-        out[name] = model.eval()(input_ids=torch.tensor(json.loads(sys.argv[2]))).logits.flatten().tolist()
-print(json.dumps(out))
-"""
 
 
 def _as_written(model, dense):
@@ -148,12 +140,9 @@ def test_pruned_llamas_export_to_gguf_that_plain_transformers_reads(pruned, tmp_
             assert types["blk.0.ffn_down.weight"] == (T.F16 if dense == "f16" or down_in % 32 else T[dense.upper()])
             assert types["blk.0.attn_q.weight"] == (T.F16 if dense == "f16" or cfg.hidden_size % 32 else
                                                     T[dense.upper()])
-            jobs.append([name, str(tmp_path / name)])
+            jobs.append([name, str(tmp_path / name), False, {"gguf_file": "model.gguf"}])
             want[name] = _logits(_as_written(small, dense)).flatten().numpy()
-    res = subprocess.run([sys.executable, "-c", GGUF_LOAD, json.dumps(jobs), json.dumps(IDS.tolist())],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    got = json.loads(res.stdout.strip().splitlines()[-1])
+    got = _plain_logits(jobs)
     for name, ref in want.items():
         rel = np.abs(np.asarray(got[name]) - ref).max() / np.abs(ref).max()
         assert rel < 1e-4, (name, rel)
